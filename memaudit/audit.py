@@ -67,6 +67,17 @@ class AuditConfig:
     redact: bool = _help("leave every training-image pixel out of the outputs", default=False)
     device: str = _help("auto, cpu or cuda", default="auto")
     dtype: str = _help("float32, float16 or bfloat16", default="float32")
+    mitigation: str = _help("inference-time mitigation during sampling: none, rwa (random words in every prompt) or "
+                            "threshold (prompt-embedding optimization before sampling)", default="none")
+    rwa_words: int = _help("rwa: random tokens inserted in every prompt", default=2)
+    mitigation_target: float | str = _help("threshold: per-image first-step guidance norm to optimize under, or auto "
+                                           "(the median over the reference prompts' images)", default="auto")
+    mitigation_steps: int = _help("threshold: at most this many AdamW steps on the prompt embedding", default=10)
+    mitigation_lr: float = _help("threshold: AdamW learning rate of the prompt-embedding optimization", default=0.05)
+    quality_features: str | None = _help("feature space of KID/FID (default: the AMD feature space)", default=None)
+    quality_feature_options: dict = _help("options of the quality feature extractor", default_factory=dict)
+    alignment: str | None = _help("text-image alignment scorer (e.g. demo); none when unset", default=None)
+    kid_subsets: int = _help("KID: random subsets averaged over", default=100)
 
     def __post_init__(self):
         self.denoising_window = tuple(self.denoising_window)
@@ -87,6 +98,18 @@ class AuditConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"audit setting invalid: {msg}.")
+        if self.mitigation not in ("none", "rwa", "threshold"):
+            raise ConfigError(f"--mitigation {self.mitigation!r} is not known; use none, rwa or threshold.")
+        if isinstance(self.mitigation_target, str) and self.mitigation_target != "auto":
+            try:
+                self.mitigation_target = float(self.mitigation_target)
+            except ValueError:
+                raise ConfigError(f"--mitigation-target must be a number or auto (got {self.mitigation_target!r}).") from None
+        if not isinstance(self.mitigation_target, str) and not self.mitigation_target > 0:
+            raise ConfigError(f"--mitigation-target must be positive (got {self.mitigation_target!r}).")
+        if self.mitigation_steps < 0 or not self.mitigation_lr > 0 or self.rwa_words < 0 or self.kid_subsets < 1:
+            raise ConfigError("audit setting invalid: mitigation steps and rwa words must be >= 0, mitigation lr > 0, "
+                              "kid subsets >= 1.")
         if self.min_clique > self.generations:
             raise ConfigError(f"min clique ({self.min_clique}) is larger than the generations per prompt "
                               f"({self.generations}), so nothing could be flagged; raise --generations or lower --min-clique.")
@@ -164,15 +187,20 @@ class _PromptBuffer:
 
 def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path | None = None,
               reference_prompts: Sequence[str] | str | Path | None = None, config: AuditConfig | None = None,
-              progress: Progress | None = None, convert_channels: bool = False) -> dict:
+              progress: Progress | None = None, convert_channels: bool = False, heldout=None) -> dict:
     """Audit ``model`` (a folder, hub id in the cache, or a :class:`~memaudit.target.Target`) against ``train``
     (a folder/captions file or an :class:`~memaudit.data.ImageCaptionDataset`). Returns the results dict that is
-    also written to ``out/results.json``."""
+    also written to ``out/results.json``.
+
+    ``heldout`` (optional, same forms as ``train``): images and captions of the same domain that were *not* trained
+    on. Its captions are the reference prompts (unless ``reference_prompts`` is given), and the generations for them
+    are compared with its images for quality (KID and FID in ``config.quality_features``)."""
     from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt, calibrate_edge_threshold
-    from memaudit.data import ImageCaptionDataset, load_dataset, native_channels
+    from memaudit.data import dataset_for_target
     from memaudit.features import get_extractor
     from memaudit.images import image_grid, png_bytes
     from memaudit.io import atomic_directory, atomic_write_bytes
+    from memaudit.metrics.alignment import get_scorer
     from memaudit.metrics.amd import AMDAccumulator
     from memaudit.neighbors import NeighborIndex
     from memaudit.report import write_report, write_results
@@ -189,23 +217,8 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     # -- check every input before writing anything ---------------------------------------------------------------
     progress("loading model", 0, 1)
     target = model if isinstance(model, Target) else load_target(model, device=config.device, dtype=config.dtype)
-    if isinstance(train, ImageCaptionDataset):
-        dataset = train
-        if dataset.channels != target.image_channels:
-            raise DataError(f"the training set has {dataset.channels}-channel images but the model generates "
-                            f"{target.image_channels}-channel images; convert the training images first.")
-        if dataset.resolution != target.resolution:
-            raise DataError(f"the training images are {dataset.resolution} px but the model generates "
-                            f"{target.resolution} px; load them at the model's resolution.")
-        train_source = dataset.source or "in-memory dataset"
-    else:
-        channels = native_channels(train)
-        if channels != target.image_channels and not convert_channels:
-            kind = {1: "grayscale", 3: "colour"}
-            raise DataError(f"the training images in {train} are {kind[channels]} ({channels} channel(s)) but the model "
-                            f"generates {kind[target.image_channels]} images; pass --convert-channels to convert them.")
-        dataset = load_dataset(train, target.resolution, target.image_channels)
-        train_source = str(train)
+    dataset, train_source = dataset_for_target(train, target, convert_channels)
+    held, heldout_source = dataset_for_target(heldout, target, convert_channels) if heldout is not None else (None, None)
     if isinstance(prompts, (str, Path)):
         prompt_list, prompts_source = read_prompts(prompts), str(prompts)
     elif prompts is None:
@@ -218,9 +231,24 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         reference = read_prompts(reference_prompts)
     else:
         reference = [str(p) for p in reference_prompts] if reference_prompts else []
+    if not reference and held is not None:
+        reference = list(held.captions)
+    if held is not None and len(held) < 2:
+        raise DataError(f"the held-out set {heldout_source} has {len(held)} image(s); quality needs at least 2.")
+    if config.mitigation == "threshold" and config.mitigation_target == "auto" and not reference:
+        raise ConfigError("--mitigation threshold with an auto target needs reference prompts (--reference-prompts or "
+                          "--heldout), or give a number with --mitigation-target.")
     if config.calibrate_edge and not reference:
         raise ConfigError("calibrating the edge threshold needs reference prompts known not to be memorized.")
     extractor = get_extractor(config.features, device=str(target.device), **config.feature_options)
+    q_extractor = None
+    if held is not None:
+        if config.quality_features is None:
+            q_extractor = extractor
+        else:
+            q_extractor = get_extractor(config.quality_features, device=str(target.device),
+                                        **config.quality_feature_options)
+    scorer = get_scorer(config.alignment, device=str(target.device)) if config.alignment else None
     ext_cfg = ExtractionConfig(tiles=config.tiles, edge_threshold=config.edge_threshold, min_clique=config.min_clique,
                                delta=config.delta)
     own_of = {}
@@ -246,15 +274,20 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
 
         sampler = Sampler(target, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
                           seed=config.seed)
+        mitigation, mitigation_info = _mitigation(config, target, sampler, reference, progress)
 
         # -- reference prompts: calibrate the edge threshold and the denoising threshold ----------------------
-        ref_norms, ref_idx, ref_gen = [], [], []
+        ref_norms, ref_idx, ref_gen, ref_quality, ref_align = [], [], [], [], []
         if reference:
             ref_buffer, ref_gens = _PromptBuffer(config.generations), []
             sampler.progress = lambda d, t: progress("reference prompts", d, t)
             # reference prompts get their own seed stream so they never share noise with audited prompts
             sampler.seed = config.seed + 1
             for batch in sampler.run(reference, config.generations):
+                if q_extractor is not None:
+                    ref_quality.append(q_extractor(batch.images))
+                if scorer is not None:
+                    ref_align.append(scorer(batch.images, [reference[i] for i in batch.prompt_index.tolist()]))
                 ref_norms.append(batch.guidance_norms)
                 ref_idx.append(batch.prompt_index)
                 ref_gen.append(batch.generation)
@@ -272,6 +305,8 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         # -- the audited prompts --------------------------------------------------------------------------------
         sampler.progress = lambda d, t: progress("sampling", d, t)
         sampler.unet_time_s = 0.0
+        if mitigation is not None and hasattr(mitigation, "before"):  # report the audited prompts' optimization only
+            mitigation.before.clear(), mitigation.after.clear(), mitigation.steps.clear()
         amd_acc = AMDAccumulator(index)
         buffer = _PromptBuffer(config.generations)
         norms, p_idx, g_idx, seeds = [], [], [], []
@@ -280,6 +315,8 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         for batch in sampler.run(prompt_list, config.generations):
             feats = extractor(batch.images)
             dists = amd_acc.update(feats)
+            aligned = (scorer(batch.images, [prompt_list[i] for i in batch.prompt_index.tolist()])
+                       if scorer is not None else None)
             norms.append(batch.guidance_norms)
             p_idx.append(batch.prompt_index)
             g_idx.append(batch.generation)
@@ -291,6 +328,10 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                                    "min_cosine_distance": float(dists[k]),
                                    "nearest_train_index": None,  # filled from the AMD result below
                                    "denoising_norm": float(batch.guidance_norms[k].mean())})
+                if batch.prompts is not None:
+                    image_rows[-1]["prompt_used"] = batch.prompts[k]
+                if aligned is not None:
+                    image_rows[-1]["alignment"] = None if np.isnan(aligned[k]) else float(aligned[k])
                 if j < config.max_grid:
                     full_res.setdefault(i, {})[j] = batch.images[k]
                 done = buffer.add(i, j, small[k])
@@ -338,6 +379,25 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                          "n_neg": s.n_neg, "fpr": list(map(float, s.fpr)), "tpr": list(map(float, s.tpr)),
                          "label_source": label_source}
 
+        # -- quality and alignment -------------------------------------------------------------------------------
+        quality = None
+        if held is not None:
+            progress("quality", 0, 1)
+            quality = _quality(q_extractor((held.images + 1) / 2), torch.cat(ref_quality), q_extractor.name,
+                               config, heldout_source)
+            progress("quality", 1, 1)
+        alignment = None
+        if scorer is not None:
+            judged = [r["alignment"] for r in image_rows if r.get("alignment") is not None]
+            alignment = {"scorer": scorer.name, "mean": float(np.mean(judged)) if judged else None,
+                         "n_images": len(judged)}
+            if ref_align:
+                ref_judged = np.concatenate(ref_align)
+                ref_judged = ref_judged[~np.isnan(ref_judged)]
+                alignment["reference_mean"] = float(ref_judged.mean()) if len(ref_judged) else None
+        if mitigation is not None and hasattr(mitigation, "before"):
+            mitigation_info.update(_optimization_summary(mitigation))
+
         # -- nearest training images of flagged prompts ------------------------------------------------------
         prompt_rows = []
         extracted_images = set()
@@ -367,6 +427,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             "kind": "memaudit.audit", "schema_version": 1,
             "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "model": str(getattr(target, "path", "") or model), "train": train_source, "prompts_source": prompts_source,
+            "heldout": heldout_source,
             "machine": _machine(target.device),
             "settings": {**config.to_dict(), "edge_threshold_used": ext_cfg.edge_threshold,
                          "reference_prompts": len(reference)},
@@ -383,6 +444,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 "denoising_mean": float(np.nanmean(scores)), "denoising_threshold": threshold,
                 "denoising_threshold_fpr": config.fpr if threshold is not None else None,
                 "denoising_flagged": flagged_by_threshold, "detection": detection,
+                "quality": quality, "alignment": alignment, "mitigation": mitigation_info,
                 "wall_time_s": time.perf_counter() - started, "sampling_time_s": sampling_time,
             },
             "prompts": prompt_rows,
@@ -393,6 +455,51 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         write_results(tmp, results)
         write_report(tmp / "results.json", redact=config.redact)
     return results
+
+
+def _mitigation(config: AuditConfig, target, sampler, reference: list[str], progress: Progress):
+    """Install the inference-time mitigation on ``sampler``; returns the hook (or None) and what to report."""
+    if config.mitigation == "rwa":
+        from memaudit.baselines.rwa import RWAPrompts
+
+        sampler.prompt_transform = RWAPrompts(target.tokenizer, k=config.rwa_words)
+        return sampler.prompt_transform, {"kind": "rwa", "rwa_words": config.rwa_words,
+                                          "seeding": "each image's words drawn from SeedSequence([image_seed, RWA])"}
+    if config.mitigation == "threshold":
+        from memaudit.baselines.threshold import EmbeddingMitigation
+
+        norm_target, source = config.mitigation_target, "given"
+        if norm_target == "auto":
+            progress("mitigation target", 0, 1)
+            sampler.seed = config.seed + 1  # the reference prompts' own images, as sampled below
+            norms = sampler.first_step_norms(reference, config.generations)
+            sampler.seed = config.seed
+            norm_target = float(norms.median())
+            source = f"median first-step guidance norm of the {len(norms)} reference images, without mitigation"
+            progress("mitigation target", 1, 1)
+        hook = EmbeddingMitigation(target, float(norm_target), lr=config.mitigation_lr, max_steps=config.mitigation_steps)
+        sampler.embedding_hook = hook
+        return hook, {"kind": "threshold", "norm_target": float(norm_target), "norm_target_source": source,
+                      "lr": config.mitigation_lr, "max_steps": config.mitigation_steps}
+    return None, None
+
+
+def _optimization_summary(hook) -> dict:
+    before, after = torch.cat(hook.before), torch.cat(hook.after)
+    return {"first_step_norm_before_mean": float(before.mean()), "first_step_norm_after_mean": float(after.mean()),
+            "images_over_target_after": int((after >= hook.norm_target).sum()), "images": len(after),
+            "optimizer_steps_mean": float(np.mean(hook.steps))}
+
+
+def _quality(real: torch.Tensor, fake: torch.Tensor, name: str, config: AuditConfig, source) -> dict:
+    from memaudit.metrics.quality import fid_from_features, kid_from_features, recommendation
+
+    kid, kid_std = kid_from_features(real, fake, subsets=config.kid_subsets, seed=config.seed)
+    fid = fid_from_features(real, fake)
+    recommended, note = recommendation(len(real), len(fake))
+    return {"kid": kid, "kid_std": kid_std, "fid": fid, "n_real": len(real), "n_fake": len(fake),
+            "feature_extractor": name, "recommended": recommended, "note": note,
+            "compared": f"generations for the held-out captions against the held-out images ({source})"}
 
 
 def _versions() -> dict:

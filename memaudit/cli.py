@@ -131,6 +131,19 @@ def _print_summary(results: dict, out: Path) -> None:
                      f"{s['denoising_threshold']:.4f} ({s['denoising_flagged']} prompts above)"))
     if det:
         rows.append(("detection AUC / TPR@1%FPR", f"{det['auc']:.3f} / {det['tpr_at_1pct']:.3f}"))
+    q = s.get("quality")
+    if q:
+        rows.append((f"KID / FID ({q['feature_extractor']}, held-out)",
+                     f"{q['kid']:.4f} ± {q['kid_std']:.4f} / {q['fid']:.2f} ({q['recommended'].upper()} recommended)"))
+    a = s.get("alignment")
+    if a and a.get("mean") is not None:
+        rows.append((f"alignment ({a['scorer']})", f"{a['mean']:.3f}"))
+    m = s.get("mitigation")
+    if m:
+        detail = f"k={m['rwa_words']}" if m["kind"] == "rwa" else (
+            f"target {m['norm_target']:.3f}, norm {m['first_step_norm_before_mean']:.3f} -> "
+            f"{m['first_step_norm_after_mean']:.3f}")
+        rows.append(("inference-time mitigation", f"{m['kind']} ({detail})"))
     rows.append(("wall time (sampling)", f"{s['wall_time_s']:.0f} s ({s['sampling_time_s']:.0f} s)"))
     for k, v in rows:
         table.add_row(k, v)
@@ -159,6 +172,12 @@ def audit(
     train: Annotated[Path, typer.Option("--train", help="training data: a folder or a captions .csv/.jsonl")],
     prompts: Annotated[Path | None, typer.Option(help="prompts file (.txt, .csv, .jsonl); default: the training captions")] = None,
     reference_prompts: Annotated[Path | None, typer.Option(help="prompts known NOT to be memorized, to calibrate thresholds")] = None,
+    heldout: Annotated[Path | None, typer.Option(help="held-out images+captions (not trained on): reference prompts and KID/FID")] = None,
+    mitigation: Annotated[str, typer.Option(help="inference-time mitigation: none, rwa or threshold")] = "none",
+    rwa_words: Annotated[int, typer.Option(help="rwa: random tokens inserted in every prompt")] = 2,
+    mitigation_target: Annotated[str, typer.Option(help="threshold: per-image norm target, or auto (median of the reference prompts)")] = "auto",
+    quality_features: Annotated[str | None, typer.Option(help="KID/FID feature space (default: --features)")] = None,
+    alignment: Annotated[str | None, typer.Option(help="text-image alignment scorer, e.g. demo")] = None,
     generations: Annotated[int, typer.Option(help="images per prompt")] = 16,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 25,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 7.5,
@@ -183,11 +202,66 @@ def audit(
     config = AuditConfig(generations=generations, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
                          features=features, feature_options=_parse_options(feature_option),
                          edge_threshold=edge_threshold, min_clique=min_clique, delta=delta,
-                         calibrate_edge=calibrate_edge, fpr=fpr, redact=redact, device=device, dtype=dtype)
+                         calibrate_edge=calibrate_edge, fpr=fpr, redact=redact, device=device, dtype=dtype,
+                         mitigation=mitigation, rwa_words=rwa_words, mitigation_target=mitigation_target,
+                         quality_features=quality_features, alignment=alignment)
     _quiet_loading()
     results = _run_with_progress(run_audit, model=model, train=train, out=out, prompts=prompts,
-                                 reference_prompts=reference_prompts, config=config, convert_channels=convert_channels)
+                                 reference_prompts=reference_prompts, config=config, convert_channels=convert_channels,
+                                 heldout=heldout)
     _print_summary(results, out)
+
+
+@app.command()
+def finetune(
+    base: Annotated[str, typer.Argument(help="diffusers pipeline folder to fine-tune (or a hub id already in the local cache)")],
+    train: Annotated[Path, typer.Option("--train", help="training data: a folder or a captions .csv/.jsonl")],
+    out: Annotated[Path, typer.Option("--out", help="pipeline folder to write (OUT.partial/ holds checkpoints until done)")],
+    method: Annotated[str, typer.Option(help="which parameters train: full")] = "full",
+    mitigation: Annotated[str, typer.Option(help="training-time mitigation: none, rwa or threshold")] = "none",
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = 32,
+    rwa_words: Annotated[int, typer.Option(help="rwa: random tokens inserted per caption")] = 2,
+    rwa_probability: Annotated[float, typer.Option(help="rwa: probability a caption is perturbed at a step")] = 0.5,
+    threshold: Annotated[str, typer.Option(help="threshold: strength at/above which samples drop, or auto (top decile)")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 100,
+    save_dtype: Annotated[str, typer.Option(help="dtype of the saved UNet and VAE: float32, float16, bfloat16")] = "float32",
+    convert_channels: Annotated[bool, typer.Option(help="convert training images to the model's channels")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """Fine-tune BASE on --train data, optionally with a training-time mitigation; resumes after a crash."""
+    from memaudit.finetune import FinetuneConfig
+    from memaudit.finetune import finetune as run_finetune
+
+    config = FinetuneConfig(method=method, mitigation=mitigation, steps=steps, learning_rate=lr, batch_size=batch_size,
+                            seed=seed, rwa_words=rwa_words, rwa_probability=rwa_probability, threshold=threshold,
+                            checkpoint_every=checkpoint_every, save_dtype=save_dtype)
+    _quiet_loading()
+    with _progress_bar() as bar:
+        task = bar.add_task("fine-tuning", total=steps)
+
+        def progress(step: int, total: int, logs: dict) -> None:
+            loss = logs.get("running_loss", logs.get("loss"))
+            bar.update(task, completed=step, total=total,
+                       description=f"fine-tuning (loss {loss:.4f})" if loss == loss and loss is not None else "fine-tuning")
+
+        settings = run_finetune(base, train, out, config, device=device, convert_channels=convert_channels,
+                                overwrite=overwrite, progress=progress)
+    r = settings["result"]
+    console = _console()
+    console.print(f"fine-tuned {settings['trainable_parameters']:,} parameters ({settings['trainable_percent']:.2f}% of "
+                  f"the UNet) for {r['steps']} steps in {r['wall_time_s']:.0f} s; mean loss of the last 100 steps "
+                  f"{r['mean_loss_last_100']:.4f}")
+    stats = r["stats"]
+    if "threshold_seen" in stats:
+        console.print(f"threshold: dropped {stats['threshold_dropped']} of {stats['threshold_seen']} samples, "
+                      f"skipped {r['skipped_steps']} steps")
+    if "rwa_perturbed" in stats:
+        console.print(f"rwa: perturbed {stats['rwa_perturbed']} captions")
+    console.print(f"pipeline: {out}")
 
 
 @app.command()

@@ -534,3 +534,25 @@ def _list_some(items: Sequence[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     rest = len(items) - _MAX_LISTED
     return f"{shown} (and {rest} more)" if rest > 0 else shown
+
+
+def dataset_for_target(train, target, convert_channels: bool = False) -> tuple[ImageCaptionDataset, str]:
+    """``train`` (a dataset, or a folder/captions file) checked against or loaded for ``target``'s images.
+
+    Returns the dataset and a description of its source. A folder whose images have another channel count than the
+    model's is an error unless ``convert_channels``.
+    """
+    if isinstance(train, ImageCaptionDataset):
+        if train.channels != target.image_channels:
+            raise DataError(f"the training set has {train.channels}-channel images but the model generates "
+                            f"{target.image_channels}-channel images; convert the training images first.")
+        if train.resolution != target.resolution:
+            raise DataError(f"the training images are {train.resolution} px but the model generates "
+                            f"{target.resolution} px; load them at the model's resolution.")
+        return train, train.source or "in-memory dataset"
+    channels = native_channels(train)
+    if channels != target.image_channels and not convert_channels:
+        kind = {1: "grayscale", 3: "colour"}
+        raise DataError(f"the training images in {train} are {kind[channels]} ({channels} channel(s)) but the model "
+                        f"generates {kind[target.image_channels]} images; pass --convert-channels to convert them.")
+    return load_dataset(train, target.resolution, target.image_channels), str(train)

@@ -475,3 +475,13 @@ register("pixels", _pixels_factory)
 register("open_clip", _open_clip_factory)
 register("torchscript", _torchscript_factory)
 register("inception", _inception_factory)
+
+
+def _demo_factory(device: str | torch.device = "cpu", batch_size: int = 64, **options: Any) -> FeatureExtractor:
+    """The bundled demo classifier's 64-d features (for the bundled 32x32 models; see memaudit.demo.scorer)."""
+    from memaudit.demo.scorer import feature_factory
+
+    return feature_factory(device=device, batch_size=batch_size, **options)
+
+
+register("demo", _demo_factory)

@@ -485,6 +485,7 @@ def _header(results: dict, redact: bool) -> list[str]:
         ("Model", results.get("model")),
         ("Training data", results.get("train")),
         ("Prompts", results.get("prompts_source")),
+        *([("Held-out data", results["heldout"])] if results.get("heldout") else []),
         ("Machine", results.get("machine")),
         ("Created (UTC)", results.get("created_utc")),
         ("Versions", ", ".join(f"{k} {_compact(v)}" for k, v in versions.items()) if isinstance(versions, dict)
@@ -531,6 +532,31 @@ def _summary(results: dict) -> list[str]:
             _row("TPR at 1% FPR", _fmt(det.get("tpr_at_1pct"))),
             _row("TPR at 0.1% FPR", _fmt(det.get("tpr_at_01pct"))),
         ]
+    q = s.get("quality")
+    if isinstance(q, dict):
+        rows += [
+            _row("KID (held-out)", f"{_fmt(q.get('kid'))} ± {_fmt(q.get('kid_std'))}",
+                 f"{_fmt(q.get('feature_extractor'))} features; {_fmt(q.get('n_fake'))} generations for the held-out "
+                 f"captions against {_fmt(q.get('n_real'))} held-out images"),
+            _row("FID (held-out)", _fmt(q.get("fid"), 2),
+                 f"{_fmt(q.get('note'))}"),
+        ]
+    a = s.get("alignment")
+    if isinstance(a, dict):
+        rows.append(_row("Text-image alignment", _fmt(a.get("mean"), 3),
+                         f"scorer {_fmt(a.get('scorer'))}, mean over {_fmt(a.get('n_images'))} audited images"
+                         + (f"; held-out captions {_fmt(a.get('reference_mean'), 3)}" if a.get("reference_mean") is not None else "")))
+    m = s.get("mitigation")
+    if isinstance(m, dict):
+        if m.get("kind") == "rwa":
+            detail = f"random word addition, {_fmt(m.get('rwa_words'))} tokens per prompt, drawn per image"
+        else:
+            detail = (f"prompt-embedding optimization to a per-image first-step norm of {_fmt(m.get('norm_target'))} "
+                      f"({_fmt(m.get('norm_target_source'))}); norm {_fmt(m.get('first_step_norm_before_mean'))} → "
+                      f"{_fmt(m.get('first_step_norm_after_mean'))}, {_fmt(m.get('optimizer_steps_mean'), 2)} steps "
+                      f"per batch, {_fmt(m.get('images_over_target_after'))} of {_fmt(m.get('images'))} images still "
+                      "over the target")
+        rows.append(_row("Inference-time mitigation", _fmt(m.get("kind")), detail))
     rows += [
         _row("Wall time", _fmt_seconds(s.get("wall_time_s"))),
         _row("Sampling time", _fmt_seconds(s.get("sampling_time_s"))),

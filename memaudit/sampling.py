@@ -45,19 +45,23 @@ class SampleBatch:
     images: torch.Tensor  # [B, C, H, W]
     guidance_norms: torch.Tensor  # [B, steps], ||eps_c - eps_u||_2 per image and step
     timesteps: torch.Tensor  # [steps]
+    prompts: list[str] | None = None  # the prompts actually used, when a prompt transform changed them
 
 
 class Sampler:
     """Generate ``generations`` images for each prompt, in prompt-major order, in batches.
 
-    ``conditioner(prompts) -> embeddings`` replaces the target's prompt encoding (inference-time mitigations plug
-    in here); by default the target's cached :meth:`~memaudit.target.Target.encode_prompts`.
+    ``conditioner(prompts) -> embeddings`` replaces the target's prompt encoding; by default the target's cached
+    :meth:`~memaudit.target.Target.encode_prompts`. ``prompt_transform(prompt, image_seed) -> prompt`` changes the
+    prompt of each image before encoding, seeded by the image's own seed (inference-time random word addition plugs
+    in here, so every generation gets its own perturbation, reproducibly).
     """
 
     def __init__(self, target, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, seed: int = 0,
                  conditioner: Callable[[list[str]], torch.Tensor] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 embedding_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 embedding_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 prompt_transform: Callable[[str, int], str] | None = None):
         if steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {steps}).")
         if batch_size < 1:
@@ -67,6 +71,7 @@ class Sampler:
         # embedding_hook(cond, x_T, t_first) -> cond: changes a batch's prompt embeddings once, before the first
         # step, knowing its initial latents (inference-time threshold mitigation plugs in here)
         self.embedding_hook = embedding_hook
+        self.prompt_transform = prompt_transform
         self.progress = progress
         self.unet_time_s = 0.0
 
@@ -109,6 +114,29 @@ class Sampler:
         images = (target.decode_latents(x) + 1) / 2
         return images.cpu(), norms.cpu(), sched.timesteps.cpu()
 
+    @torch.no_grad()
+    def first_step_norms(self, prompts: Sequence[str], generations: int) -> torch.Tensor:
+        """``[len(prompts) * generations]`` guidance norms at the first sampling step only (prompt-major), from the
+        same initial latents and prompts as :meth:`run` and without the embedding hook: one UNet call per image."""
+        target = self.target
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(generations)]
+        out = []
+        for k in range(0, len(jobs), self.batch_size):
+            chunk = jobs[k : k + self.batch_size]
+            seeds = [image_seed(self.seed, i, j) for i, j in chunk]
+            used = [prompts[i] for i, _ in chunk]
+            if self.prompt_transform is not None:
+                used = [self.prompt_transform(p, s) for p, s in zip(used, seeds)]
+            sched = self._scheduler()
+            t = sched.timesteps[0]
+            x = sched.scale_model_input((self.initial_latents(seeds) * sched.init_noise_sigma).to(target.device), t)
+            cond = self.conditioner(used) if self.conditioner else target.encode_prompts(used)
+            tt = t.reshape(1).expand(len(chunk)).to(target.device)
+            eps_c = target.predict_eps(x, tt, cond.to(target.device))
+            eps_u = target.predict_eps(x, tt, target.empty_embedding(len(chunk)))
+            out.append((eps_c - eps_u).flatten(1).norm(dim=1).float().cpu())
+        return torch.cat(out)
+
     def run(self, prompts: Sequence[str], generations: int) -> Iterator[SampleBatch]:
         """Yield batches covering ``generations`` images of every prompt, prompt-major."""
         if generations < 1:
@@ -121,13 +149,17 @@ class Sampler:
             chunk = jobs[k : k + self.batch_size]
             seeds = [image_seed(self.seed, i, j) for i, j in chunk]
             t0 = time.perf_counter()
-            images, norms, timesteps = self.sample_batch([prompts[i] for i, _ in chunk], seeds)
+            used = [prompts[i] for i, _ in chunk]
+            if self.prompt_transform is not None:
+                used = [self.prompt_transform(p, s) for p, s in zip(used, seeds)]
+            images, norms, timesteps = self.sample_batch(used, seeds)
             self.unet_time_s += time.perf_counter() - t0
             done += len(chunk)
             if self.progress is not None:
                 self.progress(done, len(jobs))
             yield SampleBatch(prompt_index=torch.tensor([i for i, _ in chunk]), generation=torch.tensor([j for _, j in chunk]),
-                              seeds=seeds, images=images, guidance_norms=norms, timesteps=timesteps)
+                              seeds=seeds, images=images, guidance_norms=norms, timesteps=timesteps,
+                              prompts=used if self.prompt_transform is not None else None)
 
 
 def _step(sched, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

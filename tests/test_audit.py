@@ -138,3 +138,98 @@ def test_cli_mistakes_one_line_exit_2(tmp_path, tiny_dir_eps):
     res = _cli("audit", str(no_te), "--train", str(data), "--out", str(out))
     assert res.returncode == 2 and "text_encoder" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+# -- quality, alignment and inference-time mitigations -------------------------------------------------------------
+def _heldout(n: int = 5):
+    g = torch.Generator().manual_seed(1)
+    return from_arrays(torch.rand(n, 3, 16, 16, generator=g), [f"a held-out photo {i}" for i in range(n)])
+
+
+def _planting_sampler(monkeypatch, heldout, kind: str):
+    """Held-out captions get their own held-out image ('copy', plus 1e-3 noise) or uniform noise ('noise')."""
+    by_caption = {c: (heldout.images[i] + 1) / 2 for i, c in enumerate(heldout.captions)}
+
+    def sample_batch(self, prompts, seeds):
+        g = torch.Generator().manual_seed(int(seeds[0]) % 2**31)
+        noise = torch.rand(len(prompts), 3, 16, 16, generator=g)
+        if kind == "copy":
+            images = torch.stack([by_caption.get(p, noise[k]) for k, p in enumerate(prompts)])
+            images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+        else:
+            images = noise
+        return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
+
+    monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
+
+
+def test_heldout_quality_separates_copies_from_noise(tmp_path, monkeypatch, tiny_dir_eps, train):
+    held = _heldout()
+    kids = {}
+    for kind in ("copy", "noise"):
+        _planting_sampler(monkeypatch, held, kind)
+        res = run_audit(str(tiny_dir_eps), train, tmp_path / kind, heldout=held,
+                        config=_config(quality_features="pixels", quality_feature_options={"size": 4}))
+        q = res["summary"]["quality"]
+        assert q["n_real"] == 5 and q["n_fake"] == 5 * 6 and q["recommended"] == "kid"
+        assert res["summary"]["denoising_threshold"] is not None  # held-out captions became the reference prompts
+        assert len(res["reference_prompts"]) == 5
+        kids[kind] = q["kid"]
+    # generations that are the held-out images themselves are much closer to them than noise is
+    assert kids["copy"] < 0.1 * kids["noise"], kids
+    html = (tmp_path / "copy" / "report.html").read_text()
+    assert "KID (held-out)" in html
+
+
+def test_alignment_scores_are_the_scorers_mean(tmp_path, monkeypatch, tiny_dir_eps, train):
+    from memaudit.metrics.alignment import register_scorer
+
+    def factory(device="cpu"):
+        # 1.0 for images whose prompt mentions item 0, 0.5 for other items, NaN (cannot judge) otherwise
+        return lambda images, prompts: [1.0 if p.endswith("item 0") else 0.5 if "item" in p else float("nan")
+                                        for p in prompts]
+
+    register_scorer("test-items", factory)
+    _fake_sampler(monkeypatch, train, "noise")
+    res = run_audit(str(tiny_dir_eps), train, tmp_path / "out", config=_config(alignment="test-items"))
+    a = res["summary"]["alignment"]
+    assert a["scorer"] == "test-items" and a["n_images"] == N_TRAIN * 6
+    assert a["mean"] == pytest.approx((1.0 + 0.5 * (N_TRAIN - 1)) / N_TRAIN)
+    assert {r["alignment"] for r in res["images"]} == {1.0, 0.5}
+
+
+def test_rwa_at_inference_perturbs_every_generation_reproducibly(tmp_path, tiny_dir_eps, train):
+    cfg = _config(generations=3, min_clique=2, steps=2, mitigation="rwa", rwa_words=2)
+    runs = [run_audit(str(tiny_dir_eps), train, tmp_path / f"out{r}", prompts=train.captions[:2], config=cfg)
+            for r in range(2)]
+    rows = runs[0]["images"]
+    for row in rows:
+        original = train.captions[row["prompt_index"]].split()
+        used = row["prompt_used"].split()
+        assert len(used) == len(original) + 2
+        it = iter(used)
+        assert all(word in it for word in original)  # the caption's own words keep their order
+    assert len({r["prompt_used"] for r in rows}) == len(rows)  # every generation has its own perturbation
+    assert [r["prompt_used"] for r in rows] == [r["prompt_used"] for r in runs[1]["images"]]
+    assert runs[0]["summary"]["mitigation"]["kind"] == "rwa"
+
+
+def test_threshold_at_inference_uses_the_reference_median_and_lowers_the_norm(tmp_path, tiny_dir_eps, train):
+    from memaudit.target import load_target
+
+    reference = ["a red square", "a blue circle"]
+    cfg = _config(generations=2, min_clique=2, steps=2, mitigation="threshold", mitigation_steps=5, mitigation_lr=0.5)
+    res = run_audit(str(tiny_dir_eps), train, tmp_path / "out", prompts=train.captions[:3],
+                    reference_prompts=reference, config=cfg)
+    m = res["summary"]["mitigation"]
+    sampler = Sampler(load_target(tiny_dir_eps, device="cpu"), steps=2, batch_size=5, seed=1)
+    expected = float(sampler.first_step_norms(reference, 2).median())
+    assert m["norm_target"] == pytest.approx(expected, rel=1e-5)
+    assert m["images"] == 6 and m["first_step_norm_after_mean"] < m["first_step_norm_before_mean"]
+    with pytest.raises(ConfigError, match="needs reference prompts"):
+        run_audit(str(tiny_dir_eps), train, tmp_path / "x", config=cfg)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="--mitigation"):
+        _config(mitigation="blur")
+    with pytest.raises(ConfigError, match="--mitigation-target"):
+        _config(mitigation="threshold", mitigation_target="low")

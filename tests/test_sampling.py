@@ -100,3 +100,18 @@ def test_bad_settings(target):
         list(Sampler(target, steps=2).run([], 2))
     with pytest.raises(ConfigError):
         list(Sampler(target, steps=2).run(PROMPTS, 0))
+
+
+def test_first_step_norms_equal_the_first_step_of_sampling(target):
+    prompts = ["a photo of item 1", "a photo of item 2"]
+    s = Sampler(target, steps=3, guidance=4.0, batch_size=3, seed=5)
+    full = torch.cat([b.guidance_norms[:, 0] for b in s.run(prompts, 2)])
+    torch.testing.assert_close(s.first_step_norms(prompts, 2), full, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_transform_sees_each_image_seed(target):
+    seen = []
+    s = Sampler(target, steps=1, batch_size=2, seed=3, prompt_transform=lambda p, seed: seen.append((p, seed)) or p + "!")
+    batches = list(s.run(["a", "b"], 2))
+    assert seen == [(p, image_seed(3, i, j)) for i, p in enumerate("ab") for j in range(2)]
+    assert [q for b in batches for q in b.prompts] == ["a!", "a!", "b!", "b!"]

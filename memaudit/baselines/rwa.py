@@ -7,8 +7,9 @@ words), are inserted at random word positions of a caption; the rest of the capt
   step from the training run's seeded generator, so the same image is seen with different perturbations over
   training. The MemControl code drew one perturbation per caption once, before training; a fixed perturbation is
   just another unique caption, which a model can memorize as well as the original, so we re-draw.
-- Inference time (:func:`rwa_prompts` / :class:`RWAConditioner`): each prompt is perturbed before generation, so an
-  audit can measure a checkpoint "with RWA on".
+- Inference time (:func:`rwa_prompts`, and :class:`RWAPrompts` as the sampler's ``prompt_transform``): each prompt
+  is perturbed before generation, every generation with its own draw seeded by the image's seed, so an audit can
+  measure a checkpoint "with RWA on".
 
 Defaults (``k=2`` tokens, ``p=0.5``) are settings, not values fixed by the papers; report the ones you use.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from memaudit.errors import ConfigError
@@ -65,6 +67,21 @@ def rwa_prompts(prompts: Sequence[str], tokenizer, k: int = 2, seed: int = 0) ->
     """Inference-time RWA: every prompt perturbed, reproducibly for a seed (prompt ``i`` uses ``seed + i``)."""
     _check(k)
     return [insert_random_words(p, tokenizer, k, torch.Generator().manual_seed(seed + i)) for i, p in enumerate(prompts)]
+
+
+class RWAPrompts:
+    """Inference-time RWA as a :class:`~memaudit.sampling.Sampler` ``prompt_transform``: every generation's prompt
+    gets ``k`` random tokens, drawn from a generator seeded by the image's seed (a stream separate from its noise)."""
+
+    STREAM = 0x525741  # "RWA": keeps the word draws independent of the image's noise draws
+
+    def __init__(self, tokenizer, k: int = 2):
+        _check(k)
+        self.tokenizer, self.k = tokenizer, k
+
+    def __call__(self, prompt: str, image_seed: int) -> str:
+        seed = int(np.random.SeedSequence([int(image_seed), self.STREAM]).generate_state(1, np.uint64)[0] % 2**63)
+        return insert_random_words(prompt, self.tokenizer, self.k, torch.Generator().manual_seed(seed))
 
 
 class RWAHook(TrainHook):

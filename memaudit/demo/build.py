@@ -10,7 +10,8 @@ Stages, each skipped when its output already exists in ``--work`` (so an interru
    "a handwritten digit seven". Saved in float16 (``base/``).
 4. Full fine-tune: the saved base, reloaded, with every UNet parameter tuned on the 80 training faces (text encoder
    and VAE frozen). Saved in float16 (``full_ft/``).
-5. The reproduction check of both models (the numbers in ``benchmarks/RESULTS.md``).
+5. The demo classifier (:mod:`memaudit.demo.scorer`): the alignment scorer and KID feature space of the faces model.
+6. The reproduction check of both models (the numbers in ``benchmarks/RESULTS.md``).
 
 Everything is seeded; ``build_info.json`` records settings, versions, the device and wall times.
 """
@@ -185,10 +186,22 @@ def build(work: Path, out: Path, settings: ZooSettings, device: str = "cpu", che
         info["full_ft"] = {"final_loss": float(np.mean(res.losses[-100:])), "step_time_s": res.wall_time_s / cfg.steps}
         info["wall_time_s"]["full_ft"] = time.perf_counter() - t0
         save()
+    # 5. the demo classifier (alignment scorer and quality features; see memaudit.demo.scorer)
+    scorer_path = out / "scorer.safetensors"
+    if not scorer_path.exists():
+        from memaudit.demo.scorer import save_classifier, train_classifier, training_images
+
+        t0 = time.perf_counter()
+        images, labels, source = training_images(base_dir)
+        model, scorer_info = train_classifier(images, labels, source, seed=settings.seed)
+        save_classifier(model, scorer_path)
+        info["scorer"] = scorer_info
+        info["wall_time_s"]["scorer"] = time.perf_counter() - t0
+        save()
     if faces_csv.resolve() != (out / "faces.csv").resolve():
         shutil.copyfile(faces_csv, out / "faces.csv")
 
-    # 5. reproduction check
+    # 6. reproduction check
     if check and "check" not in info:
         t0 = time.perf_counter()
         info["check"] = run_check(out, faces_csv, settings, device, work)

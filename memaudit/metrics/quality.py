@@ -232,6 +232,21 @@ def _check_images(images: Any, name: str) -> Tensor:
     return images
 
 
+def recommendation(n_real: int, n_fake: int, computed: tuple[str, ...] = METRICS) -> tuple[str, str]:
+    """Which of KID and FID to compare at these sample sizes, and one sentence saying why."""
+    if min(n_real, n_fake) < KID_RECOMMENDED_BELOW:
+        recommended = "kid"
+        note = ("FID is biased at small sample sizes; with fewer than 1,000 images KID (unbiased) is the number to "
+                "compare")
+    else:
+        recommended = "fid"
+        note = ("with at least 1,000 images per set FID is stable enough to compare (at equal sample sizes and in "
+                "the same feature space)")
+    if recommended not in computed:
+        note += f"; {recommended.upper()} was not computed (add it to metrics)"
+    return recommended, note
+
+
 def quality(real_images: Tensor, fake_images: Tensor, features: str | nn.Module | FeatureExtractor = "pixels",
             device: str | torch.device = "cpu", metrics: tuple[str, ...] = ("kid", "fid"), seed: int = 0,
             batch_size: int = 64, kid_subsets: int = 100, kid_subset_size: int = 1000,
@@ -279,15 +294,6 @@ def quality(real_images: Tensor, fake_images: Tensor, features: str | nn.Module 
         kid_mean, kid_std = kid_from_features(real_features, fake_features, subsets=kid_subsets,
                                               subset_size=kid_subset_size, seed=seed)
 
-    if min(n_real, n_fake) < KID_RECOMMENDED_BELOW:
-        recommended = "kid"
-        note = ("FID is biased at small sample sizes; with fewer than 1,000 images KID (unbiased) is the number to "
-                "compare")
-    else:
-        recommended = "fid"
-        note = ("with at least 1,000 images per set FID is stable enough to compare (at equal sample sizes and in "
-                "the same feature space)")
-    if recommended not in names:
-        note += f"; {recommended.upper()} was not computed (add it to metrics)"
+    recommended, note = recommendation(n_real, n_fake, names)
     return QualityResult(fid=fid, kid_mean=kid_mean, kid_std=kid_std, n_real=n_real, n_fake=n_fake,
                          feature_extractor=extractor.name, recommended=recommended, note=note)

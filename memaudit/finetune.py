@@ -1,0 +1,230 @@
+"""``memaudit finetune``: fine-tune a checkpoint on image-caption data, optionally with a training-time mitigation.
+
+The result is a diffusers pipeline folder (loadable by plain diffusers) with ``memaudit_finetune.json`` beside the
+components: every setting, the seed, versions, the base checkpoint, the data and what the mitigation did (captions
+perturbed, samples dropped).
+
+While training, the run lives in ``OUT.partial/`` (its settings and resumable checkpoints). Running the same command
+again after a crash or Ctrl-C continues from the last checkpoint and ends at the same weights as an uninterrupted
+run; running it with other settings is refused rather than mixed. ``OUT`` itself appears only when training has
+finished, in one atomic step, and ``OUT.partial/`` is then removed.
+
+Mitigations (training time, see :mod:`memaudit.baselines`): ``rwa`` (random word addition, re-drawn every step) and
+``threshold`` (samples whose denoising strength is at or above a threshold leave the loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from memaudit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "memaudit_finetune.json"
+MITIGATIONS = ("none", "rwa", "threshold")
+METHODS = ("full",)
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
+
+Progress = Callable[[int, int, dict], None]
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of :func:`finetune`; each field's ``help`` metadata documents it."""
+
+    method: str = _help("which parameters train: full (every UNet parameter)", default="full")
+    mitigation: str = _help("training-time mitigation: none, rwa or threshold", default="none")
+    steps: int = _help("optimizer steps", default=1000)
+    batch_size: int = _help("images per step", default=32)
+    learning_rate: float = _help("AdamW learning rate (constant)", default=1e-4)
+    seed: int = _help("seed of every random draw of the run", default=0)
+    caption_dropout: float = _help("probability of training on the empty prompt (for guidance)", default=0.1)
+    mixed_precision: str = _help("no, fp16 or bf16 autocast (CUDA only)", default="no")
+    checkpoint_every: int = _help("write a resumable checkpoint every N steps", default=100)
+    rwa_words: int = _help("rwa: random tokens inserted per caption", default=2)
+    rwa_probability: float = _help("rwa: probability that a caption is perturbed at a step", default=0.5)
+    threshold: float | str = _help("threshold: denoising strength at or above which a sample is dropped, or auto "
+                                   "(the batch's top decile)", default="auto")
+    threshold_quantile: float = _help("threshold: the batch quantile of 'auto'", default=0.9)
+    save_dtype: str = _help("dtype of the saved UNet and VAE (the text encoder stays float32)", default="float32")
+
+    def __post_init__(self):
+        from memaudit.baselines.rwa import _check as check_rwa
+
+        if self.method not in METHODS:
+            raise ConfigError(f"--method {self.method!r} is not known; use one of: {', '.join(METHODS)}.")
+        if self.mitigation not in MITIGATIONS:
+            raise ConfigError(f"--mitigation {self.mitigation!r} is not known; use one of: {', '.join(MITIGATIONS)}.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ConfigError(f"save dtype {self.save_dtype!r} is not known; use one of: {', '.join(SAVE_DTYPES)}.")
+        if self.checkpoint_every < 1:
+            raise ConfigError("checkpoint_every must be at least 1.")
+        if isinstance(self.threshold, str) and self.threshold != "auto":
+            try:
+                self.threshold = float(self.threshold)
+            except ValueError:
+                raise ConfigError(f"--threshold must be a number or 'auto' (got {self.threshold!r}).") from None
+        if not isinstance(self.threshold, str) and not (self.threshold > 0 and math.isfinite(self.threshold)):
+            raise ConfigError(f"--threshold must be positive (got {self.threshold!r}).")
+        check_rwa(self.rwa_words, self.rwa_probability)
+        self.train_config()  # validates the shared training settings
+
+    def train_config(self):
+        from memaudit.train import TrainConfig
+
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
+                           seed=self.seed, caption_dropout=self.caption_dropout, mixed_precision=self.mixed_precision,
+                           checkpoint_every=self.checkpoint_every, keep_checkpoints=1, log_every=0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def mitigation_hooks(config: FinetuneConfig, target) -> list:
+    """The training hooks of ``config.mitigation``."""
+    if config.mitigation == "rwa":
+        from memaudit.baselines.rwa import RWAHook
+
+        return [RWAHook(target.tokenizer, k=config.rwa_words, p=config.rwa_probability)]
+    if config.mitigation == "threshold":
+        from memaudit.baselines.threshold import ThresholdHook
+
+        return [ThresholdHook(config.threshold, quantile=config.threshold_quantile)]
+    return []
+
+
+def trainable_parameters(config: FinetuneConfig, target) -> list[torch.nn.Parameter]:
+    """The parameters ``config.method`` trains."""
+    if config.method == "full":
+        return list(target.unet.parameters())
+    raise ConfigError(f"--method {config.method!r} is not known; use one of: {', '.join(METHODS)}.")  # pragma: no cover
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where an unfinished run keeps its settings and checkpoints."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _identity(base, dataset_source: str, config: FinetuneConfig, data_key: str) -> dict:
+    """What must match for a run to resume another: settings, base checkpoint and data content."""
+    base_id = str(Path(base).resolve()) if Path(base).exists() else str(base)
+    source = str(Path(dataset_source).resolve()) if Path(dataset_source).exists() else dataset_source
+    return {"base": base_id, "train": source, "train_sha256": data_key, "settings": config.to_dict()}
+
+
+def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None, *, device: str = "auto",
+             convert_channels: bool = False, overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Fine-tune ``base`` (a pipeline folder or a hub id in the local cache) on ``train`` (a folder, captions
+    file or :class:`~memaudit.data.ImageCaptionDataset`) and write the pipeline folder ``out``.
+
+    Resumes from ``out.partial/`` when it holds checkpoints of the same run. Returns the settings dict that is also
+    written to ``out/memaudit_finetune.json``.
+    """
+    import hashlib
+
+    from memaudit.data import dataset_for_target
+    from memaudit.io import atomic_directory, atomic_write_json
+    from memaudit.target import load_target, resolve_dtype
+    from memaudit.train import latest_checkpoint, train_unet
+
+    config = config or FinetuneConfig()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder.")
+    if (out / SETTINGS_FILE).is_file() and not overwrite:
+        raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite or another --out.")
+    if out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file() and not overwrite:
+        raise ConfigError(f"--out {out} exists and is not a memaudit fine-tune; pass an empty or new folder.")
+
+    target = load_target(base, device=device, dtype="float32")
+    dataset, source = dataset_for_target(train, target, convert_channels)
+    data_key = hashlib.sha256(dataset.images.numpy().tobytes() + "\n".join(dataset.captions).encode()).hexdigest()
+    identity = _identity(base, source, config, data_key)
+
+    work = partial_dir(out)
+    run_file = work / "run.json"
+    if run_file.is_file():
+        try:
+            earlier = json.loads(run_file.read_text())
+        except ValueError:
+            earlier = None
+        if earlier != identity:
+            raise ConfigError(f"{work} holds an unfinished fine-tune with other settings, base or data; run the same "
+                              f"command as before to resume it, or delete {work} to start over.")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_file, identity)
+    resumed_from = latest_checkpoint(work / "checkpoints")
+    earlier_wall = json.loads((work / "wall.json").read_text())["wall_time_s"] if (work / "wall.json").is_file() else 0.0
+
+    hooks = mitigation_hooks(config, target)
+    params = trainable_parameters(config, target)
+    n_train = sum(p.numel() for p in params)
+    n_unet = sum(p.numel() for p in target.unet.parameters())
+    started = time.perf_counter()
+
+    def on_progress(step: int, total: int, logs: dict) -> None:
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            atomic_write_json(work / "wall.json", {"wall_time_s": earlier_wall + time.perf_counter() - started})
+        if progress is not None:
+            progress(step, total, logs)
+
+    result = train_unet(target, dataset, config.train_config(), params=params, hooks=hooks, progress=on_progress,
+                        checkpoint_dir=work / "checkpoints", resume=True, save_pipeline=_no_pipeline)
+    settings = {
+        "kind": "memaudit.finetune", "schema_version": 1,
+        "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **identity,
+        "seeds": {"seed": config.seed, "note": "every random draw of training comes from one CPU generator seeded "
+                                               "with this seed (data order, noise, timesteps, caption dropout, RWA)"},
+        "versions": _versions(),
+        "device": str(target.device),
+        "trainable_parameters": n_train, "unet_parameters": n_unet,
+        "trainable_percent": 100.0 * n_train / n_unet,
+        "result": {"steps": result.steps, "final_loss": result.final_loss,
+                   "mean_loss_last_100": (sum(result.losses[-100:]) / len(result.losses[-100:])) if result.losses else None,
+                   "skipped_steps": result.skipped_steps, "stats": result.stats,
+                   "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else None,
+                   "wall_time_s": earlier_wall + time.perf_counter() - started},
+    }
+    save_dtype = resolve_dtype(config.save_dtype)
+    with atomic_directory(out) as tmp:
+        target.save(tmp / "pipeline", dtype=save_dtype)
+        for item in (tmp / "pipeline").iterdir():
+            item.rename(tmp / item.name)
+        (tmp / "pipeline").rmdir()
+        atomic_write_json(tmp / SETTINGS_FILE, settings)
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("fine-tuned %s for %d steps -> %s", base, result.steps, out)
+    return settings
+
+
+def _no_pipeline(target, path: Path) -> None:
+    """Checkpoints keep only the trained parameters and optimizer state: a full pipeline copy per checkpoint would
+    cost disk (4 GB for Stable Diffusion) and nothing for resuming."""
+
+
+def _versions() -> dict:
+    from memaudit.audit import _versions as versions
+
+    return versions()

@@ -1,0 +1,130 @@
+"""Tests for memaudit.finetune and ``memaudit finetune``: settings file, mitigations, resume after a crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memaudit.errors import ConfigError
+from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune, partial_dir
+from memaudit.target import load_target
+
+
+class Crash(Exception):
+    pass
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    base = dict(steps=6, batch_size=2, learning_rate=1e-3, seed=3, checkpoint_every=2, caption_dropout=0.1)
+    base.update(kw)
+    return FinetuneConfig(**base)
+
+
+def _unet(path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_target(path, device="cpu").unet.state_dict().items()}
+
+
+@pytest.mark.parametrize("mitigation", ["none", "rwa", "threshold"])
+def test_interrupted_and_resumed_ends_at_the_uninterrupted_weights(tmp_path, tiny_dir_eps, tiny_dataset, mitigation):
+    cfg = _cfg(mitigation=mitigation)
+    whole = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "whole", cfg, device="cpu")
+    assert whole["result"]["resumed_from_step"] is None
+
+    def crash_at_5(step, total, logs):
+        if step == 5:
+            raise Crash
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        finetune(tiny_dir_eps, tiny_dataset, out, cfg, device="cpu", progress=crash_at_5)
+    assert not out.exists()  # nothing half-written: the result appears only when finished
+    assert (partial_dir(out) / "checkpoints").is_dir()
+    seen = []
+    resumed = finetune(tiny_dir_eps, tiny_dataset, out, cfg, device="cpu", progress=lambda s, t, logs: seen.append(s))
+    assert resumed["result"]["resumed_from_step"] == 4 and seen == [5, 6]
+    assert not partial_dir(out).exists()
+    a, b = _unet(tmp_path / "whole"), _unet(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["result"]["stats"] == whole["result"]["stats"]
+    base = _unet(tiny_dir_eps)
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # training did change the UNet
+
+
+def test_settings_file_and_plain_diffusers_loads_the_result(tmp_path, tiny_dir_eps, tiny_dataset):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "ft"
+    finetune(tiny_dir_eps, tiny_dataset, out, _cfg(mitigation="rwa", rwa_words=3), device="cpu")
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    assert settings["settings"]["mitigation"] == "rwa" and settings["settings"]["rwa_words"] == 3
+    assert settings["seeds"]["seed"] == 3 and "torch" in settings["versions"]
+    assert settings["trainable_percent"] == pytest.approx(100.0)
+    assert len(settings["train_sha256"]) == 64
+    assert settings["result"]["stats"]["rwa_perturbed"] > 0
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    assert pipe.unet is not None
+
+
+def test_threshold_counts_dropped_samples(tmp_path, tiny_dir_eps, tiny_dataset):
+    # a threshold below every strength drops every sample (no empty captions, whose strength is 0): every step is
+    # skipped and the UNet is unchanged
+    out = tmp_path / "ft"
+    s = finetune(tiny_dir_eps, tiny_dataset, out, _cfg(mitigation="threshold", threshold=1e-9, steps=3, caption_dropout=0.0), device="cpu")
+    assert s["result"]["skipped_steps"] == 3
+    assert s["result"]["stats"]["threshold_dropped"] == s["result"]["stats"]["threshold_seen"] == 6
+    a, b = _unet(out), _unet(tiny_dir_eps)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_mix_runs_and_to_overwrite(tmp_path, tiny_dir_eps, tiny_dataset):
+    out = tmp_path / "ft"
+
+    def crash(step, total, logs):
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(tiny_dir_eps, tiny_dataset, out, _cfg(), device="cpu", progress=crash)
+    with pytest.raises(ConfigError, match="other settings"):
+        finetune(tiny_dir_eps, tiny_dataset, out, _cfg(learning_rate=2e-3), device="cpu")
+    finetune(tiny_dir_eps, tiny_dataset, out, _cfg(), device="cpu")
+    with pytest.raises(ConfigError, match="already holds a finished fine-tune"):
+        finetune(tiny_dir_eps, tiny_dataset, out, _cfg(), device="cpu")
+    finetune(tiny_dir_eps, tiny_dataset, out, _cfg(steps=2), device="cpu", overwrite=True)
+    assert json.loads((out / SETTINGS_FILE).read_text())["result"]["steps"] == 2
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="lora"), "--method"), (dict(mitigation="dropout"), "--mitigation"),
+    (dict(threshold="high"), "--threshold"), (dict(threshold=-1.0), "--threshold"),
+    (dict(rwa_words=-1), "RWA words"), (dict(rwa_probability=2.0), "probability"),
+    (dict(steps=0), "steps"), (dict(save_dtype="int8"), "save dtype"),
+])
+def test_bad_settings(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**kw)
+
+
+def test_cli_finetune_and_its_errors(tmp_path, tiny_dir_eps, tiny_dataset):
+    from memaudit.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["file,caption"]
+    for i in range(len(tiny_dataset)):
+        tiny_dataset.to_pil(i).save(data / f"{i}.png")
+        lines.append(f"{i}.png,{tiny_dataset.captions[i]}")
+    (data / "captions.csv").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    out = tmp_path / "ft"
+    res = runner.invoke(app, ["finetune", str(tiny_dir_eps), "--train", str(data), "--out", str(out), "--steps", "3",
+                              "--batch-size", "2", "--mitigation", "threshold", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "threshold: dropped" in res.output and (out / SETTINGS_FILE).is_file()
+    res = runner.invoke(app, ["finetune", str(tiny_dir_eps), "--train", str(data), "--out", str(tmp_path / "x"),
+                              "--mitigation", "bogus"])
+    assert res.exit_code != 0 and "--mitigation 'bogus' is not known" in str(res.exception)
+    assert not (tmp_path / "x").exists() and not partial_dir(tmp_path / "x").exists()
