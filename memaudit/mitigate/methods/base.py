@@ -1,0 +1,333 @@
+"""The shared machinery of every PEFT method: what trains, how it splits into maskable units, adapter state, merging.
+
+A method is built on a diffusers ``UNet2DConditionModel`` and changes it in place: it installs its extra modules
+(SV-DIFF's spectral shifts, DiffFit's scales, LoRA's low-rank factors), then freezes every UNet parameter that is not
+its own. Its trainable parameters are partitioned into *units*, the bits of a MemControl mask:
+
+- ``granularity="block"``: one unit per transformer block (each ``Transformer2DModel``: ``down_blocks.i.attentions.j``,
+  ``mid_block.attentions.0``, ``up_blocks.i.attentions.j``), as in the reference implementation, plus what the
+  reference leaves out so that every trainable parameter has a bit: one ``<block>.rest`` unit per top-level block
+  (``down_blocks.i``, ``mid_block``, ``up_blocks.i``: its resnets, down- and upsamplers) and one ``stem`` unit for
+  the parameters outside those blocks (``conv_in``, ``time_embedding``, ``conv_norm_out``, ``conv_out``). Order:
+  ``stem``, then the down blocks, the mid block and the up blocks in the order data flows through them, each block's
+  transformers before its ``.rest``.
+- ``granularity="layer"``: one unit per layer (a module owning parameters directly; for LoRA, the adapted layer)
+  that holds trainable parameters, grouped in the block order above and in module order within a block.
+
+Units without trainable parameters are omitted. :meth:`PEFTMethod.merge` bakes the adaptation into the plain
+weights and removes every installed module, so the UNet is again a plain ``UNet2DConditionModel`` with its
+original ``state_dict`` keys, loadable by diffusers without memaudit.
+
+A new method subclasses :class:`PEFTMethod` in its own file, overrides :meth:`PEFTMethod._install` (if it adds
+modules), :meth:`PEFTMethod._trainable_names` and :meth:`PEFTMethod._merge`, and is registered with one line in
+:mod:`memaudit.mitigate.methods`.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memaudit.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+GRANULARITIES = ("block", "layer")
+STEM = "stem"
+REST = "rest"
+NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+@dataclass
+class Unit:
+    """One bit of a mask: a named group of a method's trainable parameters."""
+
+    name: str
+    param_names: list[str]
+    count: int
+
+
+# -- UNet structure ---------------------------------------------------------------------------------------------
+def transformer_names(unet: torch.nn.Module) -> list[str]:
+    """Qualified names of the UNet's transformer blocks (``Transformer2DModel`` modules), in module order."""
+    from diffusers import Transformer2DModel
+
+    return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+
+
+def top_level_blocks(unet: torch.nn.Module) -> list[str]:
+    """``down_blocks.i``, ``mid_block``, ``up_blocks.i``: the UNet's top-level blocks in data-flow order."""
+    names = [f"down_blocks.{i}" for i in range(len(getattr(unet, "down_blocks", ())))]
+    if getattr(unet, "mid_block", None) is not None:
+        names.append("mid_block")
+    names += [f"up_blocks.{i}" for i in range(len(getattr(unet, "up_blocks", ())))]
+    return names
+
+
+def block_unit_names(unet: torch.nn.Module) -> list[str]:
+    """Every possible block-granularity unit name, in mask order (before omitting empty units)."""
+    transformers = transformer_names(unet)
+    names = [STEM]
+    for block in top_level_blocks(unet):
+        names += [t for t in transformers if t.startswith(block + ".")]
+        names.append(f"{block}.{REST}")
+    return names
+
+
+def replace_module(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Put ``new`` at the qualified ``name`` inside ``root`` (works for ``ModuleList`` children such as ``to_out.0``)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+class Wrapper(torch.nn.Module, abc.ABC):
+    """Base of the modules a method installs in place of a plain layer.
+
+    The wrapper re-registers the layer's own parameters under their original names (so ``state_dict`` keys of the
+    plain model stay valid) and keeps the layer object itself, stripped of its tensors and out of the module tree,
+    to put back on :meth:`restore`.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.weight = layer.weight
+        self.bias = layer.bias
+        layer.weight = None
+        layer.bias = None
+        object.__setattr__(self, "_plain", layer)  # not a child: invisible to state_dict, parameters() and .to()
+        self.train(layer.training)
+
+    @property
+    def plain_type(self) -> str:
+        return type(self._plain).__name__
+
+    @abc.abstractmethod
+    def merged_weight(self) -> torch.Tensor:
+        """The plain layer's weight with the adaptation baked in."""
+
+    def merged_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    @torch.no_grad()
+    def restore(self) -> torch.nn.Module:
+        """The plain layer, carrying the merged weight and bias (the same ``Parameter`` objects as before)."""
+        weight, bias = self.merged_weight(), self.merged_bias()
+        if weight is not self.weight:
+            self.weight.copy_(weight)
+        if bias is not None and bias is not self.bias:
+            self.bias.copy_(bias)
+        layer = self._plain
+        layer.weight, layer.bias = self.weight, self.bias
+        layer.train(self.training)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"wraps {self.plain_type}"
+
+
+def _is_peft_layer(module: torch.nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.")
+
+
+# -- the base class -----------------------------------------------------------------------------------------------
+class PEFTMethod(abc.ABC):
+    """A parameter-efficient fine-tuning method on a diffusers UNet, with maskable units.
+
+    Building it changes ``unet`` in place (see the module docstring); :meth:`merge` undoes the structural change.
+    """
+
+    name: str = ""
+    default_lr: float = 1e-4
+    description: str = ""
+
+    def __init__(self, unet: torch.nn.Module, granularity: str = "block"):
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}; "
+                              "use block (one unit per transformer block) or layer (one unit per layer).")
+        installed = [n for n, m in unet.named_modules() if isinstance(m, Wrapper) or _is_peft_layer(m)]
+        if installed:
+            raise ConfigError(f"this UNet already carries a PEFT method (at {installed[0]}); merge it first "
+                              "(method.merge()) or load a fresh base model.")
+        self.unet = unet
+        self.granularity = granularity
+        self._merged = False
+        self._unet_parameters = sum(p.numel() for p in unet.parameters())
+        self._block_names = block_unit_names(unet)
+        self._transformers = transformer_names(unet)
+        self._tops = top_level_blocks(unet)
+        self._install()
+        chosen = set(self._trainable_names())
+        self._names = [n for n, _ in unet.named_parameters() if n in chosen]
+        unknown = chosen - set(self._names)
+        if unknown:  # a bug in a method, not a user mistake
+            raise RuntimeError(f"method {self.name} selected parameters the UNet does not have: {sorted(unknown)[:3]}")
+        for n, p in unet.named_parameters():
+            p.requires_grad_(n in chosen)
+        self._units = self._build_units()
+        logger.info("%s (%s): %d trainable parameters in %d units", self.name, granularity,
+                    self.trainable_count(), len(self._units))
+
+    # -- what subclasses provide ------------------------------------------------------------------------------
+    def _install(self) -> None:  # noqa: B027 (optional hook: most methods install nothing)
+        """Install the method's extra modules in ``self.unet`` (default: none)."""
+
+    @abc.abstractmethod
+    def _trainable_names(self) -> list[str]:
+        """Qualified names (as in ``unet.named_parameters()`` after :meth:`_install`) of the trainable parameters."""
+
+    def _merge(self) -> None:  # noqa: B027 (optional hook: nothing to merge when nothing was installed)
+        """Bake the adaptation into plain weights and remove installed modules (default: nothing installed)."""
+
+    def _layer_of(self, param_name: str) -> str:
+        """The layer unit of a trainable parameter: by default the module owning it."""
+        return param_name.rpartition(".")[0] or "unet"
+
+    # -- helpers for subclasses -----------------------------------------------------------------------------
+    def _names_where(self, predicate) -> list[str]:
+        """Names of the parameters directly owned by modules for which ``predicate(module_name, module)`` holds."""
+        out = []
+        for mname, module in self.unet.named_modules():
+            if predicate(mname, module):
+                out += [f"{mname}.{p}" if mname else p for p, t in module.named_parameters(recurse=False)]
+        return out
+
+    def _in_transformer(self, module_name: str) -> bool:
+        return any(module_name.startswith(t + ".") for t in self._transformers)
+
+    # -- units ----------------------------------------------------------------------------------------------
+    def _block_of(self, param_name: str) -> str:
+        for t in self._transformers:
+            if param_name.startswith(t + "."):
+                return t
+        for top in self._tops:
+            if param_name.startswith(top + "."):
+                return f"{top}.{REST}"
+        return STEM
+
+    def _build_units(self) -> list[Unit]:
+        sizes = dict(self.unet.named_parameters())
+        rank = {name: i for i, name in enumerate(self._block_names)}
+        groups: dict[str, list[str]] = {}
+        order: dict[str, tuple[int, int]] = {}
+        for i, pname in enumerate(self._names):
+            block = self._block_of(pname)
+            key = block if self.granularity == "block" else self._layer_of(pname)
+            if key not in groups:
+                groups[key] = []
+                order[key] = (rank[block], i)
+            groups[key].append(pname)
+        names = sorted(groups, key=order.__getitem__)
+        return [Unit(n, groups[n], sum(sizes[p].numel() for p in groups[n])) for n in names]
+
+    # -- the public interface -------------------------------------------------------------------------------
+    def _check_live(self) -> None:
+        if self._merged:
+            raise ConfigError(f"the {self.name} method was merged into the UNet; build a new method to train again.")
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        """Every trainable parameter of the method, by qualified name, in ``unet.named_parameters()`` order."""
+        self._check_live()
+        params = dict(self.unet.named_parameters())
+        return {n: params[n] for n in self._names}
+
+    def trainable_count(self) -> int:
+        return sum(u.count for u in self._units)
+
+    def units(self) -> list[Unit]:
+        """The maskable units: a partition of :meth:`trainable` (see the module docstring for their order)."""
+        self._check_live()
+        return [Unit(u.name, list(u.param_names), u.count) for u in self._units]
+
+    def check_mask(self, mask: Sequence) -> list[int]:
+        """``mask`` as a list of 0/1 ints, one per unit; ConfigError when it does not fit this method."""
+        try:
+            bits = list(mask)
+        except TypeError:
+            raise ConfigError(f"mask must be a sequence of 0/1 values, one per unit, not {type(mask).__name__}.") from None
+        if len(bits) != len(self._units):
+            raise ConfigError(f"mask has {len(bits)} bits but method {self.name} at {self.granularity} granularity has "
+                              f"{len(self._units)} units; pass one 0/1 value per unit (see method.units()).")
+        out = []
+        for i, b in enumerate(bits):
+            if isinstance(b, str) or b not in (0, 1):
+                raise ConfigError(f"mask bit {i} is {b!r}; every bit must be 0 or 1.")
+            out.append(int(b))
+        return out
+
+    def parameters_for(self, mask: Sequence) -> list[torch.nn.Parameter]:
+        """The parameters of the units whose bit is 1, in unit order.
+
+        They become the only parameters of the UNet that require gradients (the method's other parameters are
+        frozen), so the switched-off units cost no gradient computation. An all-zero mask gives ``[]``: nothing to
+        train, and the caller should skip training.
+        """
+        bits = self.check_mask(mask)
+        params = self.trainable()
+        chosen = [n for u, b in zip(self._units, bits) if b for n in u.param_names]
+        on = set(chosen)
+        for n, p in params.items():
+            p.requires_grad_(n in on)
+        return [params[n] for n in chosen]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """What training changed, enough to rebuild the adapted UNet on its base: every trainable tensor (CPU)."""
+        return {n: p.detach().to("cpu").contiguous().clone() for n, p in self.trainable().items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy an :meth:`adapter_state` into the method's parameters; every key and shape must match."""
+        params = self.trainable()
+        missing = [n for n in params if n not in state]
+        if missing:
+            raise ConfigError(f"the adapter state lacks {missing[0]} ({len(missing)} missing) for method {self.name} "
+                              f"at {self.granularity} granularity; it was saved by another method or base model.")
+        unexpected = [k for k in state if k not in params]
+        if unexpected:
+            raise ConfigError(f"the adapter state has an unexpected tensor {unexpected[0]} for method {self.name}; "
+                              "it was saved by another method or base model.")
+        for n, p in params.items():
+            t = state[n]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ConfigError(f"adapter tensor {n} has shape {got} but this UNet needs {tuple(p.shape)}; "
+                                  "load the adapter onto the base model it was trained from.")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state[n].to(device=p.device, dtype=p.dtype))
+
+    def merge(self) -> None:
+        """Bake the adaptation into plain UNet weights and remove every installed module.
+
+        Afterwards the UNet is a plain ``UNet2DConditionModel`` with its original ``state_dict`` keys and every
+        parameter frozen; the method is spent (build a new one to train again).
+        """
+        self._check_live()
+        with torch.no_grad():
+            self._merge()
+        for p in self.unet.parameters():
+            p.requires_grad_(False)
+        self._merged = True
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def summary(self) -> dict:
+        """Method, granularity, units with their sizes, and the trainable share of the (original) UNet."""
+        n = self.trainable_count()
+        return {
+            "method": self.name,
+            "granularity": self.granularity,
+            "units": [{"name": u.name, "count": u.count} for u in self._units],
+            "trainable_parameters": n,
+            "unet_parameters": self._unet_parameters,
+            "trainable_percent": 100.0 * n / max(self._unet_parameters, 1),
+        }
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, granularity={self.granularity!r}, "
+                f"units={len(self._units)}, trainable={self.trainable_count()})")

@@ -1,0 +1,81 @@
+"""DiffFit (Xie et al., "DiffFit: Unlocking Transferability of Large Diffusion Models via Simple Parameter-Efficient
+Fine-Tuning", ICCV 2023), on a Stable Diffusion UNet.
+
+Trainable: every bias, the affine parameters (weight and bias) of every ``GroupNorm`` and ``LayerNorm``, and learned
+scale factors, initialized to 1, on the outputs of the attention and feed-forward branches of each transformer block.
+The paper (on DiT) scales each block's branches by a learned factor gamma; we learn one factor per output channel,
+``scale`` of shape ``[dim]``, which contains the single-factor version as a special case.
+
+Implementation: the branch's output projection (``attn*.to_out.0`` of every attention module and the last ``Linear``
+of every feed-forward, ``ff.net.2``) is replaced by :class:`ScaledLinear`, which keeps the layer's own ``weight`` and
+``bias`` under their original names and multiplies its output by ``scale``. :meth:`merge` folds the scale into that
+layer (``W <- diag(s) W``, ``b <- s * b``) and puts the plain ``Linear`` back, so the keys are the original ones.
+The scales are part of the adapter state: a reloaded adapter keeps them (the reference code drops them). Learning rate
+1e-3 (our choice: small parameter sets need a larger rate than full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from memaudit.mitigate.methods.base import NORM_TYPES, PEFTMethod, Wrapper, replace_module
+
+
+class ScaledLinear(Wrapper):
+    """A ``Linear`` whose output is multiplied channel-wise by the trainable ``scale`` (initialized to 1)."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        super().__init__(layer)
+        self.scale = torch.nn.Parameter(torch.ones(self.weight.shape[0], dtype=self.weight.dtype,
+                                                   device=self.weight.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) * self.scale.to(x.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight * self.scale.to(self.weight.dtype)[:, None]
+
+    def merged_bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias * self.scale.to(self.bias.dtype)
+
+
+def scaled_output_layers(unet: torch.nn.Module, transformers: list[str]) -> list[str]:
+    """Names of the output projections of the attention and feed-forward branches inside the transformer blocks."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.attention_processor import Attention
+
+    out = []
+    for name, m in unet.named_modules():
+        if not any(name.startswith(t + ".") for t in transformers):
+            continue
+        if isinstance(m, Attention) and isinstance(m.to_out[0], torch.nn.Linear):
+            out.append(f"{name}.to_out.0")
+        elif isinstance(m, FeedForward):
+            linears = [i for i, sub in enumerate(m.net) if isinstance(sub, torch.nn.Linear)]
+            if linears:
+                out.append(f"{name}.net.{linears[-1]}")
+    return out
+
+
+class DiffFit(PEFTMethod):
+    """DiffFit: biases, norm affines and per-channel output scales; see the module docstring."""
+
+    name = "difffit"
+    default_lr = 1e-3
+    description = "biases, norm affines and per-channel attention/feed-forward output scales (Xie et al. 2023)"
+
+    def _install(self) -> None:
+        for name in scaled_output_layers(self.unet, self._transformers):
+            replace_module(self.unet, name, ScaledLinear(self.unet.get_submodule(name)))
+
+    def _trainable_names(self) -> list[str]:
+        biases = [n for n, _ in self.unet.named_parameters() if n.rpartition(".")[2] == "bias"]
+        norms = self._names_where(lambda _, m: isinstance(m, NORM_TYPES))
+        scales = [f"{n}.scale" for n, m in self.unet.named_modules() if isinstance(m, ScaledLinear)]
+        return biases + norms + scales
+
+    def _merge(self) -> None:
+        wrapped = [(n, m) for n, m in self.unet.named_modules() if isinstance(m, ScaledLinear)]
+        for name, m in wrapped:
+            replace_module(self.unet, name, m.restore())

@@ -1,0 +1,130 @@
+"""The NSGA-II mask search on cheap synthetic objectives (no training): it finds the known Pareto front, a killed and
+resumed search writes the same log as an uninterrupted one, and a cached mask is never evaluated again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memaudit.errors import ConfigError
+from memaudit.mitigate.search import (
+    EvaluationLog,
+    choose,
+    decode,
+    key_of,
+    lr_bits,
+    nsga2_search,
+    pareto_front,
+)
+
+WEIGHTS = [2.0 ** (3 - i) for i in range(8)]  # 8 bits: 256 masks, of which the search tries about 140
+OBJ = ["ones", "missed"]
+
+
+class Killed(Exception):
+    pass
+
+
+def synthetic(calls: list, kill_after: int | None = None):
+    """ones = bits set; missed = the weight of the bits left unset. The Pareto-optimal masks set the k heaviest
+    bits, so the front is {(k, sum(WEIGHTS[k:])) for k = 0..6}."""
+
+    def evaluate(mask, lr):
+        if kill_after is not None and len(calls) >= kill_after:
+            raise Killed
+        calls.append((tuple(mask), lr))
+        ones = sum(mask)
+        return {"objectives": {"ones": float(ones), "missed": sum(w for w, b in zip(WEIGHTS, mask) if not b)},
+                "trainable_parameters": ones * 10, "trainable_percent": 100.0 * ones / len(WEIGHTS)}
+
+    return evaluate
+
+
+def _search(path, calls, **kw):
+    args = dict(objectives=OBJ, population=12, generations=20, seed=0)
+    args.update(kw)
+    return nsga2_search(len(WEIGHTS), synthetic(calls), path, **args)
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+
+
+def test_finds_the_known_pareto_front(tmp_path):
+    calls = []
+    res = _search(tmp_path / "log.jsonl", calls)
+    expected = {(float(k), sum(WEIGHTS[k:])) for k in range(len(WEIGHTS) + 1)}
+    found = {(r["objectives"]["ones"], r["objectives"]["missed"]) for r in res.front}
+    assert found == expected
+    for r in res.front:  # the optimal masks are prefixes of ones
+        k = sum(r["mask"])
+        assert r["mask"] == [1] * k + [0] * (len(WEIGHTS) - k)
+    # the knee of a symmetric-ish front is an interior point, never an extreme
+    assert 0 < sum(res.chosen["mask"]) < len(WEIGHTS)
+    assert len(calls) == len(set(calls)) == res.evaluated == len(res.rows) < 2 ** len(WEIGHTS) * 0.6  # no brute force
+
+
+def test_killed_and_resumed_gives_the_same_log(tmp_path):
+    whole_calls = []
+    _search(tmp_path / "whole.jsonl", whole_calls)
+    whole = [json.loads(line) for line in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    for k in (1, 7, len(whole) - 1):
+        path = tmp_path / f"resumed-{k}.jsonl"
+        calls = []
+        with pytest.raises(Killed):
+            nsga2_search(len(WEIGHTS), synthetic(calls, kill_after=k), path, objectives=OBJ, population=12,
+                         generations=20, seed=0)
+        assert len(path.read_text().splitlines()) == k
+        more = []
+        res = nsga2_search(len(WEIGHTS), synthetic(more), path, objectives=OBJ, population=12, generations=20, seed=0)
+        assert len(more) == len(whole) - k  # nothing repeated, nothing lost
+        assert _strip(json.loads(line) for line in path.read_text().splitlines()) == _strip(whole)
+        assert res.evaluated == len(whole) - k
+
+
+def test_a_cached_mask_is_not_evaluated_again(tmp_path):
+    calls = []
+    _search(tmp_path / "log.jsonl", calls)
+    again = []
+    res = _search(tmp_path / "log.jsonl", again)
+    assert again == [] and res.evaluated == 0 and len(res.rows) == len(calls)
+
+
+def test_a_truncated_last_line_is_dropped(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = EvaluationLog(path)
+    log.append({"key": "01@0.001", "objectives": {"a": 1.0}})
+    with open(path, "a") as f:
+        f.write('{"key": "11@0.0')  # a crash in the middle of a write
+    again = EvaluationLog(path)
+    assert len(again) == 1 and path.read_text().count("\n") == 1
+    path.write_text('{"key": "1"}\nnot json\n')
+    with pytest.raises(Exception, match="corrupt line 2"):
+        EvaluationLog(path)
+
+
+def test_learning_rate_genes_and_constraint(tmp_path):
+    assert lr_bits(1) == 0 and lr_bits(2) == 1 and lr_bits(3) == 2 and lr_bits(4) == 2
+    assert decode([1, 0, 1, 1], 2, [1e-4, 1e-3, 1e-2]) == ([1, 0], 1e-4)  # 0b11 = 3 -> 3 mod 3 = 0
+    assert decode([0, 1, 0, 1], 2, [1e-4, 1e-3]) == ([0, 1], 1e-3)
+    assert key_of([1, 0], 1e-3) == "10@0.001"
+    calls = []
+    res = _search(tmp_path / "log.jsonl", calls, lr_choices=(1e-4, 1e-3), max_trainable_percent=50.0)
+    assert {lr for _, lr in calls} == {1e-4, 1e-3}
+    assert all(r["trainable_percent"] <= 50.0 for r in res.front)
+    assert max(sum(r["mask"]) for r in res.front) == 4  # at most 4 of 8 units fit under 50 %
+
+
+def test_front_and_choice_by_hand():
+    rows = [{"objectives": {"a": a, "b": b}, "trainable_percent": 1.0} for a, b in
+            [(0, 10), (1, 5), (2, 2), (3, 3), (10, 0), (2, 2)]]
+    front = pareto_front(rows, ["a", "b"])
+    assert [(r["objectives"]["a"], r["objectives"]["b"]) for r in front] == [(0, 10), (1, 5), (2, 2), (10, 0)]
+    # normalized: (0,1), (.1,.5), (.2,.2), (1,0): the knee (nearest the origin) is (2, 2)
+    assert choose(front, ["a", "b"])["objectives"] == {"a": 2, "b": 2}
+    assert choose(front, ["a", "b"], preference=[1, 0])["objectives"] == {"a": 0, "b": 10}
+    with pytest.raises(ConfigError, match="preference"):
+        choose(front, ["a", "b"], preference=[1])
+    with pytest.raises(ConfigError):
+        nsga2_search(0, lambda m, lr: {}, "x.jsonl", objectives=["a"])
