@@ -217,10 +217,12 @@ def finetune(
     base: Annotated[str, typer.Argument(help="diffusers pipeline folder to fine-tune (or a hub id already in the local cache)")],
     train: Annotated[Path, typer.Option("--train", help="training data: a folder or a captions .csv/.jsonl")],
     out: Annotated[Path, typer.Option("--out", help="pipeline folder to write (OUT.partial/ holds checkpoints until done)")],
-    method: Annotated[str, typer.Option(help="which parameters train: full")] = "full",
+    method: Annotated[str, typer.Option(help="which parameters train: full, svdiff, difffit, attention, bias, norm, lora")] = "full",
+    granularity: Annotated[str, typer.Option(help="mask units of the method: block or layer")] = "block",
+    mask: Annotated[str | None, typer.Option(help="0/1 per unit of the method, e.g. 0110100 (default: all units)")] = None,
     mitigation: Annotated[str, typer.Option(help="training-time mitigation: none, rwa or threshold")] = "none",
     steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 1e-4,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate (default: the method's)")] = None,
     batch_size: Annotated[int, typer.Option(help="images per step")] = 32,
     rwa_words: Annotated[int, typer.Option(help="rwa: random tokens inserted per caption")] = 2,
     rwa_probability: Annotated[float, typer.Option(help="rwa: probability a caption is perturbed at a step")] = 0.5,
@@ -236,7 +238,13 @@ def finetune(
     from memaudit.finetune import FinetuneConfig
     from memaudit.finetune import finetune as run_finetune
 
-    config = FinetuneConfig(method=method, mitigation=mitigation, steps=steps, learning_rate=lr, batch_size=batch_size,
+    bits = None
+    if mask is not None:
+        if not mask or set(mask) - {"0", "1"}:
+            raise _user_error(f"--mask {mask!r} must be a string of 0s and 1s, one per unit of the method.")
+        bits = [int(c) for c in mask]
+    config = FinetuneConfig(method=method, granularity=granularity, mask=bits, mitigation=mitigation, steps=steps,
+                            learning_rate=lr, batch_size=batch_size,
                             seed=seed, rwa_words=rwa_words, rwa_probability=rwa_probability, threshold=threshold,
                             checkpoint_every=checkpoint_every, save_dtype=save_dtype)
     _quiet_loading()
@@ -252,9 +260,10 @@ def finetune(
                                 overwrite=overwrite, progress=progress)
     r = settings["result"]
     console = _console()
+    loss = r["mean_loss_last_100"]
     console.print(f"fine-tuned {settings['trainable_parameters']:,} parameters ({settings['trainable_percent']:.2f}% of "
-                  f"the UNet) for {r['steps']} steps in {r['wall_time_s']:.0f} s; mean loss of the last 100 steps "
-                  f"{r['mean_loss_last_100']:.4f}")
+                  f"the UNet) for {r['steps']} steps in {r['wall_time_s']:.0f} s"
+                  + (f"; mean loss of the last 100 steps {loss:.4f}" if loss is not None else ""))
     stats = r["stats"]
     if "threshold_seen" in stats:
         console.print(f"threshold: dropped {stats['threshold_dropped']} of {stats['threshold_seen']} samples, "
@@ -291,6 +300,109 @@ def demo(
     _quiet_loading()
     results = _run_with_progress(run_demo, out=out, model=model, seed=seed, device=device, redact=redact)
     _print_summary(results, out)
+
+
+mitigate_app = typer.Typer(help="MemControl: search for the parameters that can be tuned without memorizing.",
+                           no_args_is_help=True)
+app.add_typer(mitigate_app, name="mitigate")
+
+
+@mitigate_app.command("search")
+def mitigate_search(
+    base: Annotated[str, typer.Argument(help="base diffusers pipeline folder to fine-tune")],
+    train: Annotated[Path, typer.Option("--train", help="training data: a folder or a captions .csv/.jsonl")],
+    method: Annotated[str, typer.Option(help="PEFT method whose units the mask switches: svdiff, difffit, attention, ...")] = "svdiff",
+    granularity: Annotated[str, typer.Option(help="block (one unit per transformer block, plus the rest) or layer")] = "block",
+    population: Annotated[int, typer.Option(help="NSGA-II population")] = 8,
+    generations: Annotated[int, typer.Option(help="NSGA-II generations")] = 4,
+    inner_steps: Annotated[int, typer.Option(help="fine-tuning steps per evaluation")] = 200,
+    proxy_fraction: Annotated[float, typer.Option(help="share of the training images the inner loop uses")] = 0.5,
+    objectives: Annotated[str, typer.Option(help="MEM,QUALITY: denoising|extraction|amd , kid|fid")] = "denoising,kid",
+    quality_features: Annotated[str, typer.Option(help="feature space of the quality objective")] = "pixels",
+    lr_choices: Annotated[str, typer.Option(help="comma-separated learning rates the search chooses from")] = "3e-4,1e-3,3e-3,1e-2",
+    max_trainable_percent: Annotated[float | None, typer.Option(help="constraint: at most this % of the UNet trains")] = None,
+    preference: Annotated[str | None, typer.Option(help="weights MEM,QUALITY for the pick (default: knee point)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per fine-tuning step")] = 32,
+    convert_channels: Annotated[bool, typer.Option(help="convert training images to the model's channels")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    out: OutDir = Path("memaudit-search"),
+) -> None:
+    """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash."""
+    from memaudit.mitigate.search import SearchConfig, run_mask_search
+
+    parts = [p.strip() for p in objectives.split(",")]
+    if len(parts) != 2:
+        raise _user_error(f"--objectives {objectives!r} must be MEM,QUALITY, e.g. denoising,kid.")
+    config = SearchConfig(method=method, granularity=granularity, population=population, generations=generations,
+                          inner_steps=inner_steps, proxy_fraction=proxy_fraction, memorization=parts[0],
+                          quality=parts[1], quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
+                          max_trainable_percent=max_trainable_percent, batch_size=batch_size, seed=seed, device=device,
+                          preference=_floats(preference, "--preference") if preference else None)
+    _quiet_loading()
+    doc = _run_with_progress(run_mask_search, base=base, train=train, out=out, config=config,
+                             convert_channels=convert_channels)
+    console = _console()
+    chosen = doc["chosen"]
+    console.print(f"{doc['evaluations']} evaluations ({doc['evaluated_now']} run now), {len(doc['front'])} on the front")
+    if chosen:
+        console.print(f"chosen mask {''.join(map(str, chosen['mask']))} at lr {chosen['learning_rate']:g}: "
+                      f"{chosen['trainable_percent']:.3f}% of the UNet, memorization "
+                      f"{chosen['objectives']['memorization']:.4f}, quality {chosen['objectives']['quality']:.4f}")
+    console.print(f"mask: {out / 'mask.json'}\nfront: {out / 'pareto.json'}, {out / 'pareto.png'}")
+
+
+@mitigate_app.command("finetune")
+def mitigate_finetune(
+    base: Annotated[str, typer.Argument(help="base diffusers pipeline folder")],
+    mask: Annotated[Path, typer.Option("--mask", help="mask.json written by memaudit mitigate search")],
+    train: Annotated[Path, typer.Option("--train", help="training data (any dataset: a mask transfers)")],
+    out: Annotated[Path, typer.Option("--out", help="pipeline folder to write (with the adapter in adapter/)")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="images per step")] = 32,
+    mitigation: Annotated[str, typer.Option(help="also a training-time baseline: none, rwa or threshold")] = "none",
+    convert_channels: Annotated[bool, typer.Option(help="convert training images to the model's channels")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed (default: the search's)")] = None,
+    device: Device = "auto",
+) -> None:
+    """Fine-tune BASE on the full data with a searched mask (stage 2); resumable like memaudit finetune."""
+    from memaudit.mitigate.finetune import finetune_with_mask
+
+    _quiet_loading()
+    with _progress_bar() as bar:
+        task = bar.add_task("fine-tuning", total=steps)
+        settings = finetune_with_mask(base, train, mask, out, steps=steps, batch_size=batch_size, seed=seed,
+                                      mitigation=mitigation, device=device, convert_channels=convert_channels,
+                                      overwrite=overwrite,
+                                      progress=lambda s, t, _logs: bar.update(task, completed=s, total=t))
+    _console().print(f"fine-tuned {settings['trainable_parameters']:,} parameters "
+                     f"({settings['trainable_percent']:.3f}% of the UNet); pipeline: {out}")
+
+
+@mitigate_app.command("export")
+def mitigate_export(
+    adapter: Annotated[Path, typer.Argument(help="adapter folder (adapter.json + adapter.safetensors)")],
+    out: Annotated[Path, typer.Option("--out", help="plain diffusers pipeline folder to write")],
+    base: Annotated[str | None, typer.Option(help="base pipeline (default: the one recorded in adapter.json)")] = None,
+) -> None:
+    """Merge an adapter into its base and write a pipeline folder that plain diffusers loads."""
+    from memaudit.mitigate.adapter import export_merged, read_adapter_info
+
+    info = read_adapter_info(adapter)
+    base = base or info.get("base")
+    if not base:
+        raise _user_error(f"{adapter} records no base model; pass --base.")
+    _quiet_loading()
+    path = export_merged(adapter, base, out)
+    _console().print(f"merged pipeline: {path}")
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise _user_error(f"{option} {text!r} must be comma-separated numbers.") from None
 
 
 def _user_error(message: str):

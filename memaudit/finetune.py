@@ -25,15 +25,13 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from memaudit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "memaudit_finetune.json"
 MITIGATIONS = ("none", "rwa", "threshold")
-METHODS = ("full",)
+ADAPTER_DIR = "adapter"
 SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 Progress = Callable[[int, int, dict], None]
@@ -47,11 +45,14 @@ def _help(text: str, **kw):
 class FinetuneConfig:
     """Settings of :func:`finetune`; each field's ``help`` metadata documents it."""
 
-    method: str = _help("which parameters train: full (every UNet parameter)", default="full")
+    method: str = _help("which parameters train: a PEFT method of memaudit.mitigate.methods (full, svdiff, difffit, "
+                        "attention, bias, norm, lora, freeze)", default="full")
+    granularity: str = _help("mask units of the method: block or layer", default="block")
+    mask: list | None = _help("0/1 per unit of the method (None: every unit trains)", default=None)
     mitigation: str = _help("training-time mitigation: none, rwa or threshold", default="none")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("images per step", default=32)
-    learning_rate: float = _help("AdamW learning rate (constant)", default=1e-4)
+    learning_rate: float | None = _help("AdamW learning rate (constant; None: the method's default)", default=None)
     seed: int = _help("seed of every random draw of the run", default=0)
     caption_dropout: float = _help("probability of training on the empty prompt (for guidance)", default=0.1)
     mixed_precision: str = _help("no, fp16 or bf16 autocast (CUDA only)", default="no")
@@ -65,9 +66,18 @@ class FinetuneConfig:
 
     def __post_init__(self):
         from memaudit.baselines.rwa import _check as check_rwa
+        from memaudit.mitigate.methods import GRANULARITIES, available_methods, method_class
 
-        if self.method not in METHODS:
-            raise ConfigError(f"--method {self.method!r} is not known; use one of: {', '.join(METHODS)}.")
+        if self.method not in available_methods():
+            raise ConfigError(f"--method {self.method!r} is not known; use one of: {', '.join(available_methods())}.")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"--granularity {self.granularity!r} is not known; use block or layer.")
+        if self.mask is not None:
+            self.mask = [int(b) for b in self.mask] if all(b in (0, 1) for b in self.mask) else None
+            if self.mask is None:
+                raise ConfigError("the mask must be a list of 0/1 values, one per unit of the method.")
+        if self.learning_rate is None:
+            self.learning_rate = method_class(self.method).default_lr
         if self.mitigation not in MITIGATIONS:
             raise ConfigError(f"--mitigation {self.mitigation!r} is not known; use one of: {', '.join(MITIGATIONS)}.")
         if self.save_dtype not in SAVE_DTYPES:
@@ -112,11 +122,13 @@ def mitigation_hooks(config: FinetuneConfig, target) -> list:
     return []
 
 
-def trainable_parameters(config: FinetuneConfig, target) -> list[torch.nn.Parameter]:
-    """The parameters ``config.method`` trains."""
-    if config.method == "full":
-        return list(target.unet.parameters())
-    raise ConfigError(f"--method {config.method!r} is not known; use one of: {', '.join(METHODS)}.")  # pragma: no cover
+def install_method(config: FinetuneConfig, target):
+    """Build ``config.method`` on ``target.unet`` (in place) and return it with the parameters its mask trains."""
+    from memaudit.mitigate.methods import get_method
+
+    method = get_method(config.method, target.unet, config.granularity)
+    mask = config.mask if config.mask is not None else [1] * len(method.units())
+    return method, method.parameters_for(mask)
 
 
 def partial_dir(out: str | Path) -> Path:
@@ -178,9 +190,9 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     earlier_wall = json.loads((work / "wall.json").read_text())["wall_time_s"] if (work / "wall.json").is_file() else 0.0
 
     hooks = mitigation_hooks(config, target)
-    params = trainable_parameters(config, target)
+    method, params = install_method(config, target)
     n_train = sum(p.numel() for p in params)
-    n_unet = sum(p.numel() for p in target.unet.parameters())
+    n_unet = method.summary()["unet_parameters"]
     started = time.perf_counter()
 
     def on_progress(step: int, total: int, logs: dict) -> None:
@@ -189,8 +201,12 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         if progress is not None:
             progress(step, total, logs)
 
-    result = train_unet(target, dataset, config.train_config(), params=params, hooks=hooks, progress=on_progress,
-                        checkpoint_dir=work / "checkpoints", resume=True, save_pipeline=_no_pipeline)
+    if params:
+        result = train_unet(target, dataset, config.train_config(), params=params, hooks=hooks, progress=on_progress,
+                            checkpoint_dir=work / "checkpoints", resume=True, save_pipeline=_no_pipeline)
+    else:  # an all-zero mask (or the freeze method): nothing trains, the result is the base model
+        logger.warning("the mask switches every unit of %s off: nothing to train, writing the base model", config.method)
+        result = _Untrained()
     settings = {
         "kind": "memaudit.finetune", "schema_version": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -201,6 +217,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         "device": str(target.device),
         "trainable_parameters": n_train, "unet_parameters": n_unet,
         "trainable_percent": 100.0 * n_train / n_unet,
+        "method": method.summary() | {"units": [u.name for u in method.units()]},
         "result": {"steps": result.steps, "final_loss": result.final_loss,
                    "mean_loss_last_100": (sum(result.losses[-100:]) / len(result.losses[-100:])) if result.losses else None,
                    "skipped_steps": result.skipped_steps, "stats": result.stats,
@@ -209,14 +226,25 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     }
     save_dtype = resolve_dtype(config.save_dtype)
     with atomic_directory(out) as tmp:
+        if config.method != "full":
+            from memaudit.mitigate.adapter import save_adapter
+
+            save_adapter(method, tmp / ADAPTER_DIR, base=identity["base"], mask=config.mask, learning_rate=config.learning_rate,
+                         steps=result.steps, seed=config.seed, extra={"mitigation": config.mitigation})
+            settings["adapter"] = ADAPTER_DIR
+        method.merge()
         target.save(tmp / "pipeline", dtype=save_dtype)
-        for item in (tmp / "pipeline").iterdir():
+        for item in list((tmp / "pipeline").iterdir()):
             item.rename(tmp / item.name)
         (tmp / "pipeline").rmdir()
         atomic_write_json(tmp / SETTINGS_FILE, settings)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("fine-tuned %s for %d steps -> %s", base, result.steps, out)
     return settings
+
+
+class _Untrained:
+    steps, final_loss, losses, skipped_steps, stats = 0, float("nan"), [], 0, {}
 
 
 def _no_pipeline(target, path: Path) -> None:

@@ -98,7 +98,8 @@ def test_refuses_to_mix_runs_and_to_overwrite(tmp_path, tiny_dir_eps, tiny_datas
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(method="lora"), "--method"), (dict(mitigation="dropout"), "--mitigation"),
+    (dict(method="dora"), "--method"), (dict(granularity="row"), "--granularity"),
+    (dict(mask=[0, 2]), "mask"), (dict(mitigation="dropout"), "--mitigation"),
     (dict(threshold="high"), "--threshold"), (dict(threshold=-1.0), "--threshold"),
     (dict(rwa_words=-1), "RWA words"), (dict(rwa_probability=2.0), "probability"),
     (dict(steps=0), "steps"), (dict(save_dtype="int8"), "save dtype"),
@@ -128,3 +129,41 @@ def test_cli_finetune_and_its_errors(tmp_path, tiny_dir_eps, tiny_dataset):
                               "--mitigation", "bogus"])
     assert res.exit_code != 0 and "--mitigation 'bogus' is not known" in str(res.exception)
     assert not (tmp_path / "x").exists() and not partial_dir(tmp_path / "x").exists()
+
+
+def test_peft_method_with_mask_resumes_and_saves_its_adapter(tmp_path, tiny_dir_eps, tiny_dataset):
+    from memaudit.mitigate.adapter import load_adapter
+    from memaudit.mitigate.methods import get_method
+
+    n_units = len(get_method("svdiff", load_target(tiny_dir_eps, device="cpu").unet).units())
+    mask = [1, 0] * (n_units // 2) + [1] * (n_units % 2)
+    cfg = _cfg(method="svdiff", mask=mask, learning_rate=1e-2)
+    whole = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "whole", cfg, device="cpu")
+    assert 0 < whole["trainable_percent"] < 100
+
+    def crash_at_3(step, total, logs):
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(tiny_dir_eps, tiny_dataset, tmp_path / "resumed", cfg, device="cpu", progress=crash_at_3)
+    finetune(tiny_dir_eps, tiny_dataset, tmp_path / "resumed", cfg, device="cpu")
+    a, b = _unet(tmp_path / "whole"), _unet(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the adapter rebuilds the merged pipeline's UNet from the base
+    base = load_target(tiny_dir_eps, device="cpu")
+    method = load_adapter(tmp_path / "whole" / "adapter", base.unet)
+    assert method.name == "svdiff"
+    method.merge()
+    merged = base.unet.state_dict()
+    assert all(torch.allclose(merged[k], a[k], atol=1e-6) for k in a)
+
+
+def test_an_all_zero_mask_writes_the_base_unchanged(tmp_path, tiny_dir_eps, tiny_dataset):
+    from memaudit.mitigate.methods import get_method
+
+    n_units = len(get_method("difffit", load_target(tiny_dir_eps, device="cpu").unet).units())
+    s = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "ft", _cfg(method="difffit", mask=[0] * n_units), device="cpu")
+    assert s["result"]["steps"] == 0 and s["trainable_parameters"] == 0
+    a, b = _unet(tmp_path / "ft"), _unet(tiny_dir_eps)
+    assert all(torch.equal(a[k], b[k]) for k in a)

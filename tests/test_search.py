@@ -128,3 +128,49 @@ def test_front_and_choice_by_hand():
         choose(front, ["a", "b"], preference=[1])
     with pytest.raises(ConfigError):
         nsga2_search(0, lambda m, lr: {}, "x.jsonl", objectives=["a"])
+
+
+# -- the real search on a tiny model ---------------------------------------------------------------------------
+def test_mask_search_on_a_tiny_model_resumes_and_feeds_stage_two(tmp_path, tiny_dir_eps, tiny_dataset):
+    from diffusers import StableDiffusionPipeline
+    from typer.testing import CliRunner
+
+    from memaudit.cli import app
+    from memaudit.mitigate.finetune import finetune_with_mask, read_mask
+    from memaudit.mitigate.search import SearchConfig, run_mask_search
+
+    cfg = SearchConfig(method="difffit", population=2, generations=2, inner_steps=1, batch_size=2, val_fraction=0.25,
+                       lr_choices=(1e-3, 1e-2), generations_per_prompt=2, sample_steps=2, quality_features="pixels",
+                       device="cpu")
+    out = tmp_path / "search"
+    doc = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
+    rows = (out / "evaluations.jsonl").read_text().splitlines()
+    assert doc["evaluations"] == len(rows) == doc["evaluated_now"] >= 2
+    assert set(doc["references"]) == {"method default", "full fine-tuning"}
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    mask = read_mask(out)
+    assert mask["method"] == "difffit" and len(mask["mask"]) == len(mask["units"]) and mask["learning_rate"] in (1e-3, 1e-2)
+    # the same command again: everything comes from the logs
+    again = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
+    assert again["evaluated_now"] == 0 and again["chosen"] == doc["chosen"]
+    with pytest.raises(ConfigError, match="other settings"):
+        run_mask_search(str(tiny_dir_eps), tiny_dataset, out, SearchConfig(**{**cfg.to_dict(), "inner_steps": 2}))
+    # stage 2 with the chosen mask, then export its adapter as a plain pipeline
+    ft = tmp_path / "stage2"
+    settings = finetune_with_mask(str(tiny_dir_eps), tiny_dataset, out / "mask.json", ft, steps=2, batch_size=2,
+                                  device="cpu")
+    assert settings["settings"]["mask"] == mask["mask"] and settings["settings"]["learning_rate"] == mask["learning_rate"]
+    if any(mask["mask"]):
+        res = CliRunner().invoke(app, ["mitigate", "export", str(ft / "adapter"), "--out", str(tmp_path / "merged")])
+        assert res.exit_code == 0, res.output
+        assert StableDiffusionPipeline.from_pretrained(tmp_path / "merged", safety_checker=None).unet is not None
+
+
+def test_search_settings_errors():
+    from memaudit.mitigate.search import SearchConfig
+
+    for kw, match in [(dict(method="full"), "--method"), (dict(memorization="ssim"), "--memorization"),
+                      (dict(quality="is"), "--quality"), (dict(proxy_fraction=0), "--proxy-fraction"),
+                      (dict(population=1), "--population")]:
+        with pytest.raises(ConfigError, match=match):
+            SearchConfig(**kw)

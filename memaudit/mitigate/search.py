@@ -227,3 +227,274 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
     front = pareto_front(log.rows, objectives, max_trainable_percent)
     return SearchResult(rows=list(log.rows), front=front, chosen=choose(front, objectives, preference),
                         objectives=objectives, evaluated=evaluated, history=history)
+
+
+# -- MemControl's search on a real model ------------------------------------------------------------------------
+MEMORIZATION = ("denoising", "extraction", "amd")
+QUALITY = ("kid", "fid")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class SearchConfig:
+    """Settings of :func:`run_mask_search`; each field's ``help`` metadata documents it."""
+
+    method: str = _help("PEFT method whose units the mask switches", default="svdiff")
+    granularity: str = _help("mask units: block (one per transformer block, plus the rest) or layer", default="block")
+    population: int = _help("NSGA-II population", default=8)
+    generations: int = _help("NSGA-II generations", default=4)
+    lr_choices: tuple = _help("learning rates the search chooses from", default=(3e-4, 1e-3, 3e-3, 1e-2))
+    inner_steps: int = _help("fine-tuning steps of each evaluation", default=200)
+    batch_size: int = _help("images per fine-tuning step", default=32)
+    proxy_fraction: float = _help("share of the training images the inner loop fine-tunes on", default=0.5)
+    val_fraction: float = _help("share of the training images held out for the quality objective", default=0.2)
+    memorization: str = _help("memorization objective: denoising (training-time strength on the proxy images), "
+                              "extraction (extracted proxy images), amd (negated AMD of proxy generations)",
+                              default="denoising")
+    quality: str = _help("quality objective on the validation split: kid or fid", default="kid")
+    quality_features: str = _help("feature space of the quality objective", default="pixels")
+    generations_per_prompt: int = _help("generations per caption when an objective samples", default=4)
+    sample_steps: int = _help("denoising steps when an objective samples", default=25)
+    guidance: float = _help("guidance scale when an objective samples", default=4.0)
+    min_clique: int = _help("extraction objective: clique size that flags a caption", default=3)
+    max_trainable_percent: float | None = _help("constraint: at most this share of the UNet trains", default=None)
+    preference: tuple | None = _help("weights (memorization, quality) for the pick; None: the knee point", default=None)
+    seed: int = _help("seed of the search, the splits, every fine-tune and every sample", default=0)
+    device: str = _help("auto, cpu or cuda", default="auto")
+
+    def __post_init__(self):
+        from memaudit.mitigate.methods import GRANULARITIES, available_methods
+
+        self.lr_choices = tuple(float(x) for x in self.lr_choices)
+        if self.preference is not None:
+            self.preference = tuple(float(x) for x in self.preference)
+        checks = [
+            (self.method in available_methods() and self.method not in ("full", "freeze"),
+             f"--method must be a PEFT method with units to search: {', '.join(available_methods())} (not full/freeze)"),
+            (self.granularity in GRANULARITIES, "--granularity must be block or layer"),
+            (self.population >= 2 and self.generations >= 1, "--population must be >= 2 and --generations >= 1"),
+            (len(self.lr_choices) >= 1 and all(x > 0 for x in self.lr_choices), "learning rate choices must be > 0"),
+            (self.inner_steps >= 1, "--inner-steps must be at least 1"),
+            (0 < self.proxy_fraction <= 1, "--proxy-fraction must be in (0, 1]"),
+            (0 < self.val_fraction < 1, "the validation fraction must be in (0, 1)"),
+            (self.memorization in MEMORIZATION, f"--memorization must be one of {', '.join(MEMORIZATION)}"),
+            (self.quality in QUALITY, f"--quality must be one of {', '.join(QUALITY)}"),
+            (self.generations_per_prompt >= 1 and self.sample_steps >= 1, "sampling settings must be >= 1"),
+            (2 <= self.min_clique <= self.generations_per_prompt or self.memorization != "extraction",
+             "the extraction objective needs 2 <= min clique <= generations per prompt"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"search setting invalid: {msg}.")
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+OBJECTIVES = ("memorization", "quality")
+
+
+class MaskEvaluator:
+    """Fine-tunes a fresh copy of the base UNet with a mask on the proxy split and scores it (the inner loop)."""
+
+    def __init__(self, target, proxy, val, config: SearchConfig, progress: Progress | None = None):
+        import copy
+
+        from memaudit.features import get_extractor
+
+        self.target, self.proxy, self.val, self.config = target, proxy, val, config
+        self.pristine = copy.deepcopy(target.unet).cpu()
+        self.progress = progress or (lambda *_: None)
+        self.extractor = get_extractor(config.quality_features, device=str(target.device))
+        self.val_features = self.extractor((val.images + 1) / 2)
+        self.proxy01 = (proxy.images + 1) / 2
+        self.proxy_latents = target.encode_images(proxy.images)[0].cpu()
+        from memaudit.mitigate.methods import get_method
+
+        probe = get_method(config.method, copy.deepcopy(self.pristine), config.granularity)
+        self.units = probe.units()
+        self.summary = probe.summary()
+
+    def fresh(self, method: str | None = None):
+        """A fresh copy of the base UNet in the target, with ``method`` (default: the searched one) installed."""
+        import copy
+
+        from memaudit.mitigate.methods import get_method
+
+        self.target.unet = copy.deepcopy(self.pristine).to(self.target.device)
+        return get_method(method or self.config.method, self.target.unet, self.config.granularity)
+
+    def __call__(self, mask: list[int] | None, lr: float, method: str | None = None) -> dict:
+        """Fine-tune with ``mask`` (None: every unit) at ``lr`` and score; ``method`` overrides the searched one."""
+        from memaudit.train import TrainConfig, train_unet
+
+        cfg = self.config
+        peft = self.fresh(method)
+        params = peft.parameters_for(mask if mask is not None else [1] * len(peft.units()))
+        n = sum(p.numel() for p in params)
+        if params:
+            train_unet(self.target, self.proxy, TrainConfig(steps=cfg.inner_steps, batch_size=cfg.batch_size,
+                                                            learning_rate=lr, seed=cfg.seed, log_every=0),
+                       params=params, progress=lambda s, t, _logs: self.progress("step", s, t))
+        self.target.unet.eval()
+        mem, details = self.memorization()
+        quality = self.quality()
+        return {"objectives": {"memorization": mem, "quality": quality}, "trainable_parameters": n,
+                "trainable_percent": 100.0 * n / self.summary["unet_parameters"], "details": details}
+
+    def _sample(self, captions: list[str], seed: int):
+        from memaudit.sampling import Sampler
+
+        cfg = self.config
+        sampler = Sampler(self.target, steps=cfg.sample_steps, guidance=cfg.guidance, batch_size=64, seed=seed)
+        return list(sampler.run(captions, cfg.generations_per_prompt))
+
+    def memorization(self) -> tuple[float, dict]:
+        import torch
+
+        cfg = self.config
+        if cfg.memorization == "denoising":
+            from memaudit.attacks.denoising import training_strength
+
+            g = torch.Generator().manual_seed(cfg.seed)
+            reps = [training_strength(self.target, self.proxy_latents, self.proxy.captions, generator=g)
+                    for _ in range(4)]
+            value = float(torch.stack(reps).mean())
+            return value, {"denoising_strength": value}
+        batches = self._sample(self.proxy.captions, cfg.seed + 2)
+        images = torch.cat([b.images for b in batches])
+        if cfg.memorization == "amd":
+            from memaudit.metrics.amd import amd_bruteforce
+
+            feats = self.extractor(images).numpy()
+            train_feats = self.extractor(self.proxy01).numpy()
+            value = float(amd_bruteforce(feats, train_feats).amd)
+            return -value, {"amd": value}
+        from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt
+
+        ext = ExtractionConfig(min_clique=cfg.min_clique)
+        per = images.reshape(len(self.proxy), cfg.generations_per_prompt, *images.shape[1:])
+        extracted = sum(analyze_prompt(per[i], ext, self.proxy01, i).extracted for i in range(len(self.proxy)))
+        return float(extracted), {"extracted": int(extracted)}
+
+    def quality(self) -> float:
+        import torch
+
+        from memaudit.metrics.quality import fid_from_features, kid_from_features
+
+        batches = self._sample(self.val.captions, self.config.seed + 3)
+        fake = self.extractor(torch.cat([b.images for b in batches]))
+        if self.config.quality == "fid":
+            return float(fid_from_features(self.val_features, fake))
+        return float(kid_from_features(self.val_features, fake, seed=self.config.seed)[0])
+
+
+def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | None = None, *,
+                    convert_channels: bool = False, progress: Progress | None = None) -> dict:
+    """MemControl's bi-level search on ``base`` and ``train``; writes ``out/`` (log, front, plot, chosen mask)."""
+    import torch
+
+    from memaudit.data import dataset_for_target
+    from memaudit.io import atomic_write_bytes, atomic_write_json
+    from memaudit.target import load_target
+
+    config = config or SearchConfig()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; pass a folder.")
+    target = load_target(base, device=config.device, dtype="float32")
+    dataset, source = dataset_for_target(train, target, convert_channels)
+    if len(dataset) < 4:
+        raise ConfigError(f"the training set {source} has {len(dataset)} images; the search needs at least 4.")
+    splits = dataset.split(seed=config.seed, val=config.val_fraction, test=0.0)
+    rest, val = splits["train"], splits["val"]
+    n_proxy = max(1, round(config.proxy_fraction * len(rest)))
+    proxy = rest.subset(torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:n_proxy].sort().values)
+    settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base), "train": source,
+                "settings": config.to_dict(), "proxy": list(proxy.names), "validation": list(val.names)}
+    settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples become lists)
+    settings_file = out / SETTINGS_FILE
+    if settings_file.is_file():
+        earlier = json.loads(settings_file.read_text())
+        if {k: earlier.get(k) for k in settings} != settings:
+            raise ConfigError(f"{out} holds a search with other settings, base or data; run the same command to resume "
+                              "it, or choose another --out.")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        from memaudit.audit import _versions
+
+        atomic_write_json(settings_file, {**settings, "versions": _versions()})
+    evaluator = MaskEvaluator(target, proxy, val, config, progress)
+    result = nsga2_search(len(evaluator.units), evaluator, out / LOG_FILE, objectives=OBJECTIVES,
+                          lr_choices=config.lr_choices, population=config.population, generations=config.generations,
+                          seed=config.seed, max_trainable_percent=config.max_trainable_percent,
+                          preference=config.preference, progress=progress)
+    # references: the method's default (every unit, its default learning rate) and full fine-tuning
+    references = _references(evaluator, out, config)
+    chosen = result.chosen
+    mask_doc = {"kind": "memaudit.mask", "schema_version": 1, "method": config.method,
+                "granularity": config.granularity, "units": [u.name for u in evaluator.units],
+                "unit_parameters": [u.count for u in evaluator.units], "base": str(base), "seed": config.seed,
+                "inner_steps": config.inner_steps, "pick": "knee point" if config.preference is None
+                else f"weighted sum {list(config.preference)}"}
+    if chosen is not None:
+        mask_doc.update({"mask": chosen["mask"], "learning_rate": chosen["learning_rate"],
+                         "objectives": chosen["objectives"], "trainable_parameters": chosen["trainable_parameters"],
+                         "trainable_percent": chosen["trainable_percent"]})
+        atomic_write_json(out / "mask.json", mask_doc)
+    front_doc = {"objectives": list(OBJECTIVES), "front": result.front, "chosen": chosen, "references": references,
+                 "evaluations": len(result.rows), "evaluated_now": result.evaluated, "history": result.history,
+                 "memorization": config.memorization, "quality": config.quality}
+    atomic_write_json(out / "pareto.json", front_doc)
+    atomic_write_bytes(out / "pareto.png", pareto_png(result.rows, result.front, chosen, references, config))
+    return front_doc
+
+
+def _references(evaluator: MaskEvaluator, out: Path, config: SearchConfig) -> dict:
+    """The method's default (every unit at its default learning rate) and full fine-tuning, scored the same way as
+    the search's evaluations (cached in ``references.jsonl``)."""
+    from memaudit.mitigate.methods import method_class
+
+    log = EvaluationLog(out / "references.jsonl")
+    refs = {}
+    for name, method in (("method default", config.method), ("full fine-tuning", "full")):
+        lr = method_class(method).default_lr
+        key = f"{method}:all-units@{lr:.6g}"
+        row = log.get(key)
+        if row is None:
+            t0 = time.perf_counter()
+            res = evaluator(None, lr, method=method)
+            row = {**res, "key": key, "method": method, "learning_rate": lr, "wall_time_s": time.perf_counter() - t0}
+            log.append(row)
+        refs[name] = row
+    return refs
+
+
+def pareto_png(rows: Sequence[dict], front: Sequence[dict], chosen: dict | None, references: dict,
+               config: SearchConfig) -> bytes:
+    from memaudit.report import _new_figure, _png_bytes
+
+    fig = _new_figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    x = [r["objectives"]["memorization"] for r in rows]
+    y = [r["objectives"]["quality"] for r in rows]
+    ax.scatter(x, y, s=14, c="#9aa5b1", label=f"evaluations ({len(rows)})")
+    f = sorted(front, key=lambda r: r["objectives"]["memorization"])
+    ax.plot([r["objectives"]["memorization"] for r in f], [r["objectives"]["quality"] for r in f], "o-", c="#c0392b",
+            ms=5, label="Pareto front")
+    if chosen is not None:
+        ax.scatter([chosen["objectives"]["memorization"]], [chosen["objectives"]["quality"]], s=120, facecolors="none",
+                   edgecolors="#c0392b", linewidths=2, label="chosen")
+    for (name, r), marker in zip(references.items(), ("s", "^")):
+        ax.scatter([r["objectives"]["memorization"]], [r["objectives"]["quality"]], marker=marker, s=60, c="#2c3e50",
+                   label=name)
+    ax.set_xlabel(f"memorization ({config.memorization}; lower is better)")
+    ax.set_ylabel(f"quality ({config.quality.upper()}, {config.quality_features}; lower is better)")
+    ax.set_title(f"MemControl mask search: {config.method}, {config.granularity} units")
+    ax.legend(fontsize=8)
+    return _png_bytes(fig)
