@@ -1,0 +1,117 @@
+"""MemControl on the bundled faces: the mask search, stage 2 with the chosen mask, and its audit against full
+fine-tuning and the method's default (every unit). The table in benchmarks/RESULTS.md, section 7.
+
+Stages (each resumes or is skipped when its output exists under ``--work``):
+
+1. ``memaudit mitigate search`` on the bundled base and the 80 training faces: SV-DIFF at block granularity, NSGA-II
+   (population and generations below), each evaluation fine-tuning on a proxy half of the training split for
+   ``inner_steps`` steps; memorization = training-time denoising strength on the proxy faces, quality = KID in the
+   demo classifier's features on the validation split (16 of the 80 training faces, never trained in the search).
+2. Stage 2: the chosen mask and learning rate, and the method's default (every unit, learning rate 1e-3), each
+   fine-tuned on all 80 faces with the zoo's steps, batch and seed.
+3. The demo audit of both, next to full fine-tuning (from ``benchmarks/baselines.py``'s work folder).
+
+    python benchmarks/memcontrol.py [--work benchmarks/zoo] [--smoke]
+
+``--smoke`` runs every stage with tiny settings (a minute or two) to check the pipeline, not to measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+logger = logging.getLogger("benchmarks.memcontrol")
+
+FULL = dict(population=8, generations=4, inner_steps=150, steps=3000, audit={})
+SMOKE = dict(population=2, generations=1, inner_steps=2, steps=2, audit={"generations": 2, "min_clique": 2, "steps": 2})
+
+
+def main(argv=None) -> int:
+    from memaudit import demo
+    from memaudit.audit import AuditConfig, _versions, run_audit
+    from memaudit.demo.build import ZooSettings
+    from memaudit.demo.run import DEMO_SETTINGS
+    from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
+    from memaudit.io import atomic_write_json
+    from memaudit.mitigate.finetune import finetune_with_mask
+    from memaudit.mitigate.search import SearchConfig, run_mask_search
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=HERE / "zoo")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    plan = SMOKE if args.smoke else FULL
+    work = args.work / ("memcontrol-smoke" if args.smoke else "memcontrol")
+    zoo = ZooSettings()
+    train, heldout = demo.faces_dataset("train"), demo.faces_dataset("heldout")
+
+    t0 = time.perf_counter()
+    search_cfg = SearchConfig(method="svdiff", granularity="block", population=plan["population"],
+                              generations=plan["generations"], inner_steps=plan["inner_steps"],
+                              batch_size=zoo.ft_batch, quality_features="demo", seed=zoo.seed, device=args.device)
+    search = run_mask_search(str(demo.BASE_MODEL), train, work / "search", search_cfg,
+                             progress=lambda stage, d, t: logger.info("search %s %d/%d", stage, d, t)
+                             if stage == "evaluation" else None)
+    search_time = time.perf_counter() - t0
+
+    models = {}
+    chosen_dir = work / "svdiff_memcontrol"
+    if not (chosen_dir / SETTINGS_FILE).is_file():
+        finetune_with_mask(str(demo.BASE_MODEL), train, work / "search" / "mask.json", chosen_dir, steps=plan["steps"],
+                           batch_size=zoo.ft_batch, seed=zoo.seed, device=args.device)
+    models["SV-DIFF, MemControl mask"] = chosen_dir
+    default_dir = work / "svdiff_default"
+    if not (default_dir / SETTINGS_FILE).is_file():
+        finetune(str(demo.BASE_MODEL), train, default_dir,
+                 FinetuneConfig(method="svdiff", steps=plan["steps"], batch_size=zoo.ft_batch, seed=zoo.seed),
+                 device=args.device)
+    models["SV-DIFF, every unit"] = default_dir
+    if (args.work / "full_ft" / SETTINGS_FILE).is_file():
+        models["full FT"] = args.work / "full_ft"
+
+    rows = []
+    for name, path in models.items():
+        out = work / "audits" / path.name
+        if (out / "results.json").is_file():
+            res = json.loads((out / "results.json").read_text())
+        else:
+            cfg = AuditConfig(**{**DEMO_SETTINGS, **plan["audit"], "seed": 0, "device": args.device})
+            res = run_audit(str(path), train, out, prompts=train.captions, heldout=heldout, config=cfg)
+        ft = json.loads((path / SETTINGS_FILE).read_text())
+        s = res["summary"]
+        rows.append({"name": name, "trainable_percent": ft["trainable_percent"],
+                     "extracted_training_images": s["extracted_training_images"], "flagged_prompts": s["flagged_prompts"],
+                     "amd": s["amd"], "denoising_mean": s["denoising_mean"], "kid": s["quality"]["kid"],
+                     "kid_std": s["quality"]["kid_std"], "alignment": s["alignment"]["mean"],
+                     "finetune_wall_time_s": ft["result"]["wall_time_s"]})
+    record = {"command": "python benchmarks/memcontrol.py" + (" --smoke" if args.smoke else ""),
+              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads" if args.device == "cpu"
+              else torch.cuda.get_device_name(), "versions": _versions(), "seed": zoo.seed,
+              "search_settings": search_cfg.to_dict(), "search_wall_time_s": search_time,
+              "search": {k: search[k] for k in ("chosen", "front", "references", "evaluations", "history")},
+              "rows": rows}
+    atomic_write_json(work / "memcontrol.json", record)
+    if not args.smoke:
+        atomic_write_json(HERE / "memcontrol.json", record)
+    print("| model | trainable % | extracted faces (of 80) | flagged | AMD | denoising | KID x1e3 | alignment |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['trainable_percent']:.3f} | {r['extracted_training_images']} | {r['flagged_prompts']} "
+              f"| {r['amd']:.4f} | {r['denoising_mean']:.3f} | {1e3 * r['kid']:.1f} ± {1e3 * r['kid_std']:.1f} "
+              f"| {r['alignment']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
