@@ -244,7 +244,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
 
 
 class _Untrained:
-    steps, final_loss, losses, skipped_steps, stats = 0, float("nan"), [], 0, {}
+    steps, final_loss, losses, skipped_steps, stats = 0, None, [], 0, {}
 
 
 def _no_pipeline(target, path: Path) -> None:
