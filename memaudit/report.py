@@ -538,7 +538,7 @@ def _summary(results: dict) -> list[str]:
             _row("KID (held-out)", f"{_fmt(q.get('kid'))} ± {_fmt(q.get('kid_std'))}",
                  f"{_fmt(q.get('feature_extractor'))} features; {_fmt(q.get('n_fake'))} generations for the held-out "
                  f"captions against {_fmt(q.get('n_real'))} held-out images"),
-            _row("FID (held-out)", _fmt(q.get("fid"), 2),
+            _row("FID (held-out)", _fmt(q.get("fid")),
                  f"{_fmt(q.get('note'))}"),
         ]
     a = s.get("alignment")
@@ -581,7 +581,8 @@ def _flagged(results: dict, images: _Images, redact: bool, max_prompts: int) -> 
         extracted = bool(p.get("extracted"))
         facts = [
             f"prompt #{_fmt(p.get('index'))}",
-            f"clique size {_fmt(p.get('clique_size'))}",
+            f"clique size {_fmt(p.get('clique_size'))}"
+            + (" (greedy lower bound: the exact search hit its step cap)" if p.get("clique_exact") is False else ""),
             f"extracted: {'yes' if extracted else 'no'}",
             f"distance to nearest training image {_fmt(p.get('nearest_train_distance'))}",
             f"denoising score {_fmt(p.get('denoising_score'))}",

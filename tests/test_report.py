@@ -376,3 +376,22 @@ def test_report_does_not_import_cli_libraries():
     code = "import sys, memaudit.report; print(any(m in sys.modules for m in ('typer', 'rich', 'torch')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
         == "False"
+
+
+def test_quality_alignment_mitigation_and_greedy_clique_are_shown(audit, fast_plots):
+    folder, results, grids, train = audit
+    results["prompts"][1]["clique_exact"] = False
+    results["heldout"] = "data/heldout-faces"
+    results["summary"]["quality"] = {"kid": 0.01234, "kid_std": 0.005, "fid": 45.67, "n_real": 20, "n_fake": 200,
+                                     "feature_extractor": "demo", "recommended": "kid",
+                                     "note": "FID is biased at small sample sizes"}
+    results["summary"]["alignment"] = {"scorer": "demo", "mean": 0.9512, "n_images": 6, "reference_mean": 0.875}
+    results["summary"]["mitigation"] = {"kind": "threshold", "norm_target": 1.5, "norm_target_source": "given",
+                                        "first_step_norm_before_mean": 2.25, "first_step_norm_after_mean": 1.25,
+                                        "optimizer_steps_mean": 3.5, "images_over_target_after": 1, "images": 6}
+    page = render_html(results, folder)
+    for text in ("data/heldout-faces", "KID (held-out)", "0.01234", "45.67", "20 held-out images",
+                 "FID is biased at small sample sizes", "0.951", "held-out captions 0.875", "threshold",
+                 "2.25 → 1.25", "1 of 6 images still over the target", "greedy lower bound"):
+        assert text in page, text
+    assert page.count("greedy lower bound") == 1
