@@ -83,7 +83,9 @@ def audit_stage(work: Path, device: str, trained: dict) -> dict:
             res = run_audit(str(work / model), train, out, prompts=train.captions, heldout=heldout, config=cfg)
             logger.info("%s audited in %.0f s", name, time.perf_counter() - t0)
         s, ft = res["summary"], trained[model]
-        rows.append({"name": name, "model": model, "training_mitigation": train_mit, "inference_mitigation": infer_mit,
+        own = [p["own_train_index"] for p in res["prompts"]]
+        own_nearest = sum(own[im["prompt_index"]] == im["nearest_train_index"] for im in res["images"]) / len(res["images"])
+        rows.append({"own_face_nearest": own_nearest, "name": name, "model": model, "training_mitigation": train_mit, "inference_mitigation": infer_mit,
                      "flagged_prompts": s["flagged_prompts"], "extracted_training_images": s["extracted_training_images"],
                      "amd": s["amd"], "denoising_mean": s["denoising_mean"], "kid": s["quality"]["kid"],
                      "kid_std": s["quality"]["kid_std"], "fid": s["quality"]["fid"],
@@ -99,15 +101,29 @@ def audit_stage(work: Path, device: str, trained: dict) -> dict:
 
 
 def markdown(record: dict) -> str:
-    lines = ["| model | extracted faces (of 80) | flagged prompts | AMD (pixels) | mean denoising strength | "
-             "KID x1e3 (demo features) | FID (demo features) | alignment | fine-tune wall time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | extracted faces (of 80) | flagged prompts | AMD (pixels) | own face nearest | "
+             "mean denoising strength | KID (demo features) | FID (demo features) | alignment | mitigation did |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        wall = "(same model)" if r["inference_mitigation"] != "none" else f"{r['finetune_wall_time_s'] / 60:.1f} min"
-        lines.append(f"| {r['name']} | {r['extracted_training_images']} | {r['flagged_prompts']} | {r['amd']:.4f} | "
-                     f"{r['denoising_mean']:.3f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} | {r['fid']:.1f} | "
-                     f"{r['alignment']:.3f} | {wall} |")
+        lines.append(f"| {r['name']} | **{r['extracted_training_images']}** | {r['flagged_prompts']} | {r['amd']:.4f} | "
+                     f"{100 * r['own_face_nearest']:.0f}% | {r['denoising_mean']:.3f} | {r['kid']:.3f} ± "
+                     f"{r['kid_std']:.3f} | {r['fid']:.2f} | {r['alignment']:.3f} | {_did(r)} |")
     return "\n".join(lines)
+
+
+def _did(r: dict) -> str:
+    stats, m = r["finetune_stats"], r.get("mitigation") or {}
+    if r["inference_mitigation"] == "rwa":
+        return f"{m.get('rwa_words')} random tokens in every prompt, drawn per image"
+    if r["inference_mitigation"] == "threshold":
+        return (f"first-step norm {m['first_step_norm_before_mean']:.2f} -> {m['first_step_norm_after_mean']:.2f} "
+                f"(target {m['norm_target']:.2f}), {m['optimizer_steps_mean']:.1f} AdamW steps per batch")
+    if "rwa_perturbed" in stats:
+        return f"{stats['rwa_perturbed']:,} captions perturbed in training"
+    if "threshold_dropped" in stats:
+        return (f"{stats['threshold_dropped']:,} of {stats['threshold_seen']:,} samples dropped, "
+                f"{r['finetune_skipped_steps']} steps skipped")
+    return "-"
 
 
 def main(argv=None) -> int:
