@@ -281,8 +281,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         if reference:
             ref_buffer, ref_gens = _PromptBuffer(config.generations), []
             sampler.progress = lambda d, t: progress("reference prompts", d, t)
-            # reference prompts get their own seed stream so they never share noise with audited prompts
-            sampler.seed = config.seed + 1
+            sampler.seed = reference_seed(config)
             for batch in sampler.run(reference, config.generations):
                 if q_extractor is not None:
                     ref_quality.append(q_extractor(batch.images))
@@ -432,7 +431,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             "settings": {**config.to_dict(), "edge_threshold_used": ext_cfg.edge_threshold,
                          "reference_prompts": len(reference)},
             "seeds": {"seed": config.seed, "image_seed": IMAGE_SEED_FORMULA,
-                      "reference_seed": config.seed + 1 if reference else None},
+                      "reference_seed": reference_seed(config) if reference else None},
             "versions": _versions(), "redacted": config.redact,
             "summary": {
                 "n_prompts": len(prompt_list), "n_images": len(image_rows), "generations_per_prompt": config.generations,
@@ -457,6 +456,11 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     return results
 
 
+def reference_seed(config: AuditConfig) -> int:
+    """Reference prompts get their own seed stream, so they never share noise with the audited prompts."""
+    return config.seed + 1
+
+
 def _mitigation(config: AuditConfig, target, sampler, reference: list[str], progress: Progress):
     """Install the inference-time mitigation on ``sampler``; returns the hook (or None) and what to report."""
     if config.mitigation == "rwa":
@@ -471,7 +475,7 @@ def _mitigation(config: AuditConfig, target, sampler, reference: list[str], prog
         norm_target, source = config.mitigation_target, "given"
         if norm_target == "auto":
             progress("mitigation target", 0, 1)
-            sampler.seed = config.seed + 1  # the reference prompts' own images, as sampled below
+            sampler.seed = reference_seed(config)  # the reference prompts' own images, as sampled below
             norms = sampler.first_step_norms(reference, config.generations)
             sampler.seed = config.seed
             norm_target = float(norms.median())

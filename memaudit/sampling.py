@@ -114,19 +114,28 @@ class Sampler:
         images = (target.decode_latents(x) + 1) / 2
         return images.cpu(), norms.cpu(), sched.timesteps.cpu()
 
-    @torch.no_grad()
-    def first_step_norms(self, prompts: Sequence[str], generations: int) -> torch.Tensor:
-        """``[len(prompts) * generations]`` guidance norms at the first sampling step only (prompt-major), from the
-        same initial latents and prompts as :meth:`run` and without the embedding hook: one UNet call per image."""
-        target = self.target
+    def _chunks(self, prompts: Sequence[str], generations: int) -> Iterator[tuple[list, list[int], list[str]]]:
+        """The batches of a run: (``(prompt, generation)`` pairs, image seeds, the prompts after the transform)."""
+        if generations < 1:
+            raise ConfigError(f"generations must be at least 1 (got {generations}).")
+        if not prompts:
+            raise ConfigError("no prompts to sample.")
         jobs = [(i, j) for i in range(len(prompts)) for j in range(generations)]
-        out = []
         for k in range(0, len(jobs), self.batch_size):
             chunk = jobs[k : k + self.batch_size]
             seeds = [image_seed(self.seed, i, j) for i, j in chunk]
             used = [prompts[i] for i, _ in chunk]
             if self.prompt_transform is not None:
                 used = [self.prompt_transform(p, s) for p, s in zip(used, seeds)]
+            yield chunk, seeds, used
+
+    @torch.no_grad()
+    def first_step_norms(self, prompts: Sequence[str], generations: int) -> torch.Tensor:
+        """``[len(prompts) * generations]`` guidance norms at the first sampling step only (prompt-major), from the
+        same initial latents and prompts as :meth:`run` and without the embedding hook: one UNet call per image."""
+        target = self.target
+        out = []
+        for chunk, seeds, used in self._chunks(prompts, generations):
             sched = self._scheduler()
             t = sched.timesteps[0]
             x = sched.scale_model_input((self.initial_latents(seeds) * sched.init_noise_sigma).to(target.device), t)
@@ -139,28 +148,17 @@ class Sampler:
 
     def run(self, prompts: Sequence[str], generations: int) -> Iterator[SampleBatch]:
         """Yield batches covering ``generations`` images of every prompt, prompt-major."""
-        if generations < 1:
-            raise ConfigError(f"generations must be at least 1 (got {generations}).")
-        if not prompts:
-            raise ConfigError("no prompts to sample.")
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(generations)]
-        done = 0
-        for k in range(0, len(jobs), self.batch_size):
-            chunk = jobs[k : k + self.batch_size]
-            seeds = [image_seed(self.seed, i, j) for i, j in chunk]
+        total, done = len(prompts) * generations, 0
+        for chunk, seeds, used in self._chunks(prompts, generations):
             t0 = time.perf_counter()
-            used = [prompts[i] for i, _ in chunk]
-            if self.prompt_transform is not None:
-                used = [self.prompt_transform(p, s) for p, s in zip(used, seeds)]
             images, norms, timesteps = self.sample_batch(used, seeds)
             self.unet_time_s += time.perf_counter() - t0
             done += len(chunk)
             if self.progress is not None:
-                self.progress(done, len(jobs))
+                self.progress(done, total)
             yield SampleBatch(prompt_index=torch.tensor([i for i, _ in chunk]), generation=torch.tensor([j for _, j in chunk]),
                               seeds=seeds, images=images, guidance_norms=norms, timesteps=timesteps,
                               prompts=used if self.prompt_transform is not None else None)
-
 
 def _step(sched, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return sched.step(model_output.to(x.dtype), t, x, **_step_kwargs(type(sched), generator)).prev_sample
