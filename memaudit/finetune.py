@@ -173,6 +173,9 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     data_key = hashlib.sha256(dataset.images.numpy().tobytes() + "\n".join(dataset.captions).encode()).hexdigest()
     identity = _identity(base, source, config, data_key)
 
+    hooks = mitigation_hooks(config, target)
+    method, params = install_method(config, target)  # a mask that does not fit stops here, before anything is written
+
     work = partial_dir(out)
     run_file = work / "run.json"
     if run_file.is_file():
@@ -189,8 +192,6 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     resumed_from = latest_checkpoint(work / "checkpoints")
     earlier_wall = json.loads((work / "wall.json").read_text())["wall_time_s"] if (work / "wall.json").is_file() else 0.0
 
-    hooks = mitigation_hooks(config, target)
-    method, params = install_method(config, target)
     n_train = sum(p.numel() for p in params)
     n_unet = method.summary()["unet_parameters"]
     started = time.perf_counter()

@@ -167,3 +167,10 @@ def test_an_all_zero_mask_writes_the_base_unchanged(tmp_path, tiny_dir_eps, tiny
     assert s["result"]["steps"] == 0 and s["trainable_parameters"] == 0
     a, b = _unet(tmp_path / "ft"), _unet(tiny_dir_eps)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_mask_that_does_not_fit_stops_before_writing(tmp_path, tiny_dir_eps, tiny_dataset):
+    out = tmp_path / "ft"
+    with pytest.raises(ConfigError, match="mask has 2 bits"):
+        finetune(tiny_dir_eps, tiny_dataset, out, _cfg(method="svdiff", mask=[0, 1]), device="cpu")
+    assert not out.exists() and not partial_dir(out).exists()
