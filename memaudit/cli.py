@@ -316,6 +316,10 @@ def mitigate_search(
     population: Annotated[int, typer.Option(help="NSGA-II population")] = 8,
     generations: Annotated[int, typer.Option(help="NSGA-II generations")] = 4,
     inner_steps: Annotated[int, typer.Option(help="fine-tuning steps per evaluation")] = 200,
+    schedule: Annotated[str, typer.Option(help="plain, or screen: search on short fine-tunes (--screen-steps), then "
+                                               "train only the screening front for --inner-steps")] = "plain",
+    screen_steps: Annotated[int | None, typer.Option(help="screen: steps of a screening fine-tune (default: "
+                                                          "inner steps / 5)")] = None,
     proxy_fraction: Annotated[float, typer.Option(help="share of the training images the inner loop uses")] = 0.5,
     objectives: Annotated[str, typer.Option(help="MEM,QUALITY: denoising|extraction|amd , kid|fid")] = "denoising,kid",
     quality_features: Annotated[str, typer.Option(help="feature space of the quality objective")] = "pixels",
@@ -335,7 +339,8 @@ def mitigate_search(
     if len(parts) != 2:
         raise _user_error(f"--objectives {objectives!r} must be MEM,QUALITY, e.g. denoising,kid.")
     config = SearchConfig(method=method, granularity=granularity, population=population, generations=generations,
-                          inner_steps=inner_steps, proxy_fraction=proxy_fraction, memorization=parts[0],
+                          inner_steps=inner_steps, schedule=schedule, screen_steps=screen_steps,
+                          proxy_fraction=proxy_fraction, memorization=parts[0],
                           quality=parts[1], quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
                           max_trainable_percent=max_trainable_percent, batch_size=batch_size, seed=seed, device=device,
                           preference=_floats(preference, "--preference") if preference else None)

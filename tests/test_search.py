@@ -174,3 +174,36 @@ def test_search_settings_errors():
                       (dict(population=1), "--population")]:
         with pytest.raises(ConfigError, match=match):
             SearchConfig(**kw)
+
+
+def test_screen_schedule_promotes_the_screening_front(tmp_path, tiny_dir_eps, tiny_dataset):
+    from memaudit.mitigate.search import EvaluationLog, SearchConfig, pareto_front, run_mask_search
+
+    cfg = SearchConfig(method="difffit", population=3, generations=1, inner_steps=3, schedule="screen", screen_steps=1,
+                       batch_size=2, val_fraction=0.25, lr_choices=(1e-3,), generations_per_prompt=2, sample_steps=2,
+                       quality_features="pixels", device="cpu")
+    out = tmp_path / "screen"
+    doc = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
+    screened = EvaluationLog(out / "evaluations.jsonl").rows
+    promoted = EvaluationLog(out / "promoted.jsonl").rows
+    assert screened and all(r["inner_steps"] in (0, 1) for r in screened)  # 0: an all-zero mask trains nothing
+    screen_front = pareto_front(screened, ["memorization", "quality"])
+    # exactly the screening front is trained again, for the full inner steps
+    assert sorted(r["key"] for r in promoted) == sorted(r["key"] for r in screen_front)
+    assert all(r["inner_steps"] in (0, 3) for r in promoted)
+    assert doc["chosen"]["key"] in {r["key"] for r in promoted} and doc["screening"]["evaluations"] == len(screened)
+    assert doc["chosen"]["objectives"] == next(r for r in promoted if r["key"] == doc["chosen"]["key"])["objectives"]
+    assert doc["inner_steps_total"] == sum(r["inner_steps"] for r in screened + promoted)
+    again = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
+    assert again["evaluated_now"] == 0 and again["chosen"] == doc["chosen"]
+
+
+def test_screen_settings_errors():
+    from memaudit.mitigate.search import SearchConfig
+
+    assert SearchConfig(schedule="screen", inner_steps=150).screen_steps == 30
+    assert SearchConfig().screen_steps is None
+    for kw, match in [(dict(schedule="halving"), "--schedule"),
+                      (dict(schedule="screen", inner_steps=10, screen_steps=20), "--screen-steps")]:
+        with pytest.raises(ConfigError, match=match):
+            SearchConfig(**kw)

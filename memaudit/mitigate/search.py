@@ -16,6 +16,11 @@ also the cache and the resume point:
   starting it again gives the same log as a search never interrupted.
 
 The settings and seed are stored in ``search.json`` beside the log; resuming with other settings is refused.
+
+Two schedules. ``plain``: every evaluation fine-tunes ``inner_steps``. ``screen`` (multi-fidelity): NSGA-II runs
+on *screening* evaluations that fine-tune only ``screen_steps``; its front among them is then fine-tuned for the
+full ``inner_steps`` and scored again (``promoted.jsonl``, cached and resumable like the log), and the front and the
+pick are made among those full evaluations only, so the chosen mask's scores are always full-fidelity ones.
 """
 
 from __future__ import annotations
@@ -231,6 +236,8 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
 
 # -- MemControl's search on a real model ------------------------------------------------------------------------
 MEMORIZATION = ("denoising", "extraction", "amd")
+SCHEDULES = ("plain", "screen")
+PROMOTED_FILE = "promoted.jsonl"
 QUALITY = ("kid", "fid")
 
 
@@ -262,6 +269,11 @@ class SearchConfig:
     min_clique: int = _help("extraction objective: clique size that flags a caption", default=3)
     max_trainable_percent: float | None = _help("constraint: at most this share of the UNet trains", default=None)
     preference: tuple | None = _help("weights (memorization, quality) for the pick; None: the knee point", default=None)
+    schedule: str = _help("plain: every evaluation fine-tunes inner_steps; screen: NSGA-II runs on short screening "
+                          "fine-tunes (screen_steps), then only the screening front is fine-tuned for inner_steps, "
+                          "and the pick is made among those", default="plain")
+    screen_steps: int | None = _help("screen: fine-tuning steps of a screening evaluation (None: inner_steps // 5)",
+                                     default=None)
     seed: int = _help("seed of the search, the splits, every fine-tune and every sample", default=0)
     device: str = _help("auto, cpu or cuda", default="auto")
 
@@ -269,6 +281,8 @@ class SearchConfig:
         from memaudit.mitigate.methods import GRANULARITIES, available_methods
 
         self.lr_choices = tuple(float(x) for x in self.lr_choices)
+        if self.schedule == "screen" and self.screen_steps is None:
+            self.screen_steps = max(1, self.inner_steps // 5)
         if self.preference is not None:
             self.preference = tuple(float(x) for x in self.preference)
         checks = [
@@ -278,6 +292,9 @@ class SearchConfig:
             (self.population >= 2 and self.generations >= 1, "--population must be >= 2 and --generations >= 1"),
             (len(self.lr_choices) >= 1 and all(x > 0 for x in self.lr_choices), "learning rate choices must be > 0"),
             (self.inner_steps >= 1, "--inner-steps must be at least 1"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.screen_steps is None or 1 <= self.screen_steps <= self.inner_steps,
+             "--screen-steps must be between 1 and --inner-steps"),
             (0 < self.proxy_fraction <= 1, "--proxy-fraction must be in (0, 1]"),
             (0 < self.val_fraction < 1, "the validation fraction must be in (0, 1)"),
             (self.memorization in MEMORIZATION, f"--memorization must be one of {', '.join(MEMORIZATION)}"),
@@ -329,23 +346,26 @@ class MaskEvaluator:
         self.target.unet = copy.deepcopy(self.pristine).to(self.target.device)
         return get_method(method or self.config.method, self.target.unet, self.config.granularity)
 
-    def __call__(self, mask: list[int] | None, lr: float, method: str | None = None) -> dict:
-        """Fine-tune with ``mask`` (None: every unit) at ``lr`` and score; ``method`` overrides the searched one."""
+    def __call__(self, mask: list[int] | None, lr: float, method: str | None = None, steps: int | None = None) -> dict:
+        """Fine-tune with ``mask`` (None: every unit) at ``lr`` for ``steps`` (default: the inner steps) and score;
+        ``method`` overrides the searched one."""
         from memaudit.train import TrainConfig, train_unet
 
         cfg = self.config
+        steps = cfg.inner_steps if steps is None else steps
         peft = self.fresh(method)
         params = peft.parameters_for(mask if mask is not None else [1] * len(peft.units()))
         n = sum(p.numel() for p in params)
         if params:
-            train_unet(self.target, self.proxy, TrainConfig(steps=cfg.inner_steps, batch_size=cfg.batch_size,
+            train_unet(self.target, self.proxy, TrainConfig(steps=steps, batch_size=cfg.batch_size,
                                                             learning_rate=lr, seed=cfg.seed, log_every=0),
                        params=params, progress=lambda s, t, _logs: self.progress("step", s, t))
         self.target.unet.eval()
         mem, details = self.memorization()
         quality = self.quality()
         return {"objectives": {"memorization": mem, "quality": quality}, "trainable_parameters": n,
-                "trainable_percent": 100.0 * n / self.summary["unet_parameters"], "details": details}
+                "trainable_percent": 100.0 * n / self.summary["unet_parameters"], "details": details,
+                "inner_steps": steps if params else 0}
 
     def _sample(self, captions: list[str], seed: int):
         from memaudit.sampling import Sampler
@@ -421,6 +441,8 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     settings_file = out / SETTINGS_FILE
     if settings_file.is_file():
         earlier = json.loads(settings_file.read_text())
+        for key, default in (("schedule", "plain"), ("screen_steps", None)):  # logs written before these existed
+            earlier.get("settings", {}).setdefault(key, default)
         if {k: earlier.get(k) for k in settings} != settings:
             raise ConfigError(f"{out} holds a search with other settings, base or data; run the same command to resume "
                               "it, or choose another --out.")
@@ -430,29 +452,62 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
 
         atomic_write_json(settings_file, {**settings, "versions": _versions()})
     evaluator = MaskEvaluator(target, proxy, val, config, progress)
-    result = nsga2_search(len(evaluator.units), evaluator, out / LOG_FILE, objectives=OBJECTIVES,
-                          lr_choices=config.lr_choices, population=config.population, generations=config.generations,
-                          seed=config.seed, max_trainable_percent=config.max_trainable_percent,
-                          preference=config.preference, progress=progress)
+    screen = config.schedule == "screen"
+    steps = config.screen_steps if screen else config.inner_steps
+    result = nsga2_search(len(evaluator.units), lambda mask, lr: evaluator(mask, lr, steps=steps), out / LOG_FILE,
+                          objectives=OBJECTIVES, lr_choices=config.lr_choices, population=config.population,
+                          generations=config.generations, seed=config.seed,
+                          max_trainable_percent=config.max_trainable_percent, preference=config.preference,
+                          progress=progress)
+    rows, front, chosen, evaluated = result.rows, result.front, result.chosen, result.evaluated
+    if screen:
+        rows, evaluated_full = _promote(evaluator, result.front, out, config, progress)
+        evaluated += evaluated_full
+        front = pareto_front(rows, OBJECTIVES, config.max_trainable_percent)
+        chosen = choose(front, OBJECTIVES, config.preference)
     # references: the method's default (every unit, its default learning rate) and full fine-tuning
     references = _references(evaluator, out, config)
-    chosen = result.chosen
     mask_doc = {"kind": "memaudit.mask", "schema_version": 1, "method": config.method,
                 "granularity": config.granularity, "units": [u.name for u in evaluator.units],
                 "unit_parameters": [u.count for u in evaluator.units], "base": str(base), "seed": config.seed,
-                "inner_steps": config.inner_steps, "pick": "knee point" if config.preference is None
+                "inner_steps": config.inner_steps, "schedule": config.schedule,
+                "pick": "knee point" if config.preference is None
                 else f"weighted sum {list(config.preference)}"}
     if chosen is not None:
         mask_doc.update({"mask": chosen["mask"], "learning_rate": chosen["learning_rate"],
                          "objectives": chosen["objectives"], "trainable_parameters": chosen["trainable_parameters"],
                          "trainable_percent": chosen["trainable_percent"]})
         atomic_write_json(out / "mask.json", mask_doc)
-    front_doc = {"objectives": list(OBJECTIVES), "front": result.front, "chosen": chosen, "references": references,
-                 "evaluations": len(result.rows), "evaluated_now": result.evaluated, "history": result.history,
-                 "memorization": config.memorization, "quality": config.quality}
+    all_rows = result.rows + (rows if screen else [])
+    front_doc = {"objectives": list(OBJECTIVES), "front": front, "chosen": chosen, "references": references,
+                 "evaluations": len(all_rows), "evaluated_now": evaluated, "history": result.history,
+                 "memorization": config.memorization, "quality": config.quality, "schedule": config.schedule,
+                 "inner_steps_total": sum(r.get("inner_steps", config.inner_steps) for r in all_rows)}
+    if screen:
+        front_doc["screening"] = {"evaluations": len(result.rows), "steps": config.screen_steps,
+                                  "front": result.front}
     atomic_write_json(out / "pareto.json", front_doc)
-    atomic_write_bytes(out / "pareto.png", pareto_png(result.rows, result.front, chosen, references, config))
+    atomic_write_bytes(out / "pareto.png", pareto_png(rows, front, chosen, references, config))
     return front_doc
+
+
+def _promote(evaluator: MaskEvaluator, screening_front: Sequence[dict], out: Path, config: SearchConfig,
+             progress: Progress | None) -> tuple[list[dict], int]:
+    """The screen schedule's second stage: every mask of the screening front fine-tuned for the full inner steps
+    and scored again (cached and resumable in ``promoted.jsonl``). Returns those rows and how many ran now."""
+    log, ran = EvaluationLog(out / PROMOTED_FILE), 0
+    for k, row in enumerate(screening_front):
+        if log.get(row["key"]) is None:
+            t0 = time.perf_counter()
+            res = evaluator(row["mask"], row["learning_rate"])
+            log.append({**res, "key": row["key"], "mask": row["mask"], "learning_rate": row["learning_rate"],
+                        "seed": config.seed, "index": len(log), "screen_index": row["index"],
+                        "screen_objectives": row["objectives"], "wall_time_s": time.perf_counter() - t0})
+            ran += 1
+        if progress is not None:
+            progress("promotion", k + 1, len(screening_front))
+    keys = {r["key"] for r in screening_front}
+    return [r for r in log.rows if r["key"] in keys], ran
 
 
 def _references(evaluator: MaskEvaluator, out: Path, config: SearchConfig) -> dict:
