@@ -42,11 +42,37 @@ def plain_diffusers(model: str, prompts: list[str], generations: int, steps: int
     return time.perf_counter() - t0
 
 
+def measure(model: str, prompts: list[str], train, generations: int, steps: int, guidance: float, batch_size: int,
+            device: str, repeats: int) -> dict:
+    """Time plain diffusers sampling and ``run_audit`` on the same images, alternating, ``repeats`` times each.
+
+    ``train`` is the training dataset the audit compares against. Returns the raw times (``plain_s``, ``audit_s``,
+    seconds, in run order), the number of ``images``, the ``ratio`` of the best audit time to the best plain time,
+    and the ``seed`` of the generations.
+    """
+    from memaudit.audit import AuditConfig, run_audit
+
+    cfg = AuditConfig(generations=generations, steps=steps, guidance=guidance, batch_size=batch_size,
+                      min_clique=min(5, generations), device=device)
+    plain, audit = [], []
+    out = Path(tempfile.mkdtemp())
+    try:
+        for _ in range(repeats):
+            plain.append(plain_diffusers(model, prompts, generations, steps, guidance, batch_size, cfg.seed, device))
+            shutil.rmtree(out / "a", ignore_errors=True)
+            t0 = time.perf_counter()
+            run_audit(model, train, out / "a", prompts=prompts, config=cfg)
+            audit.append(time.perf_counter() - t0)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"images": len(prompts) * generations, "plain_s": plain, "audit_s": audit,
+            "ratio": min(audit) / min(plain), "seed": cfg.seed}
+
+
 def main(argv=None) -> int:
     import diffusers
 
     from memaudit import demo
-    from memaudit.audit import AuditConfig, run_audit
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(demo.FULL_FT_MODEL))
@@ -62,22 +88,11 @@ def main(argv=None) -> int:
     diffusers.utils.logging.disable_progress_bar()
     train = demo.faces_dataset("train")
     prompts = train.captions[: args.prompts]
-    cfg = AuditConfig(generations=args.generations, steps=args.steps, guidance=args.guidance,
-                      batch_size=args.batch_size, min_clique=min(5, args.generations), device=args.device)
-    plain, audit = [], []
-    out = Path(tempfile.mkdtemp())
-    for _ in range(args.repeats):
-        plain.append(plain_diffusers(args.model, prompts, args.generations, args.steps, args.guidance,
-                                     args.batch_size, cfg.seed, args.device))
-        shutil.rmtree(out / "a", ignore_errors=True)
-        t0 = time.perf_counter()
-        run_audit(args.model, train, out / "a", prompts=prompts, config=cfg)
-        audit.append(time.perf_counter() - t0)
-    shutil.rmtree(out, ignore_errors=True)
+    result = measure(args.model, prompts, train, args.generations, args.steps, args.guidance, args.batch_size,
+                     args.device, args.repeats)
+    plain, audit, ratio, n = result["plain_s"], result["audit_s"], result["ratio"], result["images"]
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    n = len(prompts) * args.generations
-    ratio = min(audit) / min(plain)
     print(f"machine: {machine}; torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"{n} images ({len(prompts)} prompts x {args.generations}), {args.steps} steps, batch {args.batch_size}; "
           f"best of {args.repeats}")

@@ -1,0 +1,251 @@
+"""Every fine-tuning method, alone and with each baseline, measured the same way: benchmarks/RESULTS.md section 8.
+
+The MemControl paper's comparison on the bundled faces. The bundled base is fine-tuned on the 80 training faces by
+freeze (nothing trains: the base itself), full fine-tuning, DiffFit, attention tuning, SV-DIFF (every unit) and
+SV-DIFF with the MemControl mask (``--mask``, a ``mask.json`` of ``memaudit mitigate search``; without one, the search
+runs first), each with the same steps, batch, seed and caption dropout; the learning rate is each method's default
+(full fine-tuning: the zoo's 3e-4; MemControl: the one its search chose). Each model is then audited three times
+with the same settings: with no mitigation, with random word addition and with threshold mitigation. By default the
+two baselines act at inference time (``--mitigation-stage inference``: RWA in every prompt, the prompt-embedding
+optimization), which needs no extra fine-tuning; ``--mitigation-stage training`` fine-tunes every method again with
+each baseline instead (three times the training).
+
+Columns: trainable share of the UNet, KID and FID of the held-out captions' generations against the 20 held-out
+faces (the bundled classifier's features), AMD (pixels), alignment, flagged prompts, extracted faces, mean denoising
+strength, and the fine-tuning wall time.
+
+    python benchmarks/table.py --quick          # about 15 minutes on two CPU cores
+    python benchmarks/table.py                  # hours; resumes: rerun the same command after an interruption
+
+``--quick`` trains 300 steps instead of 3,000 and audits with 4 generations per caption, 10 DDIM steps and a clique
+of 3 (the full mode uses the demo's audit: 10 generations, 25 steps, clique of 5). Every fine-tune resumes from its
+checkpoints and every finished audit is kept, so an interrupted run continues where it stopped. In the full mode a
+model already trained with exactly the same settings by ``benchmarks/baselines.py`` or ``benchmarks/memcontrol.py``
+(under ``--work``) is reused rather than trained again. Writes ``table.json`` (``table_quick.json``) and prints the
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from common import audit_row, machine
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MASK = HERE / "memcontrol_mask.json"
+logger = logging.getLogger("benchmarks.table")
+
+# (row name, folder, fine-tune settings); "mask" means: the MemControl mask file's method, mask and learning rate
+METHODS = [
+    ("freeze", "freeze", {"method": "freeze"}),
+    ("full FT", "full_ft", {"method": "full", "learning_rate": 3e-4}),
+    ("DiffFit", "difffit", {"method": "difffit"}),
+    ("attention tuning", "attention", {"method": "attention"}),
+    ("SV-DIFF", "svdiff", {"method": "svdiff"}),
+    ("MemControl (SV-DIFF mask)", "memcontrol", "mask"),
+]
+MITIGATIONS = ("none", "rwa", "threshold")
+FULL = dict(steps=3000, audit={}, search=dict(population=8, generations=5, inner_steps=150))
+QUICK = dict(steps=300, audit={"generations": 4, "min_clique": 3, "steps": 10},
+             search=dict(population=4, generations=2, inner_steps=60))
+# where benchmarks/baselines.py and benchmarks/memcontrol.py leave models that the full mode may reuse
+REUSE = {"full_ft": ["full_ft"], "svdiff": ["memcontrol/svdiff_default"], "memcontrol": ["memcontrol/svdiff_memcontrol"]}
+COMPARED = ("method", "granularity", "mask", "mitigation", "steps", "batch_size", "learning_rate", "seed",
+            "caption_dropout", "rwa_words", "rwa_probability", "threshold", "threshold_quantile", "save_dtype")
+
+
+def same_settings(found: dict, wanted: dict) -> bool:
+    """Whether a finished fine-tune's recorded settings are ``wanted`` (older records lack granularity and mask)."""
+    defaults = {"granularity": "block", "mask": None}
+    return all(found.get(k, defaults.get(k)) == wanted.get(k, defaults.get(k)) for k in COMPARED)
+
+
+def finetune_config(spec, mask_doc: dict | None, steps: int, batch: int, seed: int, mitigation: str):
+    from memaudit.finetune import FinetuneConfig
+
+    if spec == "mask":
+        spec = {"method": mask_doc["method"], "granularity": mask_doc["granularity"], "mask": mask_doc["mask"],
+                "learning_rate": float(mask_doc["learning_rate"])}
+    return FinetuneConfig(**spec, steps=steps, batch_size=batch, seed=seed, mitigation=mitigation,
+                          checkpoint_every=250)
+
+
+def trained_model(work: Path, folder: str, cfg, *, reuse: bool, device: str, train) -> Path:
+    """The folder of a fine-tune with settings ``cfg``: an existing identical one, or a new one trained now."""
+    from memaudit import demo
+    from memaudit.finetune import SETTINGS_FILE, finetune
+
+    out = work / folder
+    wanted = cfg.to_dict()
+    candidates = [out] + ([work.parent / p for p in REUSE.get(folder, [])] if reuse and cfg.mitigation == "none" else [])
+    for path in candidates:
+        settings_file = path / SETTINGS_FILE
+        if settings_file.is_file() and same_settings(json.loads(settings_file.read_text())["settings"], wanted):
+            return path
+    t0 = time.perf_counter()
+
+    def log(step, total, logs):
+        if step % 100 == 0 or step == total:
+            logger.info("%s %d/%d loss %.4f (%.0f s)", folder, step, total, logs.get("running_loss", float("nan")),
+                        time.perf_counter() - t0)
+
+    finetune(str(demo.BASE_MODEL), train, out, cfg, device=device, progress=log)
+    return out
+
+
+def mask_document(path: Path, work: Path, plan: dict, device: str, train) -> tuple[dict, str]:
+    """The MemControl mask: read from ``path``, or found by a search run now (resumable) under ``work``."""
+    from memaudit import demo
+    from memaudit.demo.build import ZooSettings
+    from memaudit.mitigate.finetune import read_mask
+    from memaudit.mitigate.search import SearchConfig, run_mask_search
+
+    if path.is_file():
+        return read_mask(path), str(path)
+    logger.info("no mask at %s: running the mask search under %s", path, work / "search")
+    zoo = ZooSettings()
+    cfg = SearchConfig(method="svdiff", granularity="block", memorization="amd", quality_features="demo",
+                       batch_size=zoo.ft_batch, seed=zoo.seed, device=device, **plan["search"])
+    run_mask_search(str(demo.BASE_MODEL), train, work / "search", cfg)
+    return read_mask(work / "search" / "mask.json"), str(work / "search" / "mask.json")
+
+
+def main(argv=None) -> int:
+    from memaudit import demo
+    from memaudit.audit import AuditConfig, _versions, run_audit
+    from memaudit.demo.build import ZooSettings
+    from memaudit.demo.run import DEMO_SETTINGS
+    from memaudit.finetune import SETTINGS_FILE
+    from memaudit.io import atomic_write_json
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="300 steps, 4 generations: about 15 minutes on 2 CPU cores")
+    ap.add_argument("--work", type=Path, default=HERE / "zoo", help="where models and audits go")
+    ap.add_argument("--mask", type=Path, default=DEFAULT_MASK, help="the MemControl mask.json (searched when absent)")
+    ap.add_argument("--mitigation-stage", choices=["inference", "training"], default="inference")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # 2 steps, 2 generations: checks wiring
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    plan = QUICK if args.quick else FULL
+    if args.smoke:
+        plan = dict(steps=2, audit={"generations": 2, "min_clique": 2, "steps": 2},
+                    search=dict(population=2, generations=1, inner_steps=2))
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    work = args.work / ("table" if mode == "full" else f"table-{mode}")
+    if args.mitigation_stage == "training":
+        work = work.with_name(work.name + "-training")
+    zoo = ZooSettings()
+    train, heldout = demo.faces_dataset("train"), demo.faces_dataset("heldout")
+    mask_doc, mask_source = mask_document(args.mask, work, plan, args.device, train)
+    audit_settings = {**DEMO_SETTINGS, **plan["audit"], "seed": zoo.seed, "device": args.device}
+
+    rows, t_start = [], time.perf_counter()
+    for name, folder, spec in METHODS:
+        for mitigation in MITIGATIONS:
+            train_mit = mitigation if args.mitigation_stage == "training" else "none"
+            infer_mit = mitigation if args.mitigation_stage == "inference" else "none"
+            cfg = finetune_config(spec, mask_doc, plan["steps"], zoo.ft_batch, zoo.seed, train_mit)
+            model = trained_model(work, folder + ("" if train_mit == "none" else f"_{train_mit}"), cfg,
+                                  reuse=mode == "full", device=args.device, train=train)
+            out = work / "audits" / f"{model.name}_{mitigation}"
+            if (out / "results.json").is_file():
+                res = json.loads((out / "results.json").read_text())
+            else:
+                t0 = time.perf_counter()
+                res = run_audit(str(model), train, out, prompts=train.captions, heldout=heldout,
+                                config=AuditConfig(**{**audit_settings, "mitigation": infer_mit}))
+                logger.info("%s / %s audited in %.0f s", name, mitigation, time.perf_counter() - t0)
+            ft = json.loads((model / SETTINGS_FILE).read_text())
+            rows.append({"name": name, "method": cfg.method, "mitigation": mitigation, "model": str(model),
+                         "audit": str(out), "learning_rate": cfg.learning_rate, **audit_row(res, ft)})
+    command = "python benchmarks/table.py" + (" --quick" if args.quick else "") + (
+        f" --mitigation-stage {args.mitigation_stage}" if args.mitigation_stage != "inference" else "")
+    record = {"command": command, "mode": mode, "mitigation_stage": args.mitigation_stage,
+              "machine": machine(args.device), "versions": _versions(), "seed": zoo.seed,
+              "finetune": {"steps": plan["steps"], "batch_size": zoo.ft_batch, "caption_dropout": 0.1},
+              "audit_settings": audit_settings, "mask": {**mask_doc, "source": mask_source},
+              "wall_time_s": time.perf_counter() - t_start, "rows": rows}
+    atomic_write_json(work / "table.json", record)
+    if mode != "smoke":
+        atomic_write_json(HERE / ("table.json" if mode == "full" else f"table_{mode}.json"), record)
+    if mode != "smoke":
+        worst_grid(record, HERE / f"worst_faces{'' if mode == 'full' else '_' + mode}.png", device=args.device)
+    else:
+        worst_grid(record, work / "worst_faces.png", device=args.device)
+    print(markdown(record))
+    return 0
+
+
+def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu") -> Path:
+    """A PNG grid: per method (no mitigation), its generations closest to a training face (smallest AMD distance,
+    one per face), each beside that training face. The generations are drawn again from their recorded seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from memaudit import demo
+    from memaudit.io import atomic_write_bytes
+    from memaudit.sampling import Sampler
+    from memaudit.target import load_target
+
+    train = demo.faces_dataset("train")
+    rows = [r for r in record["rows"] if r["mitigation"] == "none"]
+    fig, axes = plt.subplots(len(rows), 2 * per_method, figsize=(2 * per_method * 1.1, len(rows) * 1.25),
+                             squeeze=False)
+    for row_axes, r in zip(axes, rows):
+        res = json.loads((Path(r["audit"]) / "results.json").read_text())
+        images, picked, seen = sorted(res["images"], key=lambda im: im["min_cosine_distance"]), [], set()
+        for im in images:
+            if im["nearest_train_index"] not in seen:
+                seen.add(im["nearest_train_index"])
+                picked.append(im)
+            if len(picked) == per_method:
+                break
+        sampler = Sampler(load_target(r["model"], device=device), steps=record["audit_settings"]["steps"],
+                          guidance=record["audit_settings"]["guidance"])
+        prompts = [res["prompts"][im["prompt_index"]]["prompt"] for im in picked]
+        generated = sampler.sample_batch(prompts, [im["seed"] for im in picked])[0]
+        for k, im in enumerate(picked):
+            for j, (img, title) in enumerate([(generated[k], f"d={im['min_cosine_distance']:.3f}"),
+                                              ((train.images[im["nearest_train_index"]] + 1) / 2, "training")]):
+                ax = row_axes[2 * k + j]
+                ax.imshow(img[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(title, fontsize=6)
+        row_axes[0].set_ylabel(r["name"].replace(" (SV-DIFF mask)", ""), fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("closest generation to a training face, per method (left) and that face (right)", fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def markdown(record: dict) -> str:
+    stage = record["mitigation_stage"]
+    lines = [f"| method | mitigation ({stage}) | trainable % | KID (demo) | FID (demo) | AMD (pixels) | "
+             "alignment | flagged prompts | extracted faces | mean denoising | fine-tune wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        lines.append(f"| {r['name']} | {r['mitigation']} | {r['trainable_percent']:.3f} | "
+                     f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['fid']:.2f} | {r['amd']:.4f} | "
+                     f"{r['alignment']:.3f} | {r['flagged_prompts']}/{r['prompts']} | "
+                     f"**{r['extracted_training_images']}** | {r['denoising_mean']:.3f} | "
+                     f"{r['finetune_wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
