@@ -49,6 +49,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -410,8 +411,6 @@ def part_triage(args: argparse.Namespace) -> dict[str, Any]:
                          "evals_share": evals / full_evals, "wall_s": score_s + sub_s,
                          "wall_share": (score_s + sub_s) / full_s})
     finally:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     ok = [r for r in rows if r["found_share"] >= 0.95 and r["evals_share"] <= 0.20]
     lines = [f"partially memorized model ({model.name}: {len(dup)} of 80 faces duplicated); full attack: "
@@ -522,16 +521,11 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot_hv(curves: dict, target: float, path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from memaudit.io import atomic_write_bytes
+    from memaudit.report import _new_figure, _png_bytes
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = _new_figure(6, 4)
+    ax = fig.add_subplot()
     for name, curve in curves.items():
         ax.step([0] + [c[0] for c in curve], [0.0] + [c[1] for c in curve], where="post", label=name)
     ax.axhline(target, color="k", ls="--", lw=0.8, label="plain search's final hypervolume")
@@ -539,11 +533,7 @@ def _plot_hv(curves: dict, target: float, path: Path) -> None:
     ax.set_ylabel("hypervolume of the front")
     ax.set_title("mask search: hypervolume against inner-loop steps")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, _png_bytes(fig))
 
 
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

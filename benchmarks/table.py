@@ -126,11 +126,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 steps, 4 generations: about 15 minutes on 2 CPU cores")
     ap.add_argument("--work", type=Path, default=HERE / "zoo", help="where models and audits go")
-    ap.add_argument("--mask", type=Path, default=DEFAULT_MASK, help="the MemControl mask.json (searched when absent)")
+    ap.add_argument("--mask", type=Path, default=None,
+                    help=f"the MemControl mask.json (default {DEFAULT_MASK.name}; searched when that is absent)")
     ap.add_argument("--mitigation-stage", choices=["inference", "training"], default="inference")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # 2 steps, 2 generations: checks wiring
     args = ap.parse_args(argv)
+    if args.mask is not None and not args.mask.is_file():
+        ap.error(f"--mask {args.mask} does not exist; pass a mask.json of memaudit mitigate search, or leave --mask out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     plan = QUICK if args.quick else FULL
     if args.smoke:
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
         work = work.with_name(work.name + "-training")
     zoo = ZooSettings()
     train, heldout = demo.faces_dataset("train"), demo.faces_dataset("heldout")
-    mask_doc, mask_source = mask_document(args.mask, work, plan, args.device, train)
+    mask_doc, mask_source = mask_document(args.mask or DEFAULT_MASK, work, plan, args.device, train)
     audit_settings = {**DEMO_SETTINGS, **plan["audit"], "seed": zoo.seed, "device": args.device}
 
     rows, t_start = [], time.perf_counter()
@@ -170,7 +173,10 @@ def main(argv=None) -> int:
               "machine": machine(args.device), "versions": _versions(), "seed": zoo.seed,
               "finetune": {"steps": plan["steps"], "batch_size": zoo.ft_batch, "caption_dropout": 0.1},
               "audit_settings": audit_settings, "mask": {**mask_doc, "source": mask_source},
-              "wall_time_s": time.perf_counter() - t_start, "rows": rows}
+              "wall_time_s": time.perf_counter() - t_start, "rows": rows,
+              # the work itself, from the records (a rerun reads finished models and audits back)
+              "finetune_and_audit_s": sum({r["model"]: r["finetune_wall_time_s"] for r in rows}.values())
+              + sum(r["audit_wall_time_s"] for r in rows)}
     atomic_write_json(work / "table.json", record)
     if mode != "smoke":
         atomic_write_json(HERE / ("table.json" if mode == "full" else f"table_{mode}.json"), record)
@@ -185,20 +191,16 @@ def main(argv=None) -> int:
 def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu") -> Path:
     """A PNG grid: per method (no mitigation), its generations closest to a training face (smallest AMD distance,
     one per face), each beside that training face. The generations are drawn again from their recorded seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from memaudit import demo
     from memaudit.io import atomic_write_bytes
+    from memaudit.report import _new_figure, _png_bytes
     from memaudit.sampling import Sampler
     from memaudit.target import load_target
 
     train = demo.faces_dataset("train")
     rows = [r for r in record["rows"] if r["mitigation"] == "none"]
-    fig, axes = plt.subplots(len(rows), 2 * per_method, figsize=(2 * per_method * 1.1, len(rows) * 1.25),
-                             squeeze=False)
+    fig = _new_figure(2 * per_method * 1.1, len(rows) * 1.25)
+    axes = fig.subplots(len(rows), 2 * per_method, squeeze=False)
     for row_axes, r in zip(axes, rows):
         res = json.loads((Path(r["audit"]) / "results.json").read_text())
         images, picked, seen = sorted(res["images"], key=lambda im: im["min_cosine_distance"]), [], set()
@@ -223,13 +225,7 @@ def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("closest generation to a training face, per method (left) and that face (right)", fontsize=8)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, _png_bytes(fig))
     return path
 
 

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     from memaudit.audit import AuditConfig, _versions, run_audit
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
+    from memaudit.errors import ConfigError
     from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
     from memaudit.io import atomic_write_json
     from memaudit.mitigate.finetune import read_mask
@@ -70,7 +71,10 @@ def main(argv=None) -> int:
     steps = 600 if args.quick else zoo.ft_steps
     audit_over = {"generations": 4, "min_clique": 3, "steps": 10} if args.quick else {}
     work = args.work / ("transfer-quick" if args.quick else "transfer")
-    mask = read_mask(args.mask)
+    try:
+        mask = read_mask(args.mask)
+    except ConfigError as e:
+        ap.error(str(e))
     train, heldout = digits_datasets()
     models = {
         "full FT": FinetuneConfig(method="full", learning_rate=zoo.ft_lr),
