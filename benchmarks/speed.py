@@ -18,15 +18,17 @@ Parts (``--part``, repeatable or comma-separated; ``all`` runs every part, in th
     hit). Target: faiss faster than scikit-learn at every size, with recall@1 >= 0.99 for IVF.
 ``triage``
     On the partially memorized zoo variant of ``benchmarks/detection.py`` (8 of 80 faces duplicated 25 times):
-    score every training caption with the first-step denoising strength of a few generations (one UNet call per
-    image), run the full extraction attack only on the highest-scoring share of the captions, and compare with the
-    full attack on every caption, run in the same process: the share of its extracted faces found against the
-    share of its UNet evaluations spent. Target: >= 95% found for <= 20% spent.
+    score every training caption from one cheap pass over a few generations, run the full extraction attack only on
+    the highest-scoring share of the captions, and compare with the full attack on every caption, run in the same
+    process: the share of its extracted faces found against the share of its UNet evaluations spent. Two scores:
+    the first-step denoising strength (one UNet call per image) and the short-pass consistency (how alike the
+    generations of a 5-step sampling pass are). Target: >= 95% found for <= 20% spent.
 
 ``search``
     Hypervolume of the mask search's Pareto front against its total inner-loop fine-tuning steps, for plain NSGA-II
     (``benchmarks/memcontrol.py``'s search) and the ``screen`` schedule of :mod:`memaudit.mitigate.search`
-    (NSGA-II on short screening fine-tunes, then only their front fine-tuned for the full inner steps). Target: the
+    (NSGA-II on short screening fine-tunes, then the ``--search-promote`` masks that spread best along their front
+    fine-tuned for the full inner steps, the front's two ends first). Target: the
     plain search's final hypervolume at a third of its steps. Plot: ``search_hypervolume.png``.
 
 Other parts are added by putting a function ``part(args) -> dict`` into ``PARTS`` (and its options, named
@@ -38,7 +40,7 @@ one at a time accumulates one file.
     python benchmarks/speed.py [--part audit|nn|all ...] [--device cpu] [--json benchmarks/speed.json]
         [--audit-prompts 20 --audit-generations 10 --repeats 2]
         [--nn-sizes 1e4,1e5,1e6 --nn-dim 64 --nn-queries 1000 --nn-nprobe-high 64 --seed 0]
-        [--triage-generations 4 --triage-fractions 0.05,0.1,0.15,0.2]
+        [--triage-generations 4 --triage-short-steps 5 --triage-fractions 0.05,0.1,0.15,0.2]
 """
 
 from __future__ import annotations
@@ -362,13 +364,39 @@ def _bench_module(name: str):
         sys.path.remove(str(HERE))
 
 
-def part_triage(args: argparse.Namespace) -> dict[str, Any]:
-    """Score every caption with the first-step denoising strength, run the extraction attack on the top fraction only.
+def short_pass_scores(model: Path, prompts: list[str], generations: int, steps: int, seed: int, device: str,
+                      guidance: float, batch_size: int) -> np.ndarray:
+    """Per prompt, how alike its generations of a short sampling pass are: minus the mean pairwise tiled L2 distance
+    (the extraction attack's distance) between ``generations`` images of ``steps`` DDIM steps, drawn from the same
+    initial latents as the audit's first ``generations``. Memorized prompts give near-identical images: high score."""
+    import torch
 
-    On the partially memorized zoo variant of ``benchmarks/detection.py`` (built there, or here when absent). Both
-    sides run in this process: the full attack on all 80 training captions, then, for each fraction, the scoring
-    pass and the attack on the highest-scoring captions. UNet evaluations count one per image per denoising step
-    (a guided step is one batched call, on both sides alike)."""
+    from memaudit.attacks.extraction import tiled_distances
+    from memaudit.sampling import Sampler
+    from memaudit.target import load_target
+
+    sampler = Sampler(load_target(str(model), device=device), steps=steps, guidance=guidance, batch_size=batch_size,
+                      seed=seed)
+    images: torch.Tensor | None = None
+    for batch in sampler.run(prompts, generations):
+        if images is None:
+            images = torch.empty(len(prompts), generations, *batch.images.shape[1:])
+        images[batch.prompt_index, batch.generation] = batch.images
+    pairs = generations * (generations - 1)
+    return np.array([-float(tiled_distances(images[i]).sum()) / pairs for i in range(len(prompts))])
+
+
+def part_triage(args: argparse.Namespace) -> dict[str, Any]:
+    """Score every caption from one cheap pass, run the extraction attack on the top fraction only.
+
+    Two scores, both from ``--triage-generations`` images per caption with the audit's initial latents:
+    ``first-step strength`` (the denoising strength at the first sampling step: one UNet call per image) and
+    ``short-pass consistency`` (the images of a ``--triage-short-steps``-step sampling pass, scored by how alike
+    they are; :func:`short_pass_scores`). On the partially memorized zoo variant of ``benchmarks/detection.py``
+    (built there, or here when absent). Everything runs in this process: the full attack on all 80 training
+    captions, then, per score and fraction, the scoring pass and the attack on the highest-scoring captions (an
+    identical set of captions is attacked once). UNet evaluations count one per image per denoising step (a guided
+    step is one batched call, on both sides alike)."""
     import math
     import tempfile
 
@@ -382,59 +410,78 @@ def part_triage(args: argparse.Namespace) -> dict[str, Any]:
     captions = train.captions
     cfg = AuditConfig(**{**DEMO_SETTINGS, "quality_features": None, "alignment": None, "seed": 0,
                          "device": args.device})
+    g, short = args.triage_generations, args.triage_short_steps
     tmp = Path(tempfile.mkdtemp())
+    attacked: dict[frozenset, tuple[set[int], float, list[int]]] = {}
 
-    def attack(prompts: list[str], name: str) -> tuple[set[int], float]:
-        t0 = time.perf_counter()
-        res = run_audit(str(model), train, tmp / name, prompts=prompts, config=cfg)
-        wall = time.perf_counter() - t0
-        return {p["nearest_train_index"] for p in res["prompts"] if p["extracted"]}, wall
+    def attack(prompts: list[str]) -> tuple[set[int], float, list[int]]:
+        """Training faces extracted, wall time, and the positions in ``prompts`` of the extracted captions."""
+        key = frozenset(prompts)
+        if key not in attacked:
+            t0 = time.perf_counter()
+            res = run_audit(str(model), train, tmp / f"attack{len(attacked)}", prompts=prompts, config=cfg)
+            attacked[key] = ({p["nearest_train_index"] for p in res["prompts"] if p["extracted"]},
+                             time.perf_counter() - t0, [i for i, p in enumerate(res["prompts"]) if p["extracted"]])
+        return attacked[key]
 
+    scorers = {
+        "first-step strength": (lambda: detection.first_step_scores(
+            model, captions, g, seed=cfg.seed, device=args.device, steps=cfg.steps, guidance=cfg.guidance,
+            batch_size=cfg.batch_size), len(captions) * g),
+        "short-pass consistency": (lambda: short_pass_scores(
+            model, captions, g, short, seed=cfg.seed, device=args.device, guidance=cfg.guidance,
+            batch_size=cfg.batch_size), len(captions) * g * short),
+    }
     try:
-        full_set, full_s = attack(captions, "full")
+        full_set, full_s, full_prompts = attack(captions)
         full_evals = len(captions) * cfg.generations * cfg.steps
-        t0 = time.perf_counter()
-        scores = detection.first_step_scores(model, captions, args.triage_generations, seed=cfg.seed,
-                                             device=args.device, steps=cfg.steps, guidance=cfg.guidance,
-                                             batch_size=cfg.batch_size)
-        score_s = time.perf_counter() - t0
-        score_evals = len(captions) * args.triage_generations
-        order = np.argsort(-scores, kind="stable")
-        rows = []
-        for fraction in args.triage_fractions:
-            k = max(1, math.ceil(fraction * len(captions)))
-            found_set, sub_s = attack([captions[i] for i in order[:k]], f"top{k}")
-            evals = score_evals + k * cfg.generations * cfg.steps
-            rows.append({"fraction": fraction, "prompts": k, "found": len(found_set & full_set),
-                         "found_share": len(found_set & full_set) / len(full_set) if full_set else float("nan"),
-                         "extra_found": len(found_set - full_set), "unet_evals": evals,
-                         "evals_share": evals / full_evals, "wall_s": score_s + sub_s,
-                         "wall_share": (score_s + sub_s) / full_s})
+        rows, scoring = [], {}
+        for name, (score_fn, score_evals) in scorers.items():
+            t0 = time.perf_counter()
+            scores = score_fn()
+            score_s = time.perf_counter() - t0
+            order = np.argsort(-scores, kind="stable")
+            rank = {int(i): r + 1 for r, i in enumerate(order)}
+            scoring[name] = {"wall_s": score_s, "unet_evals": score_evals, "scores": scores.tolist(),
+                             "ranks_of_extracted": sorted(rank[i] for i in full_prompts)}
+            for fraction in args.triage_fractions:
+                k = max(1, math.ceil(fraction * len(captions)))
+                found_set, sub_s, _ = attack([captions[i] for i in order[:k]])
+                evals = score_evals + k * cfg.generations * cfg.steps
+                rows.append({"score": name, "fraction": fraction, "prompts": k, "found": len(found_set & full_set),
+                             "found_share": len(found_set & full_set) / len(full_set) if full_set else float("nan"),
+                             "extra_found": len(found_set - full_set), "unet_evals": evals,
+                             "evals_share": evals / full_evals, "wall_s": score_s + sub_s,
+                             "wall_share": (score_s + sub_s) / full_s})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ok = [r for r in rows if r["found_share"] >= 0.95 and r["evals_share"] <= 0.20]
     lines = [f"partially memorized model ({model.name}: {len(dup)} of 80 faces duplicated); full attack: "
              f"{len(captions)} captions x {cfg.generations} generations x {cfg.steps} steps = {full_evals:,} UNet "
-             f"evaluations, {full_s:.1f} s, {len(full_set)} training faces extracted. Scoring pass: first-step "
-             f"denoising strength of {args.triage_generations} generations per caption ({score_evals} evaluations, "
-             f"{score_s:.1f} s).",
+             f"evaluations, {full_s:.1f} s, {len(full_set)} training faces extracted. Scoring passes, {g} generations "
+             f"per caption: first-step strength ({scorers['first-step strength'][1]:,} evaluations, "
+             f"{scoring['first-step strength']['wall_s']:.1f} s; the extracted captions rank "
+             f"{scoring['first-step strength']['ranks_of_extracted']}); short-pass consistency, {short} steps "
+             f"({scorers['short-pass consistency'][1]:,} evaluations, "
+             f"{scoring['short-pass consistency']['wall_s']:.1f} s; ranks "
+             f"{scoring['short-pass consistency']['ranks_of_extracted']}).",
              "",
-             "| attacked share of captions | captions | extracted faces found | share found | UNet evaluations "
+             "| score | attacked share of captions | captions | extracted faces found | share found | UNet evaluations "
              "(scoring + attack) | share of full attack's evaluations | wall s | share of full attack's wall time |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['fraction']:.0%} | {r['prompts']} | {r['found']} of {len(full_set)} | "
+        lines.append(f"| {r['score']} | {r['fraction']:.0%} | {r['prompts']} | {r['found']} of {len(full_set)} | "
                      f"**{r['found_share']:.0%}** | {r['unet_evals']:,} | **{r['evals_share']:.1%}** | "
                      f"{r['wall_s']:.1f} | {r['wall_share']:.1%} |")
+    best = min(ok, key=lambda r: r["evals_share"]) if ok else None
     lines += ["", "target >= 95% found for <= 20% of the UNet evaluations: " + (
-        f"met (smallest: {ok[0]['fraction']:.0%} of captions, {ok[0]['found_share']:.0%} found for "
-        f"{ok[0]['evals_share']:.1%})" if ok else "MISSED")]
-    return {"settings": {"model": str(model), "duplicated_faces": dup, "audit": cfg.to_dict(), "scoring_generations": args.triage_generations,
-                         "fractions": args.triage_fractions},
+        f"met (cheapest: {best['score']}, {best['fraction']:.0%} of captions, {best['found_share']:.0%} found for "
+        f"{best['evals_share']:.1%})" if ok else "MISSED")]
+    return {"settings": {"model": str(model), "duplicated_faces": dup, "audit": cfg.to_dict(), "scoring_generations": g,
+                         "short_pass_steps": short, "fractions": args.triage_fractions},
             "seeds": {"generation": cfg.seed}, "full_attack": {"extracted": sorted(full_set), "wall_s": full_s,
                                                                "unet_evals": full_evals},
-            "scoring": {"wall_s": score_s, "unet_evals": score_evals, "scores": scores.tolist()},
-            "rows": rows, "met": bool(ok), "markdown": "\n".join(lines)}
+            "scoring": scoring, "rows": rows, "met": bool(ok), "markdown": "\n".join(lines)}
 
 
 # -- part: search --------------------------------------------------------------------------------------------------
@@ -469,7 +516,8 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
     folders = {"plain": args.search_work / "search", "screen": args.search_work / "search-screen"}
     configs = {"plain": memcontrol.search_config(memcontrol.FULL, args.device),
                "screen": memcontrol.search_config(memcontrol.FULL, args.device, schedule="screen",
-                                                  screen_steps=args.search_screen_steps)}
+                                                  screen_steps=args.search_screen_steps,
+                                                  promote=args.search_promote)}
     wall = {}
     for name, folder in folders.items():
         t0 = time.perf_counter()
@@ -501,7 +549,8 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
     lines = [f"SV-DIFF block masks on the bundled faces, memorization = -AMD and quality = KID (demo features); "
              f"population {configs['plain'].population} x {configs['plain'].generations} generations; inner loop "
              f"{configs['plain'].inner_steps} steps; screen schedule: screening fine-tunes of "
-             f"{configs['screen'].screen_steps} steps, then the screening front at {configs['screen'].inner_steps}. "
+             f"{configs['screen'].screen_steps} steps, then {configs['screen'].promote or 'all'} masks of the screening "
+             f"front, spread along it, at {configs['screen'].inner_steps}. "
              f"Reference point ({ref[0]:.4f}, {ref[1]:.4f}).",
              "",
              "| schedule | evaluations | total inner steps | final hypervolume | vs plain | steps to reach plain's final "
@@ -588,6 +637,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--triage-work", type=Path, default=HERE / "zoo" / "detection",
                    help="where benchmarks/detection.py keeps the partially memorized model (built when absent)")
     g.add_argument("--triage-generations", type=int, default=4, help="generations per caption of the scoring pass")
+    g.add_argument("--triage-short-steps", type=int, default=5,
+                   help="sampling steps of the short-pass consistency score (default 5)")
     g.add_argument("--triage-fractions", type=lambda t: [float(x) for x in t.split(",")],
                    default=[0.05, 0.1, 0.15, 0.2], help="shares of the captions attacked (default 0.05,0.1,0.15,0.2)")
     g = ap.add_argument_group("search")
@@ -595,6 +646,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="benchmarks/memcontrol.py's work folder (its search is the plain one)")
     g.add_argument("--search-screen-steps", type=int, default=None,
                    help="steps of a screening fine-tune (default: inner steps / 5)")
+    g.add_argument("--search-promote", type=int, default=5,
+                   help="screening-front masks trained for the full inner steps, spread along the front (default 5: "
+                        "40 screening fine-tunes of 30 steps plus 5 of 150 is 1,950 steps, under a third of 6,000)")
     return ap
 
 

@@ -55,6 +55,8 @@ QUICK = dict(steps=300, audit={"generations": 4, "min_clique": 3, "steps": 10},
              search=dict(population=4, generations=2, inner_steps=60))
 # where benchmarks/baselines.py and benchmarks/memcontrol.py leave models that the full mode may reuse
 REUSE = {"full_ft": ["full_ft"], "svdiff": ["memcontrol/svdiff_default"], "memcontrol": ["memcontrol/svdiff_memcontrol"]}
+# where those benchmarks leave their audits; one of the same model with identical settings is reused in the full mode
+REUSE_AUDITS = ("audits", "memcontrol/audits")
 COMPARED = ("method", "granularity", "mask", "mitigation", "steps", "batch_size", "learning_rate", "seed",
             "caption_dropout", "rwa_words", "rwa_probability", "threshold", "threshold_quantile", "save_dtype")
 
@@ -96,6 +98,21 @@ def trained_model(work: Path, folder: str, cfg, *, reuse: bool, device: str, tra
 
     finetune(str(demo.BASE_MODEL), train, out, cfg, device=device, progress=log)
     return out
+
+
+def reusable_audit(work: Path, model: Path, config, train, heldout) -> Path | None:
+    """A finished audit under ``REUSE_AUDITS`` of the same model, training set, held-out set and settings."""
+    wanted = json.loads(json.dumps(config.to_dict()))  # tuples as the JSON record has them: lists
+    for folder in REUSE_AUDITS:
+        for results in sorted((work.parent / folder).glob("*/results.json")):
+            res = json.loads(results.read_text())
+            same = (Path(res.get("model", "")).resolve() == model.resolve()
+                    and all(res["settings"].get(k) == v for k, v in wanted.items())
+                    and res.get("train") == train.source and res.get("heldout") == heldout.source
+                    and len(res["prompts"]) == len(train.captions))
+            if same:
+                return results.parent
+    return None
 
 
 def mask_document(path: Path, work: Path, plan: dict, device: str, train) -> tuple[dict, str]:
@@ -157,12 +174,15 @@ def main(argv=None) -> int:
             model = trained_model(work, folder + ("" if train_mit == "none" else f"_{train_mit}"), cfg,
                                   reuse=mode == "full", device=args.device, train=train)
             out = work / "audits" / f"{model.name}_{mitigation}"
+            config = AuditConfig(**{**audit_settings, "mitigation": infer_mit})
+            if mode == "full" and not (out / "results.json").is_file():
+                out = reusable_audit(work, model, config, train, heldout) or out
             if (out / "results.json").is_file():
                 res = json.loads((out / "results.json").read_text())
             else:
                 t0 = time.perf_counter()
                 res = run_audit(str(model), train, out, prompts=train.captions, heldout=heldout,
-                                config=AuditConfig(**{**audit_settings, "mitigation": infer_mit}))
+                                config=config)
                 logger.info("%s / %s audited in %.0f s", name, mitigation, time.perf_counter() - t0)
             ft = json.loads((model / SETTINGS_FILE).read_text())
             rows.append({"name": name, "method": cfg.method, "mitigation": mitigation, "model": str(model),

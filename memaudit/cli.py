@@ -320,6 +320,8 @@ def mitigate_search(
                                                "train only the screening front for --inner-steps")] = "plain",
     screen_steps: Annotated[int | None, typer.Option(help="screen: steps of a screening fine-tune (default: "
                                                           "inner steps / 5)")] = None,
+    promote: Annotated[int | None, typer.Option(help="screen: train at most this many screening-front masks for "
+                                                     "--inner-steps, spread along the front (default: all)")] = None,
     proxy_fraction: Annotated[float, typer.Option(help="share of the training images the inner loop uses")] = 0.5,
     objectives: Annotated[str, typer.Option(help="MEM,QUALITY: denoising|extraction|amd , kid|fid")] = "denoising,kid",
     quality_features: Annotated[str, typer.Option(help="feature space of the quality objective")] = "pixels",
@@ -339,7 +341,7 @@ def mitigate_search(
     if len(parts) != 2:
         raise _user_error(f"--objectives {objectives!r} must be MEM,QUALITY, e.g. denoising,kid.")
     config = SearchConfig(method=method, granularity=granularity, population=population, generations=generations,
-                          inner_steps=inner_steps, schedule=schedule, screen_steps=screen_steps,
+                          inner_steps=inner_steps, schedule=schedule, screen_steps=screen_steps, promote=promote,
                           proxy_fraction=proxy_fraction, memorization=parts[0],
                           quality=parts[1], quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
                           max_trainable_percent=max_trainable_percent, batch_size=batch_size, seed=seed, device=device,

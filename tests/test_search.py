@@ -177,7 +177,9 @@ def test_search_settings_errors():
 
 
 def test_screen_schedule_promotes_the_screening_front(tmp_path, tiny_dir_eps, tiny_dataset):
-    from memaudit.mitigate.search import EvaluationLog, SearchConfig, pareto_front, run_mask_search
+    from dataclasses import replace
+
+    from memaudit.mitigate.search import EvaluationLog, SearchConfig, pareto_front, run_mask_search, spread_order
 
     cfg = SearchConfig(method="difffit", population=3, generations=1, inner_steps=3, schedule="screen", screen_steps=1,
                        batch_size=2, val_fraction=0.25, lr_choices=(1e-3,), generations_per_prompt=2, sample_steps=2,
@@ -196,6 +198,12 @@ def test_screen_schedule_promotes_the_screening_front(tmp_path, tiny_dir_eps, ti
     assert doc["inner_steps_total"] == sum(r["inner_steps"] for r in screened + promoted)
     again = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
     assert again["evaluated_now"] == 0 and again["chosen"] == doc["chosen"]
+    # --promote 1: only the first mask of the screening front's spread order is trained again
+    one = run_mask_search(str(tiny_dir_eps), tiny_dataset, tmp_path / "one", replace(cfg, promote=1))
+    first = spread_order(pareto_front(EvaluationLog(tmp_path / "one" / "evaluations.jsonl").rows,
+                                      ["memorization", "quality"]))[0]
+    assert [r["key"] for r in EvaluationLog(tmp_path / "one" / "promoted.jsonl").rows] == [first["key"]]
+    assert one["chosen"]["key"] == first["key"] and one["screening"]["promoted"] == 1
 
 
 def test_screen_settings_errors():
@@ -204,6 +212,19 @@ def test_screen_settings_errors():
     assert SearchConfig(schedule="screen", inner_steps=150).screen_steps == 30
     assert SearchConfig().screen_steps is None
     for kw, match in [(dict(schedule="halving"), "--schedule"),
-                      (dict(schedule="screen", inner_steps=10, screen_steps=20), "--screen-steps")]:
+                      (dict(schedule="screen", inner_steps=10, screen_steps=20), "--screen-steps"),
+                      (dict(schedule="screen", promote=0), "--promote")]:
         with pytest.raises(ConfigError, match=match):
             SearchConfig(**kw)
+
+
+def test_spread_order_takes_the_ends_then_the_farthest_point():
+    from memaudit.mitigate.search import spread_order
+
+    # a front from (0, 10) to (10, 0); scaled to [0, 1] per objective. After the two ends, (5, 5) is farthest from
+    # both (distance sqrt(0.5)); then (2, 8) and (8, 2) tie at sqrt(0.08) from their nearest, and the earlier row wins.
+    pts = [(2, 8), (0, 10), (5, 5), (8, 2), (10, 0), (9, 1)]
+    front = [{"key": str(p), "objectives": {"memorization": p[0], "quality": p[1]}} for p in pts]
+    order = [r["key"] for r in spread_order(front)]
+    assert order == ["(0, 10)", "(10, 0)", "(5, 5)", "(2, 8)", "(8, 2)", "(9, 1)"]
+    assert [r["key"] for r in spread_order(front[:2])] == ["(0, 10)", "(2, 8)"]

@@ -18,8 +18,8 @@ also the cache and the resume point:
 The settings and seed are stored in ``search.json`` beside the log; resuming with other settings is refused.
 
 Two schedules. ``plain``: every evaluation fine-tunes ``inner_steps``. ``screen`` (multi-fidelity): NSGA-II runs
-on *screening* evaluations that fine-tune only ``screen_steps``; its front among them is then fine-tuned for the
-full ``inner_steps`` and scored again (``promoted.jsonl``, cached and resumable like the log), and the front and the
+on *screening* evaluations that fine-tune only ``screen_steps``; its front among them (or the ``promote`` masks of
+it that spread along it best, its two ends first) is then fine-tuned for the full ``inner_steps`` and scored again (``promoted.jsonl``, cached and resumable like the log), and the front and the
 pick are made among those full evaluations only, so the chosen mask's scores are always full-fidelity ones.
 """
 
@@ -274,6 +274,9 @@ class SearchConfig:
                           "and the pick is made among those", default="plain")
     screen_steps: int | None = _help("screen: fine-tuning steps of a screening evaluation (None: inner_steps // 5)",
                                      default=None)
+    promote: int | None = _help("screen: at most this many masks of the screening front are fine-tuned for "
+                                "inner_steps, spread along it (its two ends first); None: the whole front",
+                                default=None)
     seed: int = _help("seed of the search, the splits, every fine-tune and every sample", default=0)
     device: str = _help("auto, cpu or cuda", default="auto")
 
@@ -295,6 +298,7 @@ class SearchConfig:
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
             (self.screen_steps is None or 1 <= self.screen_steps <= self.inner_steps,
              "--screen-steps must be between 1 and --inner-steps"),
+            (self.promote is None or self.promote >= 1, "--promote must be at least 1"),
             (0 < self.proxy_fraction <= 1, "--proxy-fraction must be in (0, 1]"),
             (0 < self.val_fraction < 1, "the validation fraction must be in (0, 1)"),
             (self.memorization in MEMORIZATION, f"--memorization must be one of {', '.join(MEMORIZATION)}"),
@@ -441,7 +445,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     settings_file = out / SETTINGS_FILE
     if settings_file.is_file():
         earlier = json.loads(settings_file.read_text())
-        for key, default in (("schedule", "plain"), ("screen_steps", None)):  # logs written before these existed
+        for key, default in (("schedule", "plain"), ("screen_steps", None), ("promote", None)):  # older logs
             earlier.get("settings", {}).setdefault(key, default)
         if {k: earlier.get(k) for k in settings} != settings:
             raise ConfigError(f"{out} holds a search with other settings, base or data; run the same command to resume "
@@ -485,16 +489,41 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                  "inner_steps_total": sum(r.get("inner_steps", config.inner_steps) for r in all_rows)}
     if screen:
         front_doc["screening"] = {"evaluations": len(result.rows), "steps": config.screen_steps,
+                                  "promoted": len(rows), "promote": config.promote,
                                   "front": result.front}
     atomic_write_json(out / "pareto.json", front_doc)
     atomic_write_bytes(out / "pareto.png", pareto_png(rows, front, chosen, references, config))
     return front_doc
 
 
+def spread_order(front: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) -> list[dict]:
+    """The rows of a front ordered so that every prefix spreads along it: the best row of each objective first, then
+    repeatedly the row farthest (Euclidean, each objective scaled to [0, 1] over the front) from those already taken.
+    Ties go to the earlier row, so the order is deterministic."""
+    rows = list(front)
+    if len(rows) <= 2:
+        return sorted(rows, key=lambda r: [r["objectives"][o] for o in objectives])
+    pts = np.array([[r["objectives"][o] for o in objectives] for r in rows], dtype=float)
+    lo, hi = pts.min(0), pts.max(0)
+    pts = (pts - lo) / np.where(hi > lo, hi - lo, 1.0)
+    taken: list[int] = []
+    for j in range(pts.shape[1]):
+        best = int(np.argmin(pts[:, j]))
+        if best not in taken:
+            taken.append(best)
+    while len(taken) < len(rows):
+        dist = np.linalg.norm(pts[:, None, :] - pts[None, taken, :], axis=2).min(1)
+        dist[taken] = -1.0
+        taken.append(int(np.argmax(dist)))
+    return [rows[i] for i in taken]
+
+
 def _promote(evaluator: MaskEvaluator, screening_front: Sequence[dict], out: Path, config: SearchConfig,
              progress: Progress | None) -> tuple[list[dict], int]:
-    """The screen schedule's second stage: every mask of the screening front fine-tuned for the full inner steps
-    and scored again (cached and resumable in ``promoted.jsonl``). Returns those rows and how many ran now."""
+    """The screen schedule's second stage: the masks of the screening front (at most ``config.promote`` of them,
+    in :func:`spread_order`) fine-tuned for the full inner steps and scored again (cached and resumable in
+    ``promoted.jsonl``). Returns those rows and how many ran now."""
+    screening_front = spread_order(screening_front)[:config.promote]
     log, ran = EvaluationLog(out / PROMOTED_FILE), 0
     for k, row in enumerate(screening_front):
         if log.get(row["key"]) is None:
