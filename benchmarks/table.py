@@ -21,7 +21,7 @@ strength, and the fine-tuning wall time.
 of 3 (the full mode uses the demo's audit: 10 generations, 25 steps, clique of 5). Every fine-tune resumes from its
 checkpoints and every finished audit is kept, so an interrupted run continues where it stopped. In the full mode a
 model already trained with exactly the same settings by ``benchmarks/baselines.py`` or ``benchmarks/memcontrol.py``
-(under ``--work``) is reused rather than trained again. Writes ``table.json`` (``table_quick.json``) and prints the
+(under ``--work``) is reused rather than trained again, and so is an audit of such a model with identical settings. Writes ``table.json`` (``table_quick.json``) and prints the
 Markdown table.
 """
 
@@ -252,11 +252,11 @@ def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu
 def markdown(record: dict) -> str:
     stage = record["mitigation_stage"]
     lines = [f"| method | mitigation ({stage}) | trainable % | KID (demo) | FID (demo) | AMD (pixels) | "
-             "alignment | flagged prompts | extracted faces | mean denoising | fine-tune wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "own face nearest | alignment | flagged prompts | extracted faces | mean denoising | fine-tune wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['name']} | {r['mitigation']} | {r['trainable_percent']:.3f} | "
-                     f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['fid']:.2f} | {r['amd']:.4f} | "
+                     f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['fid']:.2f} | {r['amd']:.4f} | {r['own_nearest']:.1%} | "
                      f"{r['alignment']:.3f} | {r['flagged_prompts']}/{r['prompts']} | "
                      f"**{r['extracted_training_images']}** | {r['denoising_mean']:.3f} | "
                      f"{r['finetune_wall_time_s']:.0f} |")

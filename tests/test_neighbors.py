@@ -158,3 +158,14 @@ def test_cuda_without_gpu_faiss_falls_back_to_cpu(caplog, monkeypatch):
         index = NeighborIndex(device="cuda").add(np.eye(2, dtype=np.float32))
     assert "GPU support" in caplog.text
     assert index.search(np.array([[1.0, 0.0]]))[1].tolist() == [[0]]
+
+
+def test_default_nprobe_grows_with_the_cells():
+    from memaudit.neighbors import NeighborIndex, default_nprobe
+
+    assert [default_nprobe(n) for n in (1, 256, 1024, 1025, 4000)] == [16, 16, 16, 17, 63]
+    data = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+    assert NeighborIndex(kind="ivf").nprobe is None  # not known before the number of cells is
+    index = NeighborIndex(kind="ivf").add(data)  # 400 vectors: nlist = min(4 * sqrt(400), 400 // 39) = 10
+    assert index.nlist == 10 and index.nprobe == 16 and index._index.nprobe == 10  # capped at nlist: exhaustive
+    assert NeighborIndex(kind="ivf", nlist=10, nprobe=3).add(data)._index.nprobe == 3
