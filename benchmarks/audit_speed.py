@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 
 
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     result = measure(args.model, prompts, train, args.generations, args.steps, args.guidance, args.batch_size,
                      args.device, args.repeats)
     plain, audit, ratio, n = result["plain_s"], result["audit_s"], result["ratio"], result["images"]
-    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    machine = common.machine(args.device)
     print(f"machine: {machine}; torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"{n} images ({len(prompts)} prompts x {args.generations}), {args.steps} steps, batch {args.batch_size}; "
           f"best of {args.repeats}")

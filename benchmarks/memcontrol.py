@@ -26,7 +26,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common import audit_row, machine
+from common import audit_row, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks.memcontrol")
@@ -126,13 +126,10 @@ def main(argv=None) -> int:
     atomic_write_json(work / "memcontrol.json", record)
     if not args.smoke:
         atomic_write_json(HERE / "memcontrol.json", record)
-    print("| model | trainable % | extracted faces (of 80) | flagged | AMD (pixels) | own face nearest | denoising | "
-          "KID (demo) | FID (demo) | alignment |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['trainable_percent']:.3f} | **{r['extracted_training_images']}** | "
-              f"{r['flagged_prompts']} | {r['amd']:.4f} | {100 * r['own_nearest']:.0f}% | {r['denoising_mean']:.3f} | "
-              f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['fid']:.2f} | {r['alignment']:.3f} |")
+    print(markdown_table(rows, [("model", "name"), ("trainable %", "trainable"), ("extracted faces (of 80)", "extracted"),
+                                ("flagged", "flagged"), ("AMD (pixels)", "amd"), ("own face nearest", "own"),
+                                ("denoising", "denoising"), ("KID (demo)", "kid"), ("FID (demo)", "fid"),
+                                ("alignment", "alignment")]))
     return 0
 
 

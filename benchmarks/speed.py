@@ -48,8 +48,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -60,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import machine_info
 
 HERE = Path(__file__).resolve().parent
 AUDIT_TARGET = 1.10
@@ -74,34 +73,6 @@ NN_TIE_TOL = 1e-5
 # -- machine and versions ------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """What the numbers were measured on: ``line`` for printing, and the details."""
-    import faiss
-
-    info: dict[str, Any] = {"device": device, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
-                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        info["line"] = f"{info['gpu']} (host CPU {info['cpu']}, {info['cpu_count']} cores)"
-    else:
-        info["line"] = (f"{info['cpu']} ({platform.machine()}, {info['cpu_count']} cores), torch {info['torch_threads']}"
-                        f" threads, faiss {info['faiss_threads']} threads"
-                        + (f", OMP_NUM_THREADS={info['OMP_NUM_THREADS']}" if info["OMP_NUM_THREADS"] else ""))
-    return info
-
-
 def versions() -> dict[str, str]:
     import faiss
     import sklearn
@@ -110,6 +81,15 @@ def versions() -> dict[str, str]:
 
     return {"torch": torch.__version__, "faiss": faiss.__version__, "sklearn": sklearn.__version__,
             "numpy": np.__version__, "memaudit": memaudit.__version__}
+
+
+def _bench_module(name: str):
+    """Import a sibling benchmark script (``benchmarks/<name>.py``) as a module."""
+    sys.path.insert(0, str(HERE))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(HERE))
 
 
 def _runs(times: list[float]) -> str:
@@ -125,12 +105,7 @@ def part_audit(args: argparse.Namespace) -> dict[str, Any]:
 
     from memaudit import demo
 
-    sys.path.insert(0, str(HERE))
-    try:
-        from audit_speed import measure
-    finally:
-        sys.path.remove(str(HERE))
-
+    measure = _bench_module("audit_speed").measure
     diffusers.utils.logging.disable_progress_bar()
     train = demo.faces_dataset("train")
     prompts = train.captions[: args.audit_prompts]
@@ -355,15 +330,6 @@ def part_nn(args: argparse.Namespace) -> dict[str, Any]:
 # -- part: triage --------------------------------------------------------------------------------------------------
 
 
-def _bench_module(name: str):
-    """Import a sibling benchmark script (``benchmarks/<name>.py``) as a module."""
-    sys.path.insert(0, str(HERE))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(HERE))
-
-
 def short_pass_scores(model: Path, prompts: list[str], generations: int, steps: int, seed: int, device: str,
                       guidance: float, batch_size: int) -> np.ndarray:
     """Per prompt, how alike its generations of a short sampling pass are: minus the mean pairwise tiled L2 distance
@@ -487,22 +453,16 @@ def part_triage(args: argparse.Namespace) -> dict[str, Any]:
 # -- part: search --------------------------------------------------------------------------------------------------
 
 
-def row_steps(row: dict, inner_steps: int) -> int:
-    """Inner-loop steps an evaluation ran: its record, or (logs written before evaluations recorded it) the search's
-    inner steps, 0 for an all-zero mask, which trains nothing."""
-    if "inner_steps" in row:
-        return int(row["inner_steps"])
-    return inner_steps if any(row["mask"]) else 0
-
-
 def hypervolume_curve(rows: list[dict], ref: np.ndarray, inner_steps: int, steps_before: int = 0
                       ) -> list[tuple[int, float]]:
     """``(cumulative inner steps, hypervolume of the rows so far)`` after each row, both objectives minimized."""
     from pymoo.indicators.hv import HV
 
+    from memaudit.mitigate.search import row_inner_steps
+
     hv, points, steps, curve = HV(ref_point=ref), [], steps_before, []
     for r in rows:
-        steps += row_steps(r, inner_steps)
+        steps += row_inner_steps(r, inner_steps)
         points.append([r["objectives"]["memorization"], r["objectives"]["quality"]])
         inside = [p for p in points if all(p[i] < ref[i] for i in range(2))]
         curve.append((steps, float(hv(np.array(inside))) if inside else 0.0))
@@ -518,7 +478,7 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
     full-fidelity evaluations count toward a front. The reference point is the worst value of each objective over
     every full-fidelity evaluation of both searches plus 10% of its range."""
     from memaudit import demo
-    from memaudit.mitigate.search import EvaluationLog, run_mask_search
+    from memaudit.mitigate.search import EvaluationLog, row_inner_steps, run_mask_search
 
     memcontrol = _bench_module("memcontrol")
     train = demo.faces_dataset("train")
@@ -541,7 +501,7 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
     full_steps = configs["plain"].inner_steps
     curves = {"plain": hypervolume_curve(plain, ref, full_steps),
               "screen": hypervolume_curve(promoted, ref, full_steps,
-                                          steps_before=sum(row_steps(r, configs["screen"].screen_steps)
+                                          steps_before=sum(row_inner_steps(r, configs["screen"].screen_steps)
                                                            for r in screened))}
     target_hv = curves["plain"][-1][1]
     plain_steps = curves["plain"][-1][0]
@@ -621,6 +581,16 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"fractions must be numbers separated by commas, like 0.05,0.1 ({e})") from e
+    if not values or not all(0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError("give at least one fraction, each in (0, 1]")
+    return values
+
+
 def _parser() -> argparse.ArgumentParser:
     from memaudit import demo
 
@@ -654,7 +624,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--triage-generations", type=int, default=4, help="generations per caption of the scoring pass")
     g.add_argument("--triage-short-steps", type=int, default=5,
                    help="sampling steps of the short-pass consistency score (default 5)")
-    g.add_argument("--triage-fractions", type=lambda t: [float(x) for x in t.split(",")],
+    g.add_argument("--triage-fractions", type=_fractions,
                    default=[0.05, 0.1, 0.15, 0.2], help="shares of the captions attacked (default 0.05,0.1,0.15,0.2)")
     g = ap.add_argument_group("search")
     g.add_argument("--search-work", type=Path, default=HERE / "zoo" / "memcontrol",
@@ -697,16 +667,24 @@ def _read_records(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memaudit.errors import ConfigError
     from memaudit.io import atomic_write_json
 
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = _parser()
     args = ap.parse_args(argv)
     parts = _parts(ap, args.part)
-    for label, value in (("--repeats", args.repeats), ("--nn-repeats", args.nn_repeats),
-                         ("--nn-queries", args.nn_queries), ("--nn-dim", args.nn_dim)):
-        if value < 1:
-            ap.error(f"{label} must be at least 1")
+    for label, value, least in (("--repeats", args.repeats, 1), ("--nn-repeats", args.nn_repeats, 1),
+                                ("--nn-queries", args.nn_queries, 1), ("--nn-dim", args.nn_dim, 1),
+                                ("--audit-prompts", args.audit_prompts, 1),
+                                ("--audit-generations", args.audit_generations, 1),
+                                ("--audit-steps", args.audit_steps, 1), ("--audit-batch-size", args.audit_batch_size, 1),
+                                ("--triage-generations", args.triage_generations, 2),  # the consistency needs pairs
+                                ("--triage-short-steps", args.triage_short_steps, 1),
+                                ("--search-screen-steps", args.search_screen_steps, 1),
+                                ("--search-promote", args.search_promote, 1)):
+        if value is not None and value < least:
+            ap.error(f"{label} must be at least {least}")
     if args.nn_nprobe_high < 0:
         ap.error("--nn-nprobe-high must be 0 or more")
     command = "python benchmarks/speed.py" + (" " + shlex.join(argv) if argv else "")
@@ -714,7 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     records = _read_records(args.json)
     for name in parts:
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        record = PARTS[name](args)
+        try:
+            record = PARTS[name](args)
+        except ConfigError as e:  # a setting the library refuses: one line, like the options above
+            ap.error(f"part {name}: {e}")
         record.update(part=name, machine=machine, versions={**vers, **record.pop("extra_versions", {})},
                       command=command, date=started)
         print(f"## {name}\n")

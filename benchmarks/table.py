@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import audit_row, machine
+from common import audit_row, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MASK = HERE / "memcontrol_mask.json"
@@ -250,18 +250,12 @@ def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu
 
 
 def markdown(record: dict) -> str:
-    stage = record["mitigation_stage"]
-    lines = [f"| method | mitigation ({stage}) | trainable % | KID (demo) | FID (demo) | AMD (pixels) | "
-             "own face nearest | alignment | flagged prompts | extracted faces | mean denoising | fine-tune wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in record["rows"]:
-        lines.append(f"| {r['name']} | {r['mitigation']} | {r['trainable_percent']:.3f} | "
-                     f"{r['kid']:.3f} ± {r['kid_std']:.3f} | {r['fid']:.2f} | {r['amd']:.4f} | {r['own_nearest']:.1%} | "
-                     f"{r['alignment']:.3f} | {r['flagged_prompts']}/{r['prompts']} | "
-                     f"**{r['extracted_training_images']}** | {r['denoising_mean']:.3f} | "
-                     f"{r['finetune_wall_time_s']:.0f} |")
-    return "\n".join(lines)
-
+    return markdown_table(record["rows"], [
+        ("method", "name"), (f"mitigation ({record['mitigation_stage']})", lambda r: r["mitigation"]),
+        ("trainable %", "trainable"), ("KID (demo)", "kid"), ("FID (demo)", "fid"), ("AMD (pixels)", "amd"),
+        ("own face nearest", lambda r: f"{r['own_nearest']:.1%}"), ("alignment", "alignment"),
+        ("flagged prompts", lambda r: f"{r['flagged_prompts']}/{r['prompts']}"), ("extracted faces", "extracted"),
+        ("mean denoising", "denoising"), ("fine-tune wall s", lambda r: f"{r['finetune_wall_time_s']:.0f}")])
 
 if __name__ == "__main__":
     sys.exit(main())

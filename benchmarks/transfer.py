@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import audit_row
+from common import audit_row, markdown_table
 
 HERE = Path(__file__).resolve().parent
 DIGITS_SEED = 7
@@ -104,13 +104,10 @@ def main(argv=None) -> int:
               "versions": _versions(), "seed": zoo.seed, "digits_seed": DIGITS_SEED, "steps": steps,
               "audit_settings": {**DEMO_SETTINGS, **audit_over, "seed": zoo.seed}, "mask": mask, "rows": rows}
     atomic_write_json(HERE / ("transfer_quick.json" if args.quick else "transfer.json"), record)
-    print("| model (80 MNIST digits) | trainable % | extracted digits (of 80) | flagged | AMD (pixels) | own digit "
-          "nearest | KID (demo) | FID (demo) | alignment |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['name']} | {r['trainable_percent']:.3f} | **{r['extracted_training_images']}** | "
-              f"{r['flagged_prompts']} | {r['amd']:.4f} | {100 * r['own_nearest']:.0f}% | {r['kid']:.3f} ± "
-              f"{r['kid_std']:.3f} | {r['fid']:.2f} | {r['alignment']:.3f} |")
+    print(markdown_table(rows, [("model (80 MNIST digits)", "name"), ("trainable %", "trainable"),
+                                ("extracted digits (of 80)", "extracted"), ("flagged", "flagged"),
+                                ("AMD (pixels)", "amd"), ("own digit nearest", "own"), ("KID (demo)", "kid"),
+                                ("FID (demo)", "fid"), ("alignment", "alignment")]))
     return 0
 
 

@@ -42,6 +42,8 @@ __all__ = ["NeighborIndex", "index_key", "build_or_load", "as_feature_array"]
 METRICS = ("cosine", "l2")
 KINDS = ("auto", "exact", "ivf")
 IVF_TRAIN_PER_CELL = 64
+_FORMAT = 1
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def default_nprobe(nlist: int) -> int:
@@ -49,8 +51,6 @@ def default_nprobe(nlist: int) -> int:
     1,024 of them (at 10^6 vectors the default 4,000 cells give 63; 16 found the nearest of only 84% of fresh
     queries there, in ``benchmarks/speed.py --part nn``)."""
     return max(16, math.ceil(nlist / 64))
-_FORMAT = 1
-_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def as_feature_array(features: Any, name: str = "features", dtype=np.float32) -> np.ndarray:
@@ -217,8 +217,7 @@ class NeighborIndex:
 
     def _apply_nprobe(self) -> None:
         if self.kind == "ivf" and self._index is not None:
-            nprobe = self.nprobe
-            nprobe = min(nprobe, int(self.nlist or nprobe))
+            nprobe = min(self.nprobe, self.nlist)  # an IVF index always has its nlist
             if self._gpu is None:
                 self._index.nprobe = nprobe
             else:  # GPU indexes take the parameter through the parameter space

@@ -19,8 +19,9 @@ The settings and seed are stored in ``search.json`` beside the log; resuming wit
 
 Two schedules. ``plain``: every evaluation fine-tunes ``inner_steps``. ``screen`` (multi-fidelity): NSGA-II runs
 on *screening* evaluations that fine-tune only ``screen_steps``; its front among them (or the ``promote`` masks of
-it that spread along it best, its two ends first) is then fine-tuned for the full ``inner_steps`` and scored again (``promoted.jsonl``, cached and resumable like the log), and the front and the
-pick are made among those full evaluations only, so the chosen mask's scores are always full-fidelity ones.
+it that spread along it best, its two ends first) is then fine-tuned for the full ``inner_steps`` and scored again
+(``promoted.jsonl``, cached and resumable like the log), and the front and the pick are made among those full
+evaluations only, so the chosen mask's scores are always full-fidelity ones.
 """
 
 from __future__ import annotations
@@ -486,7 +487,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     front_doc = {"objectives": list(OBJECTIVES), "front": front, "chosen": chosen, "references": references,
                  "evaluations": len(all_rows), "evaluated_now": evaluated, "history": result.history,
                  "memorization": config.memorization, "quality": config.quality, "schedule": config.schedule,
-                 "inner_steps_total": sum(r.get("inner_steps", config.inner_steps) for r in all_rows)}
+                 "inner_steps_total": sum(row_inner_steps(r, config.inner_steps) for r in all_rows)}
     if screen:
         front_doc["screening"] = {"evaluations": len(result.rows), "steps": config.screen_steps,
                                   "promoted": len(rows), "promote": config.promote,
@@ -494,6 +495,14 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     atomic_write_json(out / "pareto.json", front_doc)
     atomic_write_bytes(out / "pareto.png", pareto_png(rows, front, chosen, references, config))
     return front_doc
+
+
+def row_inner_steps(row: dict, inner_steps: int) -> int:
+    """Fine-tuning steps a logged evaluation ran: its ``inner_steps``, or, in logs written before evaluations
+    recorded it, the search's ``inner_steps`` (0 for an all-zero mask, which trains nothing)."""
+    if "inner_steps" in row:
+        return int(row["inner_steps"])
+    return inner_steps if any(row.get("mask") or []) else 0
 
 
 def spread_order(front: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) -> list[dict]:
