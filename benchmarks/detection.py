@@ -2,8 +2,8 @@
 
 The *partially memorized* zoo variant: the bundled base fully fine-tuned on the 80 training faces, of which 8
 (drawn with seed 0) appear 25 times each in the training list (as duplicated images do in LAION, or repeated
-reports in MIMIC), for only 150 steps. Each other face is then seen about 17 times and each duplicated face about
-440 times, so that the duplicated faces are reproduced and the rest are not.
+reports in MIMIC), for only 450 steps. Each other face is then seen about 53 times and each duplicated face about
+1,300 times, so that the duplicated faces are reproduced and the rest are not (150 steps were too few).
 
 That model, the base and the full fine-tune are audited with the demo's settings (80 training captions, 10
 generations, DDIM 25 steps, guidance 4, clique of 5, delta 0.15). The extraction attack's verdicts are the labels

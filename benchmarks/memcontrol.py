@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
     from memaudit.io import atomic_write_bytes, atomic_write_json
     from memaudit.mitigate.finetune import finetune_with_mask
-    from memaudit.mitigate.search import OBJECTIVES, choose, run_mask_search
+    from memaudit.mitigate.search import OBJECTIVES, EvaluationLog, choose, run_mask_search
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=HERE / "zoo")
@@ -73,9 +73,8 @@ def main(argv=None) -> int:
                              progress=lambda stage, d, t: logger.info("search %s %d/%d", stage, d, t)
                              if stage == "evaluation" else None)
     # the search's cost, from its logs (a rerun reads finished evaluations back instead of running them)
-    logged = [json.loads(line) for name in ("evaluations.jsonl", "references.jsonl")
-              for line in (work / "search" / name).read_text().splitlines()]
-    search_time = sum(r["wall_time_s"] for r in logged)
+    search_time = sum(r["wall_time_s"] for name in ("evaluations.jsonl", "references.jsonl")
+                      for r in EvaluationLog(work / "search" / name).rows)
     # a second pick from the same front, weighted toward quality, to show where the front's other end leads
     quality_pick = choose(search["front"], OBJECTIVES, QUALITY_PICK)
     mask_doc = json.loads((work / "search" / "mask.json").read_text())
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
                                                                    "trainable_parameters", "trainable_percent")},
                        "pick": f"weighted sum {list(QUALITY_PICK)}"})
     if not args.smoke:  # the chosen mask, committed for table.py and transfer.py on machines without the search
-        atomic_write_json(HERE / "memcontrol_mask.json", json.loads((work / "search" / "mask.json").read_text()))
+        atomic_write_json(HERE / "memcontrol_mask.json", mask_doc)
         atomic_write_bytes(HERE / "memcontrol_pareto.png", (work / "search" / "pareto.png").read_bytes())
 
     models = {}
