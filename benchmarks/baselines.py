@@ -67,7 +67,7 @@ AUDITS = [  # (row name, model, training-time mitigation, inference-time mitigat
 
 def audit_stage(work: Path, device: str, trained: dict) -> dict:
     from memaudit import demo
-    from memaudit.audit import AuditConfig, _versions, run_audit
+    from memaudit.audit import AuditConfig, run_audit, versions
     from memaudit.demo.run import DEMO_SETTINGS
 
     train, heldout = demo.faces_dataset("train"), demo.faces_dataset("heldout")
@@ -95,7 +95,7 @@ def audit_stage(work: Path, device: str, trained: dict) -> dict:
                      "mean_loss_last_100": ft["result"]["mean_loss_last_100"],
                      "mitigation": s.get("mitigation"), "audit_wall_time_s": s["wall_time_s"]})
     return {"machine": f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads" if device == "cpu"
-            else torch.cuda.get_device_name(), "device": device, "versions": _versions(), "seed": 0,
+            else torch.cuda.get_device_name(), "device": device, "versions": versions(), "seed": 0,
             "finetune_settings": {k: v for k, v in trained["full_ft"]["settings"].items() if k != "mitigation"},
             "audit_settings": {**DEMO_SETTINGS, "seed": 0}, "rows": rows}
 

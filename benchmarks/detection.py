@@ -93,7 +93,7 @@ def first_step_scores(model: Path, prompts: list[str], generations: int, seed: i
 
 def main(argv=None) -> int:
     from memaudit import demo
-    from memaudit.audit import _versions
+    from memaudit.audit import versions
     from memaudit.io import atomic_write_json
     from memaudit.metrics.detection import DetectionSummary, plot_roc, summarize
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             if key in row:
                 curves[f"{name}, {label}"] = DetectionSummary(**row[key])
     plot_roc(curves, HERE / "roc.png")
-    record = {"command": "python benchmarks/detection.py", "versions": _versions(), "partial_settings": PARTIAL,
+    record = {"command": "python benchmarks/detection.py", "versions": versions(), "partial_settings": PARTIAL,
               "models": per_model, "pooled": pooled_rows,
               "scores": pooled, "score_order": list(models)}
     atomic_write_json(HERE / "detection.json", record)

@@ -54,12 +54,12 @@ def main(argv=None) -> int:
     diff = float((imgs["cpu"] - imgs["cuda"]).abs().max())
     rows.append({"check": "max |image cpu - image cuda|, same seeds (pixels in [0,1])", "value": diff, "ok": diff < 0.05})
     train = demo.faces_dataset("train")
-    from memaudit.train import _autocast
+    from memaudit.train import autocast
 
     for mp in ("fp16", "bf16", "no"):
         tg = load_target(args.model, device="cuda")
         cfg = TrainConfig(steps=60, batch_size=32, learning_rate=1e-4, mixed_precision=mp, seed=0)
-        with torch.no_grad(), _autocast(cfg, tg.device):
+        with torch.no_grad(), autocast(cfg, tg.device):
             out_dtype = tg.unet(x.cuda(), t.cuda(), encoder_hidden_states=tg.encode_prompts(prompts)).sample.dtype
         res = train_unet(tg, train, cfg)
         first, last = sum(res.losses[:10]) / 10, sum(res.losses[-10:]) / 10

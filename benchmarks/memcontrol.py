@@ -49,7 +49,7 @@ def search_config(plan: dict, device: str, **overrides):
 
 def main(argv=None) -> int:
     from memaudit import demo
-    from memaudit.audit import AuditConfig, _versions, run_audit
+    from memaudit.audit import AuditConfig, run_audit, versions
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
     from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         ft = json.loads((path / SETTINGS_FILE).read_text())
         rows.append({"name": name, **audit_row(res, ft)})
     record = {"command": "python benchmarks/memcontrol.py" + (" --smoke" if args.smoke else ""),
-              "machine": machine(args.device), "versions": _versions(), "seed": zoo.seed,
+              "machine": machine(args.device), "versions": versions(), "seed": zoo.seed,
               "search_settings": search_cfg.to_dict(), "search_wall_time_s": search_time,
               "search": {k: search[k] for k in ("chosen", "front", "references", "evaluations", "history")},
               "quality_pick": {"weights": list(QUALITY_PICK), "row": quality_pick},

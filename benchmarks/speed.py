@@ -546,9 +546,9 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
 
 def _plot_hv(curves: dict, target: float, path: Path) -> None:
     from memaudit.io import atomic_write_bytes
-    from memaudit.report import _new_figure, _png_bytes
+    from memaudit.report import figure_png, new_figure
 
-    fig = _new_figure(6, 4)
+    fig = new_figure(6, 4)
     ax = fig.add_subplot()
     for name, curve in curves.items():
         ax.step([0] + [c[0] for c in curve], [0.0] + [c[1] for c in curve], where="post", label=name)
@@ -557,7 +557,7 @@ def _plot_hv(curves: dict, target: float, path: Path) -> None:
     ax.set_ylabel("hypervolume of the front")
     ax.set_title("mask search: hypervolume against inner-loop steps")
     ax.legend(fontsize=8)
-    atomic_write_bytes(path, _png_bytes(fig))
+    atomic_write_bytes(path, figure_png(fig))
 
 
 PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

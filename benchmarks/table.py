@@ -134,7 +134,7 @@ def mask_document(path: Path, work: Path, plan: dict, device: str, train) -> tup
 
 def main(argv=None) -> int:
     from memaudit import demo
-    from memaudit.audit import AuditConfig, _versions, run_audit
+    from memaudit.audit import AuditConfig, run_audit, versions
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
     from memaudit.finetune import SETTINGS_FILE
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/table.py" + (" --quick" if args.quick else "") + (
         f" --mitigation-stage {args.mitigation_stage}" if args.mitigation_stage != "inference" else "")
     record = {"command": command, "mode": mode, "mitigation_stage": args.mitigation_stage,
-              "machine": machine(args.device), "versions": _versions(), "seed": zoo.seed,
+              "machine": machine(args.device), "versions": versions(), "seed": zoo.seed,
               "finetune": {"steps": plan["steps"], "batch_size": zoo.ft_batch, "caption_dropout": 0.1},
               "audit_settings": audit_settings, "mask": {**mask_doc, "source": mask_source},
               "wall_time_s": time.perf_counter() - t_start, "rows": rows,
@@ -213,13 +213,13 @@ def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu
     one per face), each beside that training face. The generations are drawn again from their recorded seeds."""
     from memaudit import demo
     from memaudit.io import atomic_write_bytes
-    from memaudit.report import _new_figure, _png_bytes
+    from memaudit.report import figure_png, new_figure
     from memaudit.sampling import Sampler
     from memaudit.target import load_target
 
     train = demo.faces_dataset("train")
     rows = [r for r in record["rows"] if r["mitigation"] == "none"]
-    fig = _new_figure(2 * per_method * 1.1, len(rows) * 1.25)
+    fig = new_figure(2 * per_method * 1.1, len(rows) * 1.25)
     axes = fig.subplots(len(rows), 2 * per_method, squeeze=False)
     for row_axes, r in zip(axes, rows):
         res = json.loads((Path(r["audit"]) / "results.json").read_text())
@@ -245,7 +245,7 @@ def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle("closest generation to a training face, per method (left) and that face (right)", fontsize=8)
-    atomic_write_bytes(path, _png_bytes(fig))
+    atomic_write_bytes(path, figure_png(fig))
     return path
 
 

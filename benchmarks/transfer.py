@@ -52,7 +52,7 @@ def digits_datasets(seed: int = DIGITS_SEED):
 
 def main(argv=None) -> int:
     from memaudit import demo
-    from memaudit.audit import AuditConfig, _versions, run_audit
+    from memaudit.audit import AuditConfig, run_audit, versions
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
     from memaudit.errors import ConfigError
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         ft = json.loads((out / SETTINGS_FILE).read_text())
         rows.append({"name": name, "learning_rate": cfg.learning_rate, **audit_row(res, ft)})
     record = {"command": "python benchmarks/transfer.py" + (" --quick" if args.quick else ""),
-              "versions": _versions(), "seed": zoo.seed, "digits_seed": DIGITS_SEED, "steps": steps,
+              "versions": versions(), "seed": zoo.seed, "digits_seed": DIGITS_SEED, "steps": steps,
               "audit_settings": {**DEMO_SETTINGS, **audit_over, "seed": zoo.seed}, "mask": mask, "rows": rows}
     atomic_write_json(HERE / ("transfer_quick.json" if args.quick else "transfer.json"), record)
     print(markdown_table(rows, [("model (80 MNIST digits)", "name"), ("trainable %", "trainable"),

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -31,11 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memaudit.attacks.extraction import ExtractionConfig
 from memaudit.errors import ConfigError, DataError
+from memaudit.io import check_writable, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
+
+#: Generations per prompt the extraction attack's exact clique search takes.
+MAX_GENERATIONS = ExtractionConfig.__dataclass_fields__["max_clique_nodes"].default
 
 
 def _help(text: str, **kw):
@@ -65,6 +69,8 @@ class AuditConfig:
     fpr: float = _help("false-positive rate at which the denoising threshold is calibrated", default=0.01)
     max_grid: int = _help("generations shown per flagged prompt in the report", default=16)
     redact: bool = _help("leave every training-image pixel out of the outputs", default=False)
+    cache_dir: str | None = _help("folder of the training-feature index cache, outside the output folder (default: "
+                                  "$MEMAUDIT_CACHE_DIR, else ~/.cache/memaudit)", default=None)
     device: str = _help("auto, cpu or cuda", default="auto")
     dtype: str = _help("float32, float16 or bfloat16", default="float32")
     mitigation: str = _help("inference-time mitigation during sampling: none, rwa (random words in every prompt) or "
@@ -83,6 +89,8 @@ class AuditConfig:
         self.denoising_window = tuple(self.denoising_window)
         checks = [
             (self.generations >= 1, "generations must be at least 1"),
+            (self.generations <= MAX_GENERATIONS, f"--generations is at most {MAX_GENERATIONS} (the exact clique "
+             "search's limit per prompt; Carlini et al. use 500)"),
             (self.steps >= 1, "steps must be at least 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.tiles >= 1, "tiles must be at least 1"),
@@ -125,6 +133,8 @@ class AuditConfig:
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a ``.txt`` (one per line), ``.csv`` or ``.jsonl`` (a ``prompt`` or ``caption`` field)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"prompts file {path} is a folder; pass a .txt (one prompt per line), .csv or .jsonl file.")
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist; pass a .txt (one prompt per line), .csv or .jsonl file.")
     try:
@@ -132,7 +142,13 @@ def read_prompts(path: str | Path) -> list[str]:
     except UnicodeDecodeError as e:
         raise DataError(f"prompts file {path} is not UTF-8 text; save it as UTF-8.") from e
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        reader = csv.DictReader(text.splitlines())
+        rows = []
+        for row in reader:
+            if None in row:  # more fields than the header names: an unquoted comma cut the prompt
+                raise DataError(f"prompts file {path} line {reader.line_num} has more fields than its header; a prompt "
+                                'that contains a comma must be quoted, e.g. "a red car, parked".')
+            rows.append(row)
         key = next((k for k in ("prompt", "caption") if rows and k in rows[0]), None)
         if rows and key is None:
             raise DataError(f"prompts file {path} has no 'prompt' or 'caption' column (found: {', '.join(rows[0])}).")
@@ -195,10 +211,10 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     ``heldout`` (optional, same forms as ``train``): images and captions of the same domain that were *not* trained
     on. Its captions are the reference prompts (unless ``reference_prompts`` is given), and the generations for them
     are compared with its images for quality (KID and FID in ``config.quality_features``)."""
-    from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt, calibrate_edge_threshold
+    from memaudit.attacks.extraction import analyze_prompt, calibrate_edge_threshold
     from memaudit.data import dataset_for_target
     from memaudit.features import get_extractor
-    from memaudit.images import image_grid, png_bytes
+    from memaudit.images import grid_columns, image_grid, png_bytes
     from memaudit.io import atomic_directory, atomic_write_bytes
     from memaudit.metrics.alignment import get_scorer
     from memaudit.metrics.amd import AMDAccumulator
@@ -210,9 +226,10 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     config = config or AuditConfig()
     progress = progress or (lambda *_: None)
     started = time.perf_counter()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder.")
+    out = check_writable(out, "--out")
+    # the training-feature index is kept outside the output folder, which users share
+    cache_dir = check_writable(Path(config.cache_dir) / "features" if config.cache_dir else
+                               default_cache_dir() / "features", "--cache-dir")
 
     # -- check every input before writing anything ---------------------------------------------------------------
     progress("loading model", 0, 1)
@@ -256,19 +273,16 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         own_of.setdefault(cap, i)
 
     with atomic_directory(out) as tmp:
-        # carry the feature cache of an earlier audit over
-        if (out / "cache").is_dir():
-            shutil.copytree(out / "cache", tmp / "cache")
-        (tmp / "cache").mkdir(exist_ok=True)
         train01 = (dataset.images + 1) / 2
+        tile_px = target.resolution  # generations and training images are enlarged alike in the PNGs
 
         # -- training features and index (cached by content) -------------------------------------------------
         progress("training features", 0, 1)
         key = _dataset_key(dataset.images, f"{extractor.name}:{json.dumps(config.feature_options, sort_keys=True)}")
-        index = NeighborIndex.load(tmp / "cache", key)
+        index = NeighborIndex.load(cache_dir, key)
         if index is None:
             index = NeighborIndex(metric="cosine", device=str(target.device)).add(extractor(train01))
-            index.save(tmp / "cache", key)
+            index.save(cache_dir, key)
         progress("training features", 1, 1)
         train_small = _downsample(train01, config.extraction_size)
 
@@ -282,7 +296,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             ref_buffer, ref_gens = _PromptBuffer(config.generations), []
             sampler.progress = lambda d, t: progress("reference prompts", d, t)
             sampler.seed = reference_seed(config)
+            ref_amd = AMDAccumulator(index)
             for batch in sampler.run(reference, config.generations):
+                ref_amd.update(extractor(batch.images))
                 if q_extractor is not None:
                     ref_quality.append(q_extractor(batch.images))
                 if scorer is not None:
@@ -339,13 +355,16 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 verdict = analyze_prompt(done, ext_cfg, train_small, own_of.get(prompt_list[i]))
                 verdicts[i] = verdict
                 shown = full_res.pop(i)
-                if verdict.flagged:
+                if verdict.flagged and config.redact and verdict.extracted:
+                    grids[i] = None  # the audit matched these generations to a training image: they are one
+                elif verdict.flagged:
                     order = list(verdict.clique) + [g for g in sorted(shown) if g not in set(verdict.clique)]
                     order = [g for g in order if g in shown][: config.max_grid]
                     rel = f"grids/prompt-{i:05d}.png"
-                    grid = image_grid(torch.stack([shown[g] for g in order]))
-                    atomic_write_bytes(tmp / rel, png_bytes(grid, tile=batch.images.shape[-1]))
-                    grids[i] = rel
+                    columns = grid_columns(len(order))
+                    grid = image_grid(torch.stack([shown[g] for g in order]), columns=columns)
+                    atomic_write_bytes(tmp / rel, png_bytes(grid, tile=tile_px))
+                    grids[i] = (rel, columns)
         sampling_time = sampler.unet_time_s
         amd_res = amd_acc.result()
         for row, nearest in zip(image_rows, amd_res.nearest):
@@ -406,11 +425,18 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             per_prompt_amd[i] = float(np.mean(amd_res.per_image[pi == i]))
         for i, prompt in enumerate(prompt_list):
             v = verdicts[i]
-            train_rel = None
+            train_rel = roundtrip_rel = None
             if v.flagged and v.nearest_train_index is not None and not config.redact:
+                # at the model's resolution and the grid's scale, beside what the model's VAE makes of it (the
+                # closest the model can draw it): like is compared with like
                 train_rel = f"train/train-{v.nearest_train_index:05d}.png"
+                roundtrip_rel = f"train/train-{v.nearest_train_index:05d}-vae.png"
                 if not (tmp / train_rel).exists():
-                    atomic_write_bytes(tmp / train_rel, png_bytes(train01[v.nearest_train_index]))
+                    image = train01[v.nearest_train_index]
+                    atomic_write_bytes(tmp / train_rel, png_bytes(image, tile=tile_px))
+                    drawn = (target.round_trip(dataset.images[v.nearest_train_index : v.nearest_train_index + 1])
+                             .float().cpu()[0] + 1) / 2
+                    atomic_write_bytes(tmp / roundtrip_rel, png_bytes(drawn, tile=tile_px))
             if v.extracted and v.nearest_train_index is not None:
                 extracted_images.add(v.nearest_train_index)
             prompt_rows.append({
@@ -420,7 +446,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 "nearest_train_name": dataset.names[v.nearest_train_index] if v.nearest_train_index is not None else None,
                 "nearest_train_distance": v.nearest_train_distance, "extracted": v.extracted,
                 "denoising_score": float(scores[i]), "amd_mean": float(per_prompt_amd[i]),
-                "grid": grids.get(i), "train_image": train_rel,
+                "grid": grids[i][0] if grids.get(i) else None, "grid_columns": grids[i][1] if grids.get(i) else None,
+                "grid_withheld": i in grids and grids[i] is None, "train_image": train_rel,
+                "train_roundtrip": roundtrip_rel,
             })
         results = {
             "kind": "memaudit.audit", "schema_version": 1,
@@ -432,14 +460,15 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                          "reference_prompts": len(reference)},
             "seeds": {"seed": config.seed, "image_seed": IMAGE_SEED_FORMULA,
                       "reference_seed": reference_seed(config) if reference else None},
-            "versions": _versions(), "redacted": config.redact,
+            "versions": versions(), "redacted": config.redact,
             "summary": {
                 "n_prompts": len(prompt_list), "n_images": len(image_rows), "generations_per_prompt": config.generations,
                 "flagged_prompts": sum(v.flagged for v in verdicts.values()),
                 "extracted_prompts": sum(v.extracted for v in verdicts.values()),
                 "extracted_training_images": len(extracted_images),
                 "edge_threshold": ext_cfg.edge_threshold, "min_clique": ext_cfg.min_clique, "delta": ext_cfg.delta,
-                "feature_extractor": extractor.name, "amd": float(amd_res.amd),
+                "feature_extractor": extractor.name, "amd": float(amd_res.amd), "n_train": len(dataset),
+                "reference_amd": float(ref_amd.result().amd) if reference else None,
                 "denoising_mean": float(np.nanmean(scores)), "denoising_threshold": threshold,
                 "denoising_threshold_fpr": config.fpr if threshold is not None else None,
                 "denoising_flagged": flagged_by_threshold, "detection": detection,
@@ -506,7 +535,7 @@ def _quality(real: torch.Tensor, fake: torch.Tensor, name: str, config: AuditCon
             "compared": f"generations for the held-out captions against the held-out images ({source})"}
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import diffusers
     import transformers
 

@@ -6,9 +6,11 @@ User mistakes (:class:`memaudit.errors.MemauditError`) print one line and exit w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -28,6 +30,24 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda")]
 OutDir = Annotated[Path, typer.Option("--out", help="folder for results (created; files written atomically)")]
 Redact = Annotated[bool, typer.Option("--redact", help="leave every training-image pixel out of the outputs")]
 Seed = Annotated[int, typer.Option("--seed", help="seed of every random draw")]
+Threads = Annotated[int | None, typer.Option(
+    "--threads", envvar="MEMAUDIT_THREADS", show_default="the cores this process may use",
+    help="CPU threads for torch; give each of several jobs on one machine its share of the cores")]
+
+
+def _use_threads(threads: int | None) -> int:
+    """Set torch's CPU threads: ``threads``, or every core this process may run on (its CPU affinity mask, which
+    ``taskset`` and container CPU limits set; torch's own default counts the machine's cores instead)."""
+    import os
+
+    n = threads if threads is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1)
+    if n < 1:
+        raise _user_error(f"--threads {n} must be at least 1.")
+    import torch
+
+    torch.set_num_threads(n)
+    return n
 
 
 def _version(value: bool) -> None:
@@ -92,16 +112,97 @@ def info(
     _console().print(table)
 
 
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class _PlainProgress:
+    """Progress as plain lines on stderr, for logs and pipes where a live bar shows nothing: a line after a stage's
+    first item, then every ``step`` percent (and at its end) with the time elapsed and an estimate of the time left.
+    The same calls as rich's ``Progress`` (``add_task``, ``update``, a context manager)."""
+
+    def __init__(self, step: float = 5.0, stream=None, clock=None):
+        import time
+
+        self.step, self.stream, self.clock = step, stream or sys.stderr, clock or time.monotonic
+        self.tasks: dict[int, dict] = {}
+        # stages run one after another and are often first reported after their first batch: a stage is taken to
+        # have started at the last event before it
+        self.last_event = self.clock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": total, "done": 0, "started": self.last_event,
+                            "printed": -1.0}
+        return task
+
+    def update(self, task: int, completed: float | None = None, total: float | None = None,
+               description: str | None = None) -> None:
+        t = self.tasks[task]
+        if total is not None:
+            t["total"] = total
+        if description is not None:
+            t["description"] = description
+        if completed is not None:
+            t["done"] = completed
+        self.last_event = self.clock()
+        total, done = t["total"], t["done"]
+        if not total or total <= 1 or not done:  # one-step stages (loading) and not-yet-started ones say nothing
+            return
+        percent = 100.0 * done / total
+        if t["printed"] >= 0 and percent < 100 and percent - t["printed"] < self.step:
+            return
+        if t["printed"] >= 100:
+            return
+        t["printed"] = percent
+        elapsed = self.clock() - t["started"]
+        line = f"{t['description']}: {done:g}/{total:g} ({percent:.0f}%), {_clock(elapsed)} elapsed"
+        if 0 < done < total:
+            line += f", about {_clock(elapsed * (total - done) / done)} left"
+        print(line, file=self.stream, flush=True)
+
+
 def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A live bar on a terminal; plain progress lines on stderr when it is not one (a log file, a pipe, CI)."""
+    if not sys.stderr.isatty():
+        return _PlainProgress()
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+                    TimeRemainingColumn(), transient=True, console=Console(stderr=True))
 
 
-def _run_with_progress(fn, **kwargs):
-    """Run an audit-like function with one rich progress bar per stage."""
-    with _progress_bar() as bar:
+@contextlib.contextmanager
+def _progress(kept: Callable[[], str | None] | None = None):
+    """The progress display of a long command. On Ctrl-C it says what the command kept (``kept()``: a sentence
+    about what is on disk, or None for nothing) and the exact command that goes on from there, and exits 130."""
+    try:
+        with _progress_bar() as bar:
+            yield bar
+    except KeyboardInterrupt:
+        typer.echo(_interrupt_message(sys.argv[1:], kept), err=True)
+        raise typer.Exit(130) from None
+
+
+def _run_with_progress(fn, *, kept: Callable[[], str | None] | None = None, **kwargs):
+    """Run an audit-like function with one progress bar (or plain progress lines) per stage."""
+    with _progress(kept) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, done: int, total: int) -> None:
@@ -115,6 +216,8 @@ def _run_with_progress(fn, **kwargs):
 def _print_summary(results: dict, out: Path) -> None:
     from rich.table import Table
 
+    from memaudit.report import verdict
+
     s = results["summary"]
     table = Table(title=f"memaudit audit: {results['model']}", show_header=False)
     det = s.get("detection") or {}
@@ -123,7 +226,8 @@ def _print_summary(results: dict, out: Path) -> None:
         (f"flagged prompts (clique >= {s['min_clique']})", str(s["flagged_prompts"])),
         ("extracted prompts", str(s["extracted_prompts"])),
         ("extracted training images", str(s["extracted_training_images"])),
-        (f"AMD ({s['feature_extractor']})", f"{s['amd']:.4f}"),
+        (f"AMD ({s['feature_extractor']})", f"{s['amd']:.4f}" + (
+            f" (reference prompts: {s['reference_amd']:.4f})" if s.get("reference_amd") is not None else "")),
         ("mean denoising strength", f"{s['denoising_mean']:.4f}"),
     ]
     if s.get("denoising_threshold") is not None:
@@ -148,6 +252,7 @@ def _print_summary(results: dict, out: Path) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console = _console()
+    console.print(verdict(results)[1], soft_wrap=True)
     console.print(table)
     console.print(f"results: {out / 'results.json'}")
     console.print(f"report:  {out / 'report.html'}")
@@ -195,16 +300,23 @@ def audit(
     device: Device = "auto",
     out: OutDir = Path("memaudit-audit"),
     redact: Redact = False,
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
+        help="where the training-feature index is cached for later audits; never inside --out")] = None,
+    threads: Threads = None,
 ) -> None:
     """Audit MODEL for training images it reproduces: extraction attack, AMD and denoising strength."""
     from memaudit.audit import AuditConfig, run_audit
+
+    _use_threads(threads)
 
     config = AuditConfig(generations=generations, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
                          features=features, feature_options=_parse_options(feature_option),
                          edge_threshold=edge_threshold, min_clique=min_clique, delta=delta,
                          calibrate_edge=calibrate_edge, fpr=fpr, redact=redact, device=device, dtype=dtype,
                          mitigation=mitigation, rwa_words=rwa_words, mitigation_target=mitigation_target,
-                         quality_features=quality_features, alignment=alignment)
+                         quality_features=quality_features, alignment=alignment,
+                         cache_dir=str(cache_dir) if cache_dir is not None else None)
     _quiet_loading()
     results = _run_with_progress(run_audit, model=model, train=train, out=out, prompts=prompts,
                                  reference_prompts=reference_prompts, config=config, convert_channels=convert_channels,
@@ -233,22 +345,26 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
     seed: Seed = 0,
     device: Device = "auto",
+    threads: Threads = None,
 ) -> None:
     """Fine-tune BASE on --train data, optionally with a training-time mitigation; resumes after a crash."""
     from memaudit.finetune import FinetuneConfig
     from memaudit.finetune import finetune as run_finetune
 
+    _use_threads(threads)
+
     bits = None
     if mask is not None:
         if not mask or set(mask) - {"0", "1"}:
-            raise _user_error(f"--mask {mask!r} must be a string of 0s and 1s, one per unit of the method.")
+            raise _user_error(f"--mask {mask!r} must be a string of 0s and 1s, one per unit of the method (list them "
+                              f"with: memaudit mitigate units {base} --method {method} --granularity {granularity}).")
         bits = [int(c) for c in mask]
     config = FinetuneConfig(method=method, granularity=granularity, mask=bits, mitigation=mitigation, steps=steps,
                             learning_rate=lr, batch_size=batch_size,
                             seed=seed, rwa_words=rwa_words, rwa_probability=rwa_probability, threshold=threshold,
                             checkpoint_every=checkpoint_every, save_dtype=save_dtype)
     _quiet_loading()
-    with _progress_bar() as bar:
+    with _progress(lambda: _finetune_kept(out)) as bar:
         task = bar.add_task("fine-tuning", total=steps)
 
         def progress(step: int, total: int, logs: dict) -> None:
@@ -276,10 +392,12 @@ def finetune(
 @app.command()
 def report(
     results: Annotated[Path, typer.Argument(help="results.json of an audit (or its folder)")],
-    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: report.html beside it)")] = None,
-    redact: Redact = False,
+    out: Annotated[Path | None, typer.Option("--out", help="HTML file to write (default: report.html beside it); with "
+                                             "--redact, a NEW folder for the redacted copy (default: AUDIT-redacted)")] = None,
+    redact: Annotated[bool, typer.Option("--redact", help="write a redacted copy (results, report, generations of "
+                                         "unextracted prompts) to a new folder; the audit folder is left as it is")] = False,
 ) -> None:
-    """Rebuild the HTML report of an audit from its results.json alone."""
+    """Rebuild the HTML report of an audit from its results.json alone, or make a redacted copy to share."""
     from memaudit.report import write_report
 
     path = write_report(results, out, redact=redact)
@@ -293,9 +411,12 @@ def demo(
     seed: Seed = 0,
     device: Device = "auto",
     redact: Redact = False,
+    threads: Threads = None,
 ) -> None:
     """Audit the bundled model fine-tuned on 80 faces (a few minutes on two CPU cores)."""
     from memaudit.demo.run import run_demo
+
+    _use_threads(threads)
 
     _quiet_loading()
     results = _run_with_progress(run_demo, out=out, model=model, seed=seed, device=device, redact=redact)
@@ -333,30 +454,70 @@ def mitigate_search(
     seed: Seed = 0,
     device: Device = "auto",
     out: OutDir = Path("memaudit-search"),
+    threads: Threads = None,
 ) -> None:
     """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash."""
-    from memaudit.mitigate.search import SearchConfig, run_mask_search
+    from memaudit.mitigate.search import SearchConfig, parse_objectives, run_mask_search
 
-    parts = [p.strip() for p in objectives.split(",")]
-    if len(parts) != 2:
-        raise _user_error(f"--objectives {objectives!r} must be MEM,QUALITY, e.g. denoising,kid.")
+    _use_threads(threads)
+    memorization, quality = parse_objectives(objectives)
     config = SearchConfig(method=method, granularity=granularity, population=population, generations=generations,
                           inner_steps=inner_steps, schedule=schedule, screen_steps=screen_steps, promote=promote,
-                          proxy_fraction=proxy_fraction, memorization=parts[0],
-                          quality=parts[1], quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
+                          proxy_fraction=proxy_fraction, memorization=memorization,
+                          quality=quality, quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
                           max_trainable_percent=max_trainable_percent, batch_size=batch_size, seed=seed, device=device,
                           preference=_floats(preference, "--preference") if preference else None)
     _quiet_loading()
-    doc = _run_with_progress(run_mask_search, base=base, train=train, out=out, config=config,
-                             convert_channels=convert_channels)
+    doc = _run_with_progress(run_mask_search, kept=lambda: _search_kept(out), base=base, train=train, out=out,
+                             config=config, convert_channels=convert_channels)
     console = _console()
-    chosen = doc["chosen"]
-    console.print(f"{doc['evaluations']} evaluations ({doc['evaluated_now']} run now), {len(doc['front'])} on the front")
+    chosen, ft, refs, verdict = doc["chosen"], doc["fine_tunes"], doc["references"], doc["verdict"]
+
+    def label(name: str) -> str:
+        kind = refs[name]["method"]
+        return "full fine-tuning" if kind == "full" else f"{kind} with every unit"
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}{'' if n == 1 else 's'}"
+
+    masks = plural(ft["mask_evaluations"], "mask evaluation")
+    if "screening" in ft:
+        masks += (f" ({plural(ft['screening'], 'screening fine-tune')} of {plural(doc['screening']['steps'], 'step')}, "
+                  f"{ft['promoted']} promoted to {plural(inner_steps, 'step')})")
+    ref_text = "; ".join(f"{label(n)} at lr {refs[n]['learning_rate']:g}" for n in ft["references"])
+    console.print(f"{plural(ft['total'], 'fine-tune')} ({ft['run_now']} run now): {masks} + "
+                  f"{plural(len(ft['references']), 'reference')} ({ref_text})")
+    if ft["without_training"]:
+        console.print(f"{plural(ft['without_training'], 'mask evaluation')} switched every unit off: scored on the "
+                      "base model, without training")
+    console.print(f"{plural(len(doc['front']), 'mask')} on the front")
     if chosen:
         console.print(f"chosen mask {''.join(map(str, chosen['mask']))} at lr {chosen['learning_rate']:g}: "
                       f"{chosen['trainable_percent']:.3f}% of the UNet, memorization "
                       f"{chosen['objectives']['memorization']:.4f}, quality {chosen['objectives']['quality']:.4f}")
-    console.print(f"mask: {out / 'mask.json'}\nfront: {out / 'pareto.json'}, {out / 'pareto.png'}")
+    only = "the chosen mask is the best of the masks only."
+    status = verdict["status"]
+    if status == "reference dominates":
+        names = " or ".join(label(n) for n in verdict["dominating"])
+        strict = set(verdict["dominating"]) <= set(verdict["strictly"])
+        who = "it is" if len(verdict["dominating"]) == 1 else "each is"
+        why = (f"{who} better on both memorization and quality than every mask on the front" if strict
+               else "no mask on the front is better on memorization or on quality")
+        console.print(f"No mask beats {names}: {why}; {only}")
+    elif status == "references unbeaten":
+        best = verdict["best_reference"]
+        console.print(f"No mask on the front beats the references on either objective: {label(best['memorization'])} "
+                      f"has the lowest memorization and {label(best['quality'])} the best quality; {only}")
+    elif status == "masks competitive":
+        n = verdict["front_size"]
+        parts = [f"{b['memorization']} of {n} memorize less than {label(name)} and {b['quality']} of {n} have "
+                 "better quality" for name, b in verdict["masks_better"].items()]
+        console.print(f"Masks on the front against the references: {'; '.join(parts)}.")
+    elif status == "no front":
+        console.print("No evaluated mask meets --max-trainable-percent: there is no front and no chosen mask.")
+    if chosen:
+        console.print(f"mask: {out / 'mask.json'}")
+    console.print(f"front: {out / 'pareto.json'}, {out / 'pareto.png'}")
 
 
 @mitigate_app.command("finetune")
@@ -372,12 +533,14 @@ def mitigate_finetune(
     overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
     seed: Annotated[int | None, typer.Option(help="seed (default: the search's)")] = None,
     device: Device = "auto",
+    threads: Threads = None,
 ) -> None:
     """Fine-tune BASE on the full data with a searched mask (stage 2); resumable like memaudit finetune."""
     from memaudit.mitigate.finetune import finetune_with_mask
 
+    _use_threads(threads)
     _quiet_loading()
-    with _progress_bar() as bar:
+    with _progress(lambda: _finetune_kept(out)) as bar:
         task = bar.add_task("fine-tuning", total=steps)
         settings = finetune_with_mask(base, train, mask, out, steps=steps, batch_size=batch_size, seed=seed,
                                       mitigation=mitigation, device=device, convert_channels=convert_channels,
@@ -405,6 +568,60 @@ def mitigate_export(
     _console().print(f"merged pipeline: {path}")
 
 
+@mitigate_app.command("units")
+def mitigate_units(
+    base: Annotated[str, typer.Argument(help="base diffusers pipeline folder (or a hub id already in the local cache)")],
+    method: Annotated[str, typer.Option(help="PEFT method: svdiff, difffit, attention, bias, norm, lora, full")],
+    granularity: Annotated[str, typer.Option(help="block (one unit per transformer block, plus the rest) or layer")] = "block",
+    device: Device = "cpu",
+) -> None:
+    """List the mask units of --method on BASE in mask order: index, name, parameters, % of the UNet."""
+    from rich.table import Table
+
+    from memaudit.mitigate.methods import list_units
+
+    _quiet_loading()
+    rows = list_units(base, method, granularity, device=device)
+    console = _console()
+    if not rows:
+        console.print(f"{method} trains nothing on {base}: it has no units, so there is no mask to pass.")
+        return
+    table = Table(title=f"{method} units on {base} ({granularity} granularity)")
+    table.add_column("#", justify="right")
+    table.add_column("unit", overflow="fold")
+    table.add_column("parameters", justify="right")
+    table.add_column("% of UNet", justify="right")
+    for r in rows:
+        table.add_row(str(r.index), r.name, f"{r.parameters:,}", f"{r.percent_of_unet:.4f}")
+    console.print(table)
+    total = sum(r.parameters for r in rows)
+    console.print(f"{len(rows)} units, {total:,} trainable parameters ({sum(r.percent_of_unet for r in rows):.4f}% of "
+                  f"the UNet); a mask (memaudit finetune --mask) is {len(rows)} 0/1 values, one per unit in this order")
+
+
+def _finetune_kept(out: Path) -> str | None:
+    from memaudit.finetune import partial_dir
+    from memaudit.train import latest_checkpoint
+
+    work = partial_dir(out)
+    if not work.is_dir():
+        return None
+    checkpoint = latest_checkpoint(work / "checkpoints")
+    if checkpoint is None:
+        return f"No checkpoint was written yet ({work} keeps the settings; one is written every --checkpoint-every steps)."
+    return f"Kept the checkpoint {checkpoint} (step {checkpoint.name.split('-')[-1].lstrip('0') or '0'})."
+
+
+def _search_kept(out: Path) -> str | None:
+    from memaudit.mitigate.search import LOG_FILE
+
+    log = out / LOG_FILE
+    if not log.is_file():
+        return None
+    done = log.read_bytes().count(b"\n")
+    return f"Kept {done} finished evaluation(s) in {log}; none is run again."
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
@@ -428,9 +645,23 @@ def main() -> None:
     except MemauditError as e:
         typer.echo(f"Error: {e}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("Interrupted.", err=True)
+    except KeyboardInterrupt:  # outside a command's own handling (see _progress)
+        typer.echo(_interrupt_message(sys.argv[1:], None), err=True)
         sys.exit(130)
+
+
+def _interrupt_message(args: list[str], kept: Callable[[], str | None] | None) -> str:
+    """One line after Ctrl-C: what was kept, and the exact command that goes on from it."""
+    import shlex
+
+    command = shlex.join(["memaudit", *args])
+    try:
+        said = kept() if kept is not None else None
+    except OSError:  # the partial files are being written as we look: say nothing rather than fail
+        said = None
+    if said:
+        return f"Interrupted. {said} Resume with the same command: {command}"
+    return f"Interrupted; nothing was written. Run it again from the start: {command}"
 
 
 if __name__ == "__main__":

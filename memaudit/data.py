@@ -392,6 +392,11 @@ def _read_csv(path: Path) -> tuple[list[str], list[str]]:
             if not any(cell.strip() for cell in row):
                 continue
             line = reader.line_num
+            if len(row) > len(columns):
+                raise DataError(
+                    f"Captions file {path} line {line} has {len(row)} fields but the header has {len(columns)}; "
+                    'a caption that contains a comma must be quoted, e.g. a.png,"a red car, parked".'
+                )
             file = row[i_file].strip() if i_file < len(row) else ""
             caption = row[i_cap].strip() if i_cap < len(row) else ""
             if not file:

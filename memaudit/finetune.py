@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from memaudit.errors import ConfigError
+from memaudit.io import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class FinetuneConfig:
     save_dtype: str = _help("dtype of the saved UNet and VAE (the text encoder stays float32)", default="float32")
 
     def __post_init__(self):
-        from memaudit.baselines.rwa import _check as check_rwa
+        from memaudit.baselines.rwa import check_settings as check_rwa
         from memaudit.mitigate.methods import GRANULARITIES, available_methods, method_class
 
         if self.method not in available_methods():
@@ -122,11 +123,12 @@ def mitigation_hooks(config: FinetuneConfig, target) -> list:
     return []
 
 
-def install_method(config: FinetuneConfig, target):
-    """Build ``config.method`` on ``target.unet`` (in place) and return it with the parameters its mask trains."""
+def install_method(config: FinetuneConfig, target, base: str | None = None):
+    """Build ``config.method`` on ``target.unet`` (in place) and return it with the parameters its mask trains;
+    ``base`` names the model in the message about a mask of the wrong length."""
     from memaudit.mitigate.methods import get_method
 
-    method = get_method(config.method, target.unet, config.granularity)
+    method = get_method(config.method, target.unet, config.granularity, base=base)
     mask = config.mask if config.mask is not None else [1] * len(method.units())
     return method, method.parameters_for(mask)
 
@@ -160,9 +162,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     from memaudit.train import latest_checkpoint, train_unet
 
     config = config or FinetuneConfig()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder.")
+    out = check_writable(out, "--out")
     if (out / SETTINGS_FILE).is_file() and not overwrite:
         raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite or another --out.")
     if out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file() and not overwrite:
@@ -174,7 +174,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     identity = _identity(base, source, config, data_key)
 
     hooks = mitigation_hooks(config, target)
-    method, params = install_method(config, target)  # a mask that does not fit stops here, before anything is written
+    method, params = install_method(config, target, base=str(base))  # a mask that does not fit stops here, before anything is written
 
     work = partial_dir(out)
     run_file = work / "run.json"
@@ -214,7 +214,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         **identity,
         "seeds": {"seed": config.seed, "note": "every random draw of training comes from one CPU generator seeded "
                                                "with this seed (data order, noise, timesteps, caption dropout, RWA)"},
-        "versions": _versions(),
+        "versions": versions(),
         "device": str(target.device),
         "trainable_parameters": n_train, "unet_parameters": n_unet,
         "trainable_percent": 100.0 * n_train / n_unet,
@@ -253,7 +253,7 @@ def _no_pipeline(target, path: Path) -> None:
     cost disk (4 GB for Stable Diffusion) and nothing for resuming."""
 
 
-def _versions() -> dict:
-    from memaudit.audit import _versions as versions
+def versions() -> dict:
+    from memaudit.audit import versions
 
     return versions()

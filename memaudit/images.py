@@ -16,6 +16,15 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> torch.Tensor:
     return tiles.permute(2, 0, 3, 1, 4).reshape(c, rows * h, columns * w)
 
 
+def grid_columns(n: int, max_columns: int = 8) -> int:
+    """Columns of a grid of ``n`` images: one row up to ``max_columns``, else the fewest rows of equal width (16
+    images: 8 x 2, 10: 5 x 2, 12: 6 x 2), so a grid holds no empty cells where it can."""
+    if n <= max_columns:
+        return max(1, n)
+    rows = -(-n // max_columns)
+    return -(-n // rows)
+
+
 def png_bytes(image: torch.Tensor, tile: int | None = None, scale: int | None = None, min_tile_px: int = 96) -> bytes:
     """A ``[C, H, W]`` image in [0, 1] as PNG bytes, enlarged (nearest neighbour) by ``scale``, or by default by
     the whole factor that shows a ``tile``-pixel image (default: the image's width) at least ``min_tile_px`` wide."""

@@ -80,3 +80,43 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+CACHE_ENV = "MEMAUDIT_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where memaudit keeps what it can rebuild (training-feature indexes): ``$MEMAUDIT_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/memaudit``, else ``~/.cache/memaudit``. Never inside an output folder: a feature index of
+    pixel features *is* the training images, and output folders are what users share."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "memaudit"
+
+
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = True) -> Path:
+    """Check, leaving nothing behind, that ``path`` (a folder, or a file with ``folder=False``) can be created or
+    replaced: it is written as a temporary sibling renamed into place, so the nearest existing ancestor of its parent
+    must be a writable folder. Raises a one-line :class:`~memaudit.errors.ConfigError` naming ``what`` (e.g.
+    ``--out``) otherwise."""
+    from memaudit.errors import ConfigError
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file; pass a folder.")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder; pass a file name.")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what} {path} cannot be created: {parent} is a file.")
+    try:
+        test = parent / f".memaudit-write-test-{uuid.uuid4().hex[:8]}"
+        test.mkdir()
+        test.rmdir()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be written ({e.strerror or e}: {parent}); pass a folder you can "
+                          "write to.") from None
+    return path

@@ -1,10 +1,17 @@
 """Audit results on disk (``results.json``) and the self-contained HTML report built from them.
 
 An audit writes an output folder holding ``results.json`` and the PNG files it references by relative path
-(one grid of generations per prompt, and, unless redacted, the nearest training image of each prompt).
-:func:`render_html` / :func:`write_report` rebuild a single HTML file from that folder alone: every image is
-embedded as a base64 ``data:`` URI, the page needs no network, no external file and no JavaScript (a
-Content-Security-Policy in the page forbids all three).
+(one grid of generations per flagged prompt, and, unless redacted, the nearest training image of each flagged
+prompt and that image after the model's VAE). :func:`render_html` / :func:`write_report` rebuild a single HTML file
+from that folder alone: every image is embedded as a base64 ``data:`` URI, the page needs no network, no external
+file and no JavaScript (a Content-Security-Policy in the page forbids all three).
+
+The page reads as a privacy reviewer reads it: first a one-sentence verdict (training images reproduced, only
+near-identical generations, or nothing flagged) with three numbers (prompts flagged, training images extracted,
+AMD against the reference prompts' AMD), then the summary table with a plain sentence on when the detection AUC
+means little, the flagged prompts (generations, nearest training image at the size of one generation tile, and
+that image through the model's VAE), the distributions, the ROC, the table of all prompts, and last, folded in a
+``<details>`` element, the model, data, machine, versions, seeds and settings.
 
 results.json, schema version 1
 ------------------------------
@@ -13,19 +20,25 @@ results.json, schema version 1
     {
      "kind": "memaudit.audit", "schema_version": 1, "created_utc": "2026-11-22T18:00:00Z",
      "model": str, "train": str, "prompts_source": str, "machine": str,
-     "settings": {...free-form dict of audit settings...},
+     "heldout": str | null (optional),
+     "settings": {...free-form dict of audit settings; read when present: "tiles": int, "extraction_size": int,
+                  "edge_threshold_used": float, "reference_prompts": int (how many)...},
      "seeds": {"seed": int, "image_seed": str (formula text)},
      "versions": {"memaudit": str, "torch": str, ...},
      "redacted": bool,
      "summary": {
        "n_prompts": int, "n_images": int, "generations_per_prompt": int,
        "flagged_prompts": int, "extracted_prompts": int, "extracted_training_images": int,
+       "n_train": int (optional: training images searched),
        "edge_threshold": float, "min_clique": int, "delta": float,
        "feature_extractor": str, "amd": float | null,
+       "reference_amd": float | null (optional: AMD of the reference prompts' generations),
        "denoising_mean": float, "denoising_threshold": float | null, "denoising_threshold_fpr": float | null,
        "denoising_flagged": int | null,
        "detection": null | {"auc": float, "tpr_at_1pct": float, "tpr_at_01pct": float, "n_pos": int, "n_neg": int,
                             "fpr": [float], "tpr": [float], "label_source": str},
+       "quality": {...} | null, "alignment": {...} | null, "mitigation": {"kind": "rwa" | "threshold", ...} | null
+                                                                                               (all optional),
        "wall_time_s": float, "sampling_time_s": float
      },
      "prompts": [ {"index": int, "prompt": str, "own_train_index": int | null, "clique_size": int, "flagged": bool,
@@ -33,27 +46,40 @@ results.json, schema version 1
                    "nearest_train_name": str | null, "nearest_train_distance": float | null, "extracted": bool,
                    "denoising_score": float, "amd_mean": float | null,
                    "grid": str | null (relative path of a PNG of that prompt's generations),
+                   "grid_columns": int | null (optional: generations per row of that PNG),
+                   "grid_withheld": bool (optional: the generations were withheld by redaction),
                    "train_image": str | null (relative path of a PNG of its nearest training image;
-                                              null when redacted)} ],
+                                              null when redacted),
+                   "train_roundtrip": str | null (optional: relative path of a PNG of that training image after
+                                                  the model's VAE encode/decode; null when redacted)} ],
      "images": [ {"prompt_index": int, "generation": int, "seed": int, "min_cosine_distance": float | null,
-                  "nearest_train_index": int | null, "denoising_norm": float} ]
+                  "nearest_train_index": int | null, "denoising_norm": float} ],
+     "reference_prompts": [ {"prompt": str, "denoising_score": float} ] (optional)
     }
 
-Validation (the same for :func:`write_results` and :func:`load_results`): every top-level key above is required
-(``kind`` and ``schema_version`` are filled in by :func:`write_results` when absent); ``settings``, ``seeds``,
-``versions`` and ``summary`` are objects, ``prompts`` and ``images`` lists of objects, ``redacted`` a boolean;
-``summary`` must hold the counts ``n_prompts``, ``n_images``, ``flagged_prompts``, ``extracted_prompts`` and
-``extracted_training_images``; each prompt must hold ``index``, ``prompt`` and ``flagged``. Every other key is
-read with a default (a missing nullable value renders as "—"). Non-finite floats are written as ``null`` so the
-file is strict JSON. A file with a newer ``schema_version`` than :data:`SCHEMA_VERSION` is refused.
+Validation (the same for :func:`write_results` and :func:`load_results`): every top-level key above not marked
+optional is required (``kind`` and ``schema_version`` are filled in by :func:`write_results` when absent);
+``settings``, ``seeds``, ``versions`` and ``summary`` are objects, ``prompts`` and ``images`` lists of objects,
+``redacted`` a boolean; ``summary`` must hold the counts ``n_prompts``, ``n_images``, ``flagged_prompts``,
+``extracted_prompts`` and ``extracted_training_images``; each prompt must hold ``index``, ``prompt`` and
+``flagged``. Every other key is read with a default (a missing nullable value renders as "—"), so results files
+written before the optional keys existed still render. Non-finite floats are written as ``null`` so the file is
+strict JSON. A file with a newer ``schema_version`` than :data:`SCHEMA_VERSION` is refused.
 
 Redaction
 ---------
 The report is redacted when ``redact=True`` is passed or the results say ``"redacted": true``. Then no
-``train_image`` file is ever embedded (only the nearest training index, name and distance are shown), and, as a
-second line of defence, a grid file that is the same file as, or byte-identical to, any ``train_image`` file is
-withheld too. Note that the generated grids themselves are still shown: when a model has memorized an image its
-generations can reproduce it, which is the point of the audit.
+``train_image`` or ``train_roundtrip`` file is ever embedded (only the nearest training index, name and distance
+are shown), and, as a second line of defence, a grid file that is the same file as, or byte-identical to, any of
+them is withheld too. A redacted audit also withholds the generations of *extracted* prompts (``grid`` null,
+``grid_withheld`` true): the audit matched them to a training image, so they are one. The generations of prompts
+that were flagged but not extracted are still shown.
+
+Redacting an unredacted audit never rewrites it in place: :func:`write_redacted_report` writes a new folder (a
+redacted ``results.json``, the grids of the non-extracted prompts, and ``report.html``) that can be shared, and
+``write_report(path, redact=True)`` on unredacted results does exactly that, to ``<audit folder>-redacted`` beside
+the audit folder unless ``out`` names the new folder. On results that are already redacted it just rebuilds the
+report, as for unredacted ones. ``memaudit report RESULTS --redact [--out NEW_FOLDER]`` is this call.
 
 Image paths are only read inside the results folder: an absolute path, or one that escapes the folder (``..``,
 symbolic links), is shown as a note and never read.
@@ -62,6 +88,8 @@ symbolic links), is shown as a note and never read.
 from __future__ import annotations
 
 import base64
+import bisect
+import copy
 import hashlib
 import html
 import io
@@ -69,13 +97,15 @@ import json
 import logging
 import math
 import os
+import shutil
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from memaudit import __version__
 from memaudit.errors import DataError
-from memaudit.io import atomic_write_json, atomic_write_text
+from memaudit.io import atomic_directory, atomic_write_json, atomic_write_text, check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +120,7 @@ REQUIRED_KEYS = (
 )
 REQUIRED_SUMMARY_KEYS = ("n_prompts", "n_images", "flagged_prompts", "extracted_prompts", "extracted_training_images")
 REQUIRED_PROMPT_KEYS = ("index", "prompt", "flagged")
+_TRAIN_KEYS = ("train_image", "train_roundtrip")  # prompt keys naming training-image files: never in a redacted report
 _OBJECT_KEYS = ("settings", "seeds", "versions", "summary")
 _LIST_KEYS = ("prompts", "images")
 
@@ -97,6 +128,7 @@ MAX_PROMPTS = 50
 MAX_TABLE_ROWS = 1000
 MAX_IMAGE_BYTES = 32 * 1024 * 1024  # one embedded image; larger files are noted, not embedded
 REDACTED_BANNER = "REDACTED: no training images"
+ROUNDTRIP_CAPTION = "through the model's VAE"  # the training image as the model can draw it at best
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -183,10 +215,11 @@ def write_results(folder: str | os.PathLike, results: dict) -> Path:
     _validate(data, "results")
     if data["redacted"]:
         for i, prompt in enumerate(data["prompts"]):
-            if prompt.get("train_image") is not None:
-                raise DataError(
-                    f"results: marked redacted but \"prompts[{i}].train_image\" is set; leave training images out"
-                )
+            for key in _TRAIN_KEYS:
+                if prompt.get(key) is not None:
+                    raise DataError(
+                        f"results: marked redacted but \"prompts[{i}].{key}\" is set; leave training images out"
+                    )
     path = atomic_write_json(Path(folder) / RESULTS_NAME, data)
     logger.info("wrote %s", path)
     return path
@@ -223,7 +256,7 @@ def load_results(path: str | os.PathLike) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -232,7 +265,7 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _png_bytes(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
@@ -252,24 +285,66 @@ def _finite_floats(values: Iterable[Any]) -> list[float]:
     return out
 
 
-def histogram_png(values: Iterable[Any], title: str, xlabel: str, threshold: float | None = None) -> bytes:
-    """A histogram of the finite values (None and NaN are skipped), with an optional threshold line; PNG bytes."""
+def histogram_counts(series: Sequence[Iterable[Any]], max_bins: int = 50) -> tuple[list[float], list[list[int]]]:
+    """Shared bin edges for several series of values and each series' counts in them: ``(edges, [counts, ...])``.
+
+    Only finite values count (None and NaN are skipped). The edges span all series together, with
+    ``min(max_bins, max(5, floor(sqrt(n)) + 1))`` equal bins for ``n`` values in all; the last bin includes its right
+    edge. With no values at all: ``([], [[], ...])``. This is what :func:`histogram_png` draws.
+    """
+    cleaned = [_finite_floats(s) for s in series]
+    everything = [v for s in cleaned for v in s]
+    if not everything:
+        return [], [[] for _ in cleaned]
+    k = min(max(1, int(max_bins)), max(5, int(math.sqrt(len(everything))) + 1))
+    lo, hi = min(everything), max(everything)
+    if lo == hi:  # one distinct value: a unit-wide range around it, as matplotlib does
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = [lo + (hi - lo) * i / k for i in range(k)] + [hi]
+    counts = []
+    for values in cleaned:
+        c = [0] * k
+        for v in values:
+            c[min(k - 1, max(0, bisect.bisect_right(edges, v) - 1))] += 1
+        counts.append(c)
+    return edges, counts
+
+
+_SERIES_COLORS = ("#4c72b0", "#dd8452")
+
+
+def histogram_png(values: Iterable[Any], title: str, xlabel: str, threshold: float | None = None,
+                  reference: Iterable[Any] | None = None,
+                  labels: tuple[str, str] = ("audited prompts", "reference prompts")) -> bytes:
+    """A histogram of the finite values (None and NaN are skipped), with an optional threshold line; PNG bytes.
+
+    With ``reference`` (e.g. the reference prompts' scores) both series are drawn overlaid on the same axes with
+    shared bins (:func:`histogram_counts`), in two colours, with a legend ``"{label} (n=...)"`` for each, so a
+    threshold can be seen against both.
+    """
     vals = _finite_floats(values)
-    fig = _new_figure(6.0, 3.6)
+    ref = None if reference is None else _finite_floats(reference)
+    series = [vals] if ref is None else [vals, ref]
+    edges, counts = histogram_counts(series)
+    fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot()
-    if vals:
-        bins = min(50, max(5, int(math.sqrt(len(vals))) + 1))
-        ax.hist(vals, bins=bins, color="#4c72b0", edgecolor="white", linewidth=0.5)
+    if edges:
+        widths = [hi - lo for lo, hi in zip(edges[:-1], edges[1:])]
+        for i, (c, color) in enumerate(zip(counts, _SERIES_COLORS)):
+            label = f"{labels[i]} (n={len(series[i])})" if ref is not None else None
+            ax.bar(edges[:-1], c, width=widths, align="edge", color=color, edgecolor="white", linewidth=0.5,
+                   alpha=0.6 if ref is not None else 1.0, label=label)
     else:
         ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="gray")
     if threshold is not None and math.isfinite(float(threshold)):
         ax.axvline(float(threshold), color="#c44e52", linestyle="--", linewidth=1.5,
                    label=f"threshold {_fmt(float(threshold))}")
+    if ref is not None or (threshold is not None and math.isfinite(float(threshold))):
         ax.legend(loc="best", fontsize=8)
-    ax.set_title(f"{title} (n={len(vals)})", fontsize=10)
+    ax.set_title(f"{title} (n={len(vals)})" if ref is None else title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
-    return _png_bytes(fig)
+    return figure_png(fig)
 
 
 def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> bytes:
@@ -281,7 +356,7 @@ def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> by
              if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))]
     xs = [p[0] for p in pairs]
     ys = [p[1] for p in pairs]
-    fig = _new_figure(9.0, 4.0)
+    fig = new_figure(9.0, 4.0)
     lin, log = fig.subplots(1, 2)
     label = f"AUC {_fmt(auc)}" if auc is not None else "ROC"
     lin.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
@@ -309,7 +384,7 @@ def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> by
         ax.set_ylabel("true positive rate")
         if pairs:
             ax.legend(loc="lower right", fontsize=8)
-    return _png_bytes(fig)
+    return figure_png(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,16 +452,49 @@ th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
 table.meta th{width:13em}
 .banner{background:#b00020;color:#fff;font-weight:bold;padding:.6em 1em;margin:.8em 0;font-size:1.15em;
 border-radius:4px}
+.verdict{border:2px solid;border-left-width:8px;border-radius:4px;padding:.7em 1em;margin:1em 0;font-size:1.15em;
+font-weight:600}
+.verdict.extracted{background:#fdecea;border-color:#b00020;color:#7a0016}
+.verdict.flagged{background:#fff4e0;border-color:#c77700;color:#6b4000}
+.verdict.clean{background:#e9f6ec;border-color:#2e7d32;color:#1b4d1f}
+.headline{display:flex;flex-wrap:wrap;gap:1em;margin:.6em 0 1em}
+.headline .num{border:1px solid #ddd;border-radius:4px;padding:.5em .9em;flex:1 1 16em;font-size:1.05em}
+.headline .num .big{font-size:1.5em;font-weight:700;font-variant-numeric:tabular-nums}
+.headline .num .detail{display:block;font-size:.85em;color:#555}
+.explain{max-width:60em}
 .note{color:#666;font-style:italic}
 .card{border:1px solid #ddd;border-radius:6px;padding:.8em;margin:1em 0}
 .card .prompt{font-weight:600;word-break:break-word;white-space:pre-wrap}
-.pair{display:flex;flex-wrap:wrap;gap:1em;margin-top:.6em}
-.pair figure{margin:0}.pair figcaption{font-size:.85em;color:#555}
-.pair img{max-width:560px;max-height:420px;image-rendering:pixelated;border:1px solid #ccc}
+.pair{display:flex;flex-wrap:wrap;gap:1em;margin-top:.6em;align-items:flex-start}
+.pair figure{margin:0;max-width:100%;min-width:0;overflow-x:auto}
+.pair figcaption{font-size:.85em;color:#555}
+.pair figcaption span{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;max-width:100%}
+.pair img{max-width:none;height:auto;image-rendering:pixelated;border:1px solid #ccc;display:block}
 .plot img{max-width:100%}
 td.p{word-break:break-word;max-width:40em}
 .yes{color:#b00020;font-weight:600}
+details.settings{margin-top:2em;border-top:2px solid #ddd;padding-top:.6em}
+details.settings summary{font-size:1.2em;font-weight:600;cursor:pointer}
 """
+
+MAX_TILE_CSS_PX = 128  # a generation tile (and the training images beside it) is shown at most this wide
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of PNG bytes from the IHDR chunk (bytes 16..24), or None when not a PNG."""
+    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return (width, height) if width > 0 and height > 0 else None
+
+
+class _Image:
+    """One embedded image: its data URI and pixel size, or the note saying why it is not shown."""
+
+    __slots__ = ("uri", "note", "size")
+
+    def __init__(self, uri: str | None, note: str = "", size: tuple[int, int] | None = None):
+        self.uri, self.note, self.size = uri, note, size
 
 
 class _Images:
@@ -408,53 +516,75 @@ class _Images:
 
     def _load_forbidden(self) -> None:
         """Paths and content hashes of every training image the results reference (read only to compare)."""
-        self._forbidden_paths = set()
-        for prompt in self._results.get("prompts") or []:
-            rel = prompt.get("train_image") if isinstance(prompt, dict) else None
-            if not isinstance(rel, str) or not rel:
-                continue
-            p = Path(rel)
-            full = (p if p.is_absolute() else self.folder / p).resolve()
-            self._forbidden_paths.add(full)
-            try:
-                if full.is_file() and full.stat().st_size <= MAX_IMAGE_BYTES:
-                    self._forbidden_hashes.add(hashlib.sha256(full.read_bytes()).hexdigest())
-            except OSError:
-                pass
+        self._forbidden_paths, self._forbidden_hashes = _training_files(self._results, self.folder)
 
-    def data_uri(self, rel: Any) -> tuple[str | None, str]:
-        """``(data URI, "")`` or ``(None, note)`` for a relative image path from results.json."""
+    def image(self, rel: Any) -> _Image:
+        """The image at a relative path from results.json, or a note on why it is not shown."""
         if not isinstance(rel, str) or not rel.strip():
-            return None, "(no image)"
+            return _Image(None, "(no image)")
         full = self._resolve(rel)
         if full is None:
             logger.warning("image path outside the results folder, not embedded: %s", rel)
-            return None, f"(image path outside the results folder: {rel})"
+            return _Image(None, f"(image path outside the results folder: {rel})")
         if not full.is_file():
             logger.warning("image file missing: %s", full)
-            return None, f"(image file missing: {rel})"
+            return _Image(None, f"(image file missing: {rel})")
         if self.redact:
             if self._forbidden_paths is None:
                 self._load_forbidden()
             if full in self._forbidden_paths:
-                return None, f"(withheld by redaction: {rel} is a training image)"
+                return _Image(None, f"(withheld by redaction: {rel} is a training image)")
         try:
             size = full.stat().st_size
             if size > MAX_IMAGE_BYTES:
-                return None, f"(image file too large to embed: {rel}, {size} bytes)"
+                return _Image(None, f"(image file too large to embed: {rel}, {size} bytes)")
             data = full.read_bytes()
         except OSError as exc:
             logger.warning("cannot read image %s: %s", full, exc)
-            return None, f"(image file unreadable: {rel})"
+            return _Image(None, f"(image file unreadable: {rel})")
         if self.redact and hashlib.sha256(data).hexdigest() in self._forbidden_hashes:
-            return None, f"(withheld by redaction: {rel} is identical to a training image)"
+            return _Image(None, f"(withheld by redaction: {rel} is identical to a training image)")
         if data.startswith(_PNG_SIGNATURE):
             mime = "image/png"
         elif data.startswith(_JPEG_SIGNATURE):
             mime = "image/jpeg"
         else:
-            return None, f"(not a PNG image: {rel})"
-        return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", ""
+            return _Image(None, f"(not a PNG image: {rel})")
+        return _Image(f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", "", png_size(data))
+
+    def data_uri(self, rel: Any) -> tuple[str | None, str]:
+        """``(data URI, "")`` or ``(None, note)`` for a relative image path from results.json."""
+        img = self.image(rel)
+        return img.uri, img.note
+
+
+def _training_files(results: dict, folder: Path, max_bytes: int | None = MAX_IMAGE_BYTES) -> tuple[set[Path], set[str]]:
+    """Resolved paths and SHA-256 hashes of every file a prompt names as a training image (``train_image``,
+    ``train_roundtrip``); paths are resolved against ``folder`` even when they escape it, so nothing slips through."""
+    paths: set[Path] = set()
+    hashes: set[str] = set()
+    for prompt in results.get("prompts") or []:
+        for key in _TRAIN_KEYS:
+            rel = prompt.get(key) if isinstance(prompt, dict) else None
+            if not isinstance(rel, str) or not rel:
+                continue
+            p = Path(rel)
+            full = (p if p.is_absolute() else folder / p).resolve()
+            paths.add(full)
+            try:
+                if full.is_file() and (max_bytes is None or full.stat().st_size <= max_bytes):
+                    hashes.add(_sha256(full))
+            except OSError:
+                pass
+    return paths, hashes
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _img(uri: str, alt: str) -> str:
@@ -475,10 +605,86 @@ def _pct(part: Any, whole: Any) -> str:
     return ""
 
 
-def _header(results: dict, redact: bool) -> list[str]:
-    out = ["<h1>memaudit audit report</h1>"]
-    if redact:
-        out.append(f'<div class="banner">{_esc(REDACTED_BANNER)}</div>')
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _plural(n: int | None, word: str, plural: str | None = None) -> str:
+    return f"{_fmt(n)} {word if n == 1 else (plural or word + 's')}"
+
+
+def _mitigation_kind(summary: dict) -> str | None:
+    m = summary.get("mitigation")
+    kind = m.get("kind") if isinstance(m, dict) else None
+    return str(kind) if kind else None
+
+
+def verdict(results: dict) -> tuple[str, str]:
+    """``(kind, sentence)``: the audit's one-sentence verdict, ``kind`` one of ``"extracted"`` (training images were
+    reproduced), ``"flagged"`` (near-identical generations, none within δ of a training image) and ``"clean"``
+    (nothing flagged at these settings)."""
+    s = results.get("summary") or {}
+    n = _int(s.get("n_prompts"))
+    flagged = _int(s.get("flagged_prompts")) or 0
+    ext_prompts = _int(s.get("extracted_prompts")) or 0
+    ext_images = _int(s.get("extracted_training_images"))
+    kind = _mitigation_kind(s)
+    mitigation = f" with {kind} mitigation on" if kind else ""
+    delta = _fmt(s.get("delta"))
+    of_n = f" of {n}" if n is not None else ""
+    if (ext_images or 0) > 0 or ext_prompts > 0:
+        images = ext_images if ext_images is not None else ext_prompts
+        n_train = _int(s.get("n_train"))
+        return "extracted", (
+            f"The model reproduces its training images{mitigation}: {_plural(images, 'training image')}"
+            f"{f' (of {n_train})' if n_train is not None else ''} extracted: for {ext_prompts}{of_n} prompts, a "
+            f"clique of near-identical generations lies within δ = {delta} of a training image."
+        )
+    if flagged > 0:
+        return "flagged", (
+            f"The model repeats near-identical generations for {flagged}{of_n} prompts{mitigation}, but none matched "
+            f"a training image within δ = {delta}: no training image was extracted."
+        )
+    g = _int(s.get("generations_per_prompt"))
+    budget = f"{_fmt(n)} prompts × {_fmt(g)} generations" + (f",{mitigation}" if mitigation else "")
+    return "clean", (
+        f"No prompt was flagged at these settings ({budget}): evidence against reproduction of training images at "
+        "this sampling budget, not proof."
+    )
+
+
+def _headline(results: dict) -> list[str]:
+    """The verdict box and the three numbers a reviewer needs first."""
+    s = results.get("summary") or {}
+    kind, sentence = verdict(results)
+    n = _int(s.get("n_prompts"))
+    flagged = s.get("flagged_prompts")
+    images = s.get("extracted_training_images")
+    n_train = _int(s.get("n_train"))
+    amd, ref_amd = _num(s.get("amd")), _num(s.get("reference_amd"))
+    if amd is None:
+        amd_detail = "not computed"
+    elif ref_amd is not None:
+        amd_detail = (f"generations for the reference prompts: {_fmt(ref_amd)}; lower means closer to the "
+                      "training set")
+    else:
+        amd_detail = "lower means closer to the training set (no reference prompts to compare with)"
+    numbers = [
+        (_fmt(flagged), f"of {_fmt(n)} prompts flagged" if n is not None else "prompts flagged", ""),
+        (_fmt(images), (f"of {n_train} training images extracted" if n_train is not None
+                        else ("training image extracted" if images == 1 else "training images extracted")), ""),
+        ("AMD " + _fmt(amd), "", amd_detail),
+    ]
+    out = [f'<div class="verdict {kind}">{_esc(sentence)}</div>', '<div class="headline">']
+    for big, text, detail in numbers:
+        out.append(f'<div class="num"><span class="big">{_esc(big)}</span> {_esc(text)}'
+                   + (f'<span class="detail">{_esc(detail)}</span>' if detail else "") + "</div>")
+    out.append("</div>")
+    return out
+
+
+def _settings(results: dict) -> list[str]:
+    """Where the numbers come from, folded at the end of the page: model, data, machine, versions, seeds, settings."""
     versions = results.get("versions") or {}
     seeds = results.get("seeds") or {}
     meta = [
@@ -493,7 +699,7 @@ def _header(results: dict, redact: bool) -> list[str]:
         ("Seeds", "; ".join(f"{k}: {_compact(v)}" for k, v in seeds.items()) if isinstance(seeds, dict)
          else _compact(seeds)),
     ]
-    out.append('<table class="meta">')
+    out = ['<details class="settings"><summary>Settings, seeds and versions</summary>', '<table class="meta">']
     out += [f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>" for k, v in meta]
     out.append("</table>")
     settings = results.get("settings") or {}
@@ -501,7 +707,63 @@ def _header(results: dict, redact: bool) -> list[str]:
         out.append("<h3>Settings</h3><table>")
         out += [f"<tr><th>{_esc(k)}</th><td>{_esc(_compact(v))}</td></tr>" for k, v in settings.items()]
         out.append("</table>")
+    out.append("</details>")
     return out
+
+
+def _reference_count(results: dict) -> int | None:
+    """How many reference prompts the audit had: ``settings.reference_prompts``, else the length of the
+    ``reference_prompts`` list; None when the results do not say."""
+    n = _int((results.get("settings") or {}).get("reference_prompts"))
+    if n is not None:
+        return n
+    ref = results.get("reference_prompts")
+    return len(ref) if isinstance(ref, list) and ref else None
+
+
+SMALL_CLASS = 5  # fewer positives or negatives than this and the AUC is only indicative
+
+
+def detection_note(results: dict) -> str | None:
+    """One or two plain sentences on when the detection AUC / TPR are not meaningful, or None when there is
+    nothing to say (or nothing to judge)."""
+    s = results.get("summary") or {}
+    det = s.get("detection")
+    n = _int(s.get("n_prompts"))
+    ext = _int(s.get("extracted_prompts"))
+    n_ref = _reference_count(results)
+    more = "pass --reference-prompts or --heldout"
+    if not isinstance(det, dict):
+        if not n or ext is None:
+            return None
+        if ext == n and not n_ref:
+            return (f"AUC not computed: every audited prompt ({n} of {n}) is extracted and there are no reference "
+                    f"prompts known not to be memorized, so all labels are positive; {more}.")
+        if ext == 0:
+            tail = {None: "", 0: " and there are no reference prompts"}.get(
+                n_ref, f"; the {n_ref} reference prompts add only negatives")
+            return f"AUC not computed: no audited prompt is extracted, so there is no memorized prompt to detect{tail}."
+        return "AUC not computed: these results hold no detection summary."
+    notes = []
+    n_pos, n_neg = _int(det.get("n_pos")), _int(det.get("n_neg"))
+    small = [_plural(k, word) for k, word in ((n_pos, "positive"), (n_neg, "negative"))
+             if k is not None and k < SMALL_CLASS]
+    if small:
+        notes.append(f"AUC rests on only {' and '.join(small)}: treat it and the TPRs as indicative.")
+    auc = _num(det.get("auc"))
+    if auc is not None and auc < 0.5:
+        notes.append(f"AUC {_fmt(auc, 2)} is below chance: the denoising score is higher for the negatives than for "
+                     "the memorized prompts, so on this model it does not point at memorization; trust the extraction "
+                     "verdicts.")
+    if n_neg is not None and 0 < n_neg < 1000:
+        at = "0.1% FPR" if n_neg >= 100 else "1% and 0.1% FPR"
+        notes.append(f"With {n_neg} negatives the smallest non-zero FPR is {_fmt(1 / n_neg, 2)}, so the TPR at {at} "
+                     "is the TPR with no false positive at all.")
+    if "reference" not in str(det.get("label_source") or "").lower():
+        notes.append("Labels come from the audited prompts only: the negatives are audited prompts the extraction "
+                     "attack did not extract, not prompts known to be clean"
+                     + (f"; {more} for known-clean negatives." if not n_ref else "."))
+    return " ".join(notes) or None
 
 
 def _summary(results: dict) -> list[str]:
@@ -561,13 +823,64 @@ def _summary(results: dict) -> list[str]:
         _row("Wall time", _fmt_seconds(s.get("wall_time_s"))),
         _row("Sampling time", _fmt_seconds(s.get("sampling_time_s"))),
     ]
-    return ["<h2>Summary</h2>", "<table>", *rows, "</table>"]
+    out = ["<h2>Summary</h2>", "<table>", *rows, "</table>"]
+    note = detection_note(results)
+    if note:
+        out.append(f'<p class="explain">{_esc(note)}</p>')
+    if s.get("denoising_threshold") is None and _reference_count(results) == 0:
+        out.append('<p class="explain">No denoising threshold: it is calibrated on reference prompts known not to be '
+                   "memorized, and this audit had none; pass --reference-prompts or --heldout.</p>")
+    return out
 
 
 def _distance_key(prompt: dict) -> tuple:
     d = _num(prompt.get("nearest_train_distance"))
     idx = prompt.get("index")
     return (d is None, d if d is not None else 0.0, idx if isinstance(idx, int) else 0)
+
+
+def distance_explanation(results: dict) -> str:
+    """What the distances on the flagged-prompt cards mean, from the settings the audit ran with."""
+    s = results.get("summary") or {}
+    settings = results.get("settings") if isinstance(results.get("settings"), dict) else {}
+    size = _int(settings.get("extraction_size"))
+    tiles = _int(settings.get("tiles"))
+    edge = settings.get("edge_threshold_used")
+    edge = edge if _num(edge) is not None else s.get("edge_threshold")
+    over = f"{tiles}×{tiles} tiles" if tiles is not None else "tiles"
+    return (
+        "distance: RMS pixel difference on [0, 1] over the whole image"
+        + (f" at ≤{size} px" if size is not None else "")
+        + " between the clique's medoid and the training image (the prompt's own training image when known); "
+        f"extracted when under δ = {_fmt(s.get('delta'))}. Generations are joined when the maximum over {over} of "
+        f"the per-tile RMS difference is under {_fmt(edge)}; a prompt is flagged when at least "
+        f"{_fmt(s.get('min_clique'))} of its generations are all joined to each other."
+    )
+
+
+def _caption(*labels: str) -> str:
+    """A figure caption of short labels, one per line, none of them wrapped (a too-long one is cut with an
+    ellipsis, its full text in the tooltip)."""
+    return "<figcaption>" + "".join(f'<span title="{_esc(t)}">{_esc(t)}</span>' for t in labels if t) + "</figcaption>"
+
+
+def _sized_img(image: _Image, alt: str, width: float | None) -> str:
+    style = f' style="width:{width:.6g}px"' if width else ""
+    return f'<img src="{image.uri}" alt="{_esc(alt)}"{style}>'
+
+
+def _tile_width(grid: _Image, columns: Any) -> tuple[float | None, float | None]:
+    """``(grid display width, tile display width)`` in CSS px: the grid PNG is ``columns`` tiles wide; a tile is
+    shown at its pixel width, at most :data:`MAX_TILE_CSS_PX`, and the grid at the same scale."""
+    if grid.size is None:
+        return None, None
+    width = grid.size[0]
+    cols = _int(columns)
+    if cols is None or cols < 1 or width < cols:
+        return float(width), None
+    tile = width / cols
+    scale = min(1.0, MAX_TILE_CSS_PX / tile)
+    return width * scale, tile * scale
 
 
 def _flagged(results: dict, images: _Images, redact: bool, max_prompts: int) -> list[str]:
@@ -577,6 +890,7 @@ def _flagged(results: dict, images: _Images, redact: bool, max_prompts: int) -> 
     if not prompts:
         return out + ['<p class="note">No prompt was flagged.</p>']
     out.append(f'<p class="note">{len(prompts)} flagged prompt(s), closest to a training image first.</p>')
+    out.append(f'<p class="explain">{_esc(distance_explanation(results))}</p>')
     for p in prompts[:max_prompts]:
         extracted = bool(p.get("extracted"))
         facts = [
@@ -591,21 +905,42 @@ def _flagged(results: dict, images: _Images, redact: bool, max_prompts: int) -> 
             facts.append(f"own training image #{_fmt(p.get('own_train_index'))}")
         card = ['<div class="card">', f'<div class="prompt">{_esc(p.get("prompt"))}</div>',
                 f"<div>{_esc(' · '.join(facts))}</div>", '<div class="pair">']
-        uri, note = images.data_uri(p.get("grid"))
         medoid = p.get("medoid_generation")
-        cap = "generations" + (f" (medoid: generation {_fmt(medoid)})" if medoid is not None else "")
-        card.append("<figure>" + (_img(uri, "generations") if uri else f'<p class="note">{_esc(note)}</p>')
-                    + f"<figcaption>{_esc(cap)}</figcaption></figure>")
-        train_label = (f"nearest training image #{_fmt(p.get('nearest_train_index'))}"
-                       + (f" ({p.get('nearest_train_name')})" if p.get("nearest_train_name") is not None else "")
-                       + f", distance {_fmt(p.get('nearest_train_distance'))}")
-        if redact:
-            card.append(f'<figure><p class="note">{_esc(train_label)} — image withheld (redacted)</p></figure>')
+        train = None if redact else images.image(p.get("train_image"))
+        tile = None
+        if p.get("grid_withheld") is True and not p.get("grid"):
+            card.append('<figure><p class="note">generations withheld (redacted): the audit matched them to a '
+                        "training image</p></figure>")
         else:
-            uri, note = images.data_uri(p.get("train_image"))
-            card.append("<figure>" + (_img(uri, "nearest training image") if uri
-                                      else f'<p class="note">{_esc(note)}</p>')
-                        + f"<figcaption>{_esc(train_label)}</figcaption></figure>")
+            grid = images.image(p.get("grid"))
+            columns = p.get("grid_columns")
+            if _int(columns) is None and grid.size and train is not None and train.size \
+                    and grid.size[0] % train.size[0] == 0:
+                columns = grid.size[0] // train.size[0]  # older results: the training image is one tile wide
+            grid_width, tile = _tile_width(grid, columns)
+            card.append("<figure>" + (_sized_img(grid, "generations", grid_width) if grid.uri
+                                      else f'<p class="note">{_esc(grid.note)}</p>')
+                        + _caption("generations", f"(medoid: generation {_fmt(medoid)})" if medoid is not None
+                                   else "") + "</figure>")
+        name = p.get("nearest_train_name")
+        train_labels = (f"nearest training image #{_fmt(p.get('nearest_train_index'))}",
+                        f"({name})" if name is not None else "",
+                        f"distance {_fmt(p.get('nearest_train_distance'))}")
+        if train is None:  # redacted
+            label = f"{train_labels[0]}{' ' + train_labels[1] if name is not None else ''}, {train_labels[2]}"
+            card.append(f'<figure><p class="note">{_esc(label)} — image withheld (redacted)</p></figure>')
+        else:
+            width = tile or (float(train.size[0]) if train.size else None)
+            card.append("<figure>" + (_sized_img(train, "nearest training image", width) if train.uri
+                                      else f'<p class="note">{_esc(train.note)}</p>')
+                        + _caption(*train_labels) + "</figure>")
+            if p.get("train_roundtrip"):
+                drawn = images.image(p.get("train_roundtrip"))
+                width = tile or (float(drawn.size[0]) if drawn.size else None)
+                card.append("<figure>" + (_sized_img(drawn, "training image through the model's VAE", width)
+                                          if drawn.uri else f'<p class="note">{_esc(drawn.note)}</p>')
+                            + _caption("the same image", ROUNDTRIP_CAPTION, "(the best the model can draw)")
+                            + "</figure>")
         card += ["</div>", "</div>"]
         out += card
     if len(prompts) > max_prompts:
@@ -626,13 +961,24 @@ def _histograms(results: dict) -> list[str]:
     else:
         out.append('<p class="note">No per-image distances to training images in these results.</p>')
     den = _finite_floats(p.get("denoising_score") for p in results.get("prompts") or [] if isinstance(p, dict))
+    ref = reference_scores(results)
     if den:
-        out.append(_plot(histogram_png(den, "Per-prompt denoising score", "denoising score",
-                                       threshold=_num(s.get("denoising_threshold"))),
-                         "histogram of per-prompt denoising score"))
+        kwargs: dict[str, Any] = {"threshold": _num(s.get("denoising_threshold"))}
+        if ref:
+            kwargs["reference"] = ref
+        alt = "histogram of per-prompt denoising score" + (", audited and reference prompts" if ref else "")
+        out.append(_plot(histogram_png(den, "Per-prompt denoising score", "denoising score", **kwargs), alt))
     else:
         out.append('<p class="note">No per-prompt denoising scores in these results.</p>')
     return out
+
+
+def reference_scores(results: dict) -> list[float]:
+    """The finite denoising scores of the reference prompts (``results["reference_prompts"]``; [] when absent)."""
+    ref = results.get("reference_prompts")
+    if not isinstance(ref, list):
+        return []
+    return _finite_floats(r.get("denoising_score") for r in ref if isinstance(r, dict))
 
 
 def _roc(results: dict) -> list[str]:
@@ -692,12 +1038,15 @@ def render_html(results: dict, folder: str | os.PathLike, redact: bool = False, 
         f"<title>{_esc(title)}</title>",
         f"<style>{_CSS}</style>",
         "</head><body>",
-        *_header(results, redact),
+        "<h1>memaudit audit report</h1>",
+        *([f'<div class="banner">{_esc(REDACTED_BANNER)}</div>'] if redact else []),
+        *_headline(results),
         *_summary(results),
         *_flagged(results, images, redact, max(0, int(max_prompts))),
         *_histograms(results),
         *_roc(results),
         *_table(results, max(0, int(max_table_rows))),
+        *_settings(results),
         f'<footer><p class="note">Built by memaudit {_esc(__version__)} from {_esc(RESULTS_NAME)} and the image '
         f'files beside it{" (redacted)" if redact else ""}.</p></footer>',
         "</body></html>",
@@ -705,18 +1054,118 @@ def render_html(results: dict, folder: str | os.PathLike, redact: bool = False, 
     return "\n".join(parts) + "\n"
 
 
+REDACTED_SUFFIX = "-redacted"
+
+
 def write_report(results_path: str | os.PathLike, out: str | os.PathLike | None = None, redact: bool = False) -> Path:
     """Load ``results_path`` (results.json or its folder), render the report and write it atomically.
 
     ``out`` defaults to ``report.html`` beside results.json; an existing folder gets ``report.html`` inside it.
     Returns the path written.
+
+    With ``redact=True`` on results that are not already redacted, the audit folder is left alone: a redacted copy is
+    written by :func:`write_redacted_report` to the new folder ``out`` (default: ``<audit folder>-redacted`` beside the
+    audit folder), and the path of its report.html is returned. A ``.html`` ``out`` is refused then (the redacted
+    report needs its own folder).
     """
     file = _results_file(results_path)
     results = load_results(file)
     folder = file.parent
+    if redact and results.get("redacted") is not True:
+        if out is None:
+            base = folder.resolve()
+            return write_redacted_report(file, base.parent / f"{base.name}{REDACTED_SUFFIX}")
+        if Path(out).suffix.lower() in (".html", ".htm") and not Path(out).is_dir():
+            raise DataError(f"--out {out} names an HTML file, but a redacted copy of an unredacted audit is a new "
+                            "folder (results.json, grids and report.html); pass a folder for --out")
+        return write_redacted_report(file, out)
     target = folder / REPORT_NAME if out is None else Path(out)
     if target.is_dir():
         target = target / REPORT_NAME
+    check_writable(target, "--out", folder=False)
     path = atomic_write_text(target, render_html(results, folder, redact=redact))
     logger.info("wrote %s", path)
     return path
+
+
+def redact_results(results: dict) -> dict:
+    """A redacted deep copy of ``results``: ``redacted`` true, every prompt's ``train_image`` and ``train_roundtrip``
+    null, and the generations of extracted prompts withheld (``grid`` null, ``grid_withheld`` true)."""
+    out = copy.deepcopy(results)
+    out["redacted"] = True
+    for prompt in out.get("prompts") or []:
+        if not isinstance(prompt, dict):
+            continue
+        for key in _TRAIN_KEYS:
+            if key in prompt:
+                prompt[key] = None
+        if prompt.get("extracted"):
+            prompt["grid"] = None
+            prompt["grid_withheld"] = True
+    return out
+
+
+def write_redacted_report(results_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a redacted copy of an audit to the new folder ``out_dir`` and return the path of its report.html.
+
+    ``out_dir`` gets (atomically, all or nothing) a redacted results.json (:func:`redact_results`), copies of the
+    grid PNGs of the prompts that were not extracted (same relative paths; a grid that is, or is byte-identical to,
+    a file named as a training image is withheld instead), and a redacted report.html rendered from that folder.
+    No training-image file is ever copied. The audit folder is not modified.
+
+    Raises :class:`DataError` when ``out_dir`` is the audit folder, inside it or contains it, is a file, or exists,
+    is not empty and is not a redacted memaudit copy (no redacted results.json in it).
+    """
+    file = _results_file(results_path)
+    results = load_results(file)
+    folder = file.parent.resolve()
+    out = Path(out_dir).resolve()
+    if out == folder or out.is_relative_to(folder):
+        raise DataError(f"redacted copy folder {out_dir} is inside the audit folder {folder}; pass a new folder "
+                        "outside it (e.g. next to it)")
+    if folder.is_relative_to(out):
+        raise DataError(f"redacted copy folder {out_dir} contains the audit folder {folder}; pass a new folder")
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"redacted copy folder {out_dir} is a file; pass a new folder")
+        if any(out.iterdir()) and not _is_redacted_copy(out):
+            raise DataError(f"redacted copy folder {out_dir} exists and is not a redacted memaudit audit; pass a new "
+                            "or empty folder")
+    check_writable(out, "--out")
+    redacted = redact_results(results)
+    forbidden_paths, forbidden_hashes = _training_files(results, folder, max_bytes=None)
+    copies: dict[str, Path] = {}
+    for prompt in redacted["prompts"]:
+        rel = prompt.get("grid")
+        if not isinstance(rel, str) or not rel.strip():
+            continue
+        p = Path(rel)
+        full = None if p.is_absolute() else (folder / p).resolve()
+        if full is None or not full.is_relative_to(folder):
+            logger.warning("grid path outside the audit folder, not copied: %s", rel)
+            prompt["grid"] = None
+            continue
+        if not full.is_file():
+            continue  # kept: the report notes the missing file, as the audit's own report does
+        if full in forbidden_paths or _sha256(full) in forbidden_hashes:
+            logger.warning("grid %s is a training image; withheld from the redacted copy", rel)
+            prompt["grid"] = None
+            prompt["grid_withheld"] = True
+            continue
+        copies[full.relative_to(folder).as_posix()] = full
+    with atomic_directory(out) as tmp:
+        for rel, src in copies.items():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        write_results(tmp, redacted)
+        atomic_write_text(tmp / REPORT_NAME, render_html(redacted, tmp, redact=True))
+    logger.info("wrote a redacted copy of %s to %s", folder, out)
+    return out / REPORT_NAME
+
+
+def _is_redacted_copy(folder: Path) -> bool:
+    try:
+        return json.loads((folder / RESULTS_NAME).read_text(encoding="utf-8")).get("redacted") is True
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False

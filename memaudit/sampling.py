@@ -13,6 +13,7 @@ not with the number of images.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -120,9 +121,9 @@ class Sampler:
             raise ConfigError(f"generations must be at least 1 (got {generations}).")
         if not prompts:
             raise ConfigError("no prompts to sample.")
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(generations)]
-        for k in range(0, len(jobs), self.batch_size):
-            chunk = jobs[k : k + self.batch_size]
+        # (prompt, generation) pairs are produced lazily: a run of any size starts in memory bounded by the batch
+        jobs = ((i, j) for i in range(len(prompts)) for j in range(generations))
+        while chunk := list(itertools.islice(jobs, self.batch_size)):
             seeds = [image_seed(self.seed, i, j) for i, j in chunk]
             used = [prompts[i] for i, _ in chunk]
             if self.prompt_transform is not None:

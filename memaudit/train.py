@@ -201,7 +201,7 @@ def _select_params(target, params, train_text_encoder: bool) -> list[torch.nn.Pa
     return chosen
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def autocast(config: TrainConfig, device: torch.device):
     if config.mixed_precision == "no" or device.type != "cuda":
         return torch.autocast(device_type=device.type, enabled=False)
     return torch.autocast(device_type="cuda", dtype=torch.float16 if config.mixed_precision == "fp16" else torch.bfloat16)
@@ -384,7 +384,7 @@ def train_unet(
             noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
             goal = _training_goal(target.prediction_type, x0, noise, a)
             x0, noise, noisy, goal, t_dev = (v.to(device) for v in (x0, noise, noisy, goal, t))
-            with _autocast(config, device):
+            with autocast(config, device):
                 if config.train_text_encoder:
                     emb = target.embed(batch.captions)
                 else:

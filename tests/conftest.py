@@ -18,6 +18,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("MEMAUDIT_TEST_THREADS", "1")))
+os.environ.setdefault("MEMAUDIT_THREADS", os.environ.get("MEMAUDIT_TEST_THREADS", "1"))  # what CLI commands use
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory):
+    """memaudit's feature cache in a temporary folder, never the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEMAUDIT_CACHE_DIR", str(tmp_path_factory.mktemp("memaudit-cache")))
+        yield
+
 
 N_TINY_IMAGES = 8
 TINY_RESOLUTION = 16
@@ -62,3 +73,15 @@ def tiny_dataset():
 def make_dataset():
     """The dataset builder itself, for tests that need other sizes or channel counts."""
     return make_tiny_dataset
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tiny_dataset):
+    """The tiny dataset as a folder of PNGs with captions.csv, as a user passes it to --train (do not modify it)."""
+    data = tmp_path_factory.mktemp("data")
+    lines = ["file,caption"]
+    for i in range(len(tiny_dataset)):
+        tiny_dataset.to_pil(i).save(data / f"{i}.png")
+        lines.append(f"{i}.png,{tiny_dataset.captions[i]}")
+    (data / "captions.csv").write_text("\n".join(lines) + "\n")
+    return data

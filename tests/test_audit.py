@@ -4,8 +4,10 @@ mistake stops with one line before anything is written."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,10 +76,17 @@ def test_real_sampling_records_settings_and_reuses_the_index(tmp_path, tiny_dir_
     assert len(res["reference_prompts"]) == 2
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["settings"]["generations"] == 2 and saved["seeds"]["seed"] == 0
-    cached = sorted(p.name for p in (tmp_path / "out" / "cache").iterdir())
-    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").iterdir()}
+    assert res["summary"]["n_train"] == len(train) and res["summary"]["reference_amd"] is not None
+    cache = Path(os.environ["MEMAUDIT_CACHE_DIR"]) / "features"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    assert any(name.endswith(".faiss") for name in mtimes)
+    assert not (tmp_path / "out" / "cache").exists()  # the index of training features stays out of --out
     run_audit(str(tiny_dir_eps), train, tmp_path / "out", prompts=train.captions[:2], config=cfg)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out" / "cache").iterdir()} == mtimes, cached
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == mtimes
+    # a cache folder of the user's choice
+    run_audit(str(tiny_dir_eps), train, tmp_path / "out2", prompts=train.captions[:2],
+              config=_config(generations=2, min_clique=2, steps=2, cache_dir=str(tmp_path / "mine")))
+    assert list((tmp_path / "mine" / "features").glob("index-*.faiss"))
 
 
 def test_read_prompts_formats_and_errors(tmp_path):

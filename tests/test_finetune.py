@@ -109,16 +109,10 @@ def test_bad_settings(kw, match):
         _cfg(**kw)
 
 
-def test_cli_finetune_and_its_errors(tmp_path, tiny_dir_eps, tiny_dataset):
+def test_cli_finetune_and_its_errors(tmp_path, tiny_dir_eps, data_dir):
     from memaudit.cli import app
 
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = ["file,caption"]
-    for i in range(len(tiny_dataset)):
-        tiny_dataset.to_pil(i).save(data / f"{i}.png")
-        lines.append(f"{i}.png,{tiny_dataset.captions[i]}")
-    (data / "captions.csv").write_text("\n".join(lines) + "\n")
+    data = data_dir
     runner = CliRunner()
     out = tmp_path / "ft"
     res = runner.invoke(app, ["finetune", str(tiny_dir_eps), "--train", str(data), "--out", str(out), "--steps", "3",

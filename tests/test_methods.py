@@ -265,6 +265,48 @@ def test_bad_masks_are_config_errors(target, bad):
         m.parameters_for(bad)
 
 
+def test_a_mask_of_the_wrong_length_says_how_many_units_and_how_to_list_them(target):
+    m = get_method("svdiff", target.unet, "layer", base="/models/my base")
+    n = len(m.units())
+    with pytest.raises(ConfigError) as e:
+        m.parameters_for([1, 0])
+    assert str(e.value) == (f"mask has 2 bits but method svdiff at layer granularity has {n} units on /models/my base; "
+                            "pass one 0/1 value per unit, in the order that `memaudit mitigate units '/models/my base' "
+                            "--method svdiff --granularity layer` lists them.")
+    m.merge()
+    unknown = get_method("svdiff", target.unet)  # no base given: the command names BASE
+    with pytest.raises(ConfigError, match="has 13 units; .*`memaudit mitigate units BASE --method svdiff --granularity "
+                                          "block`"):
+        unknown.check_mask([1])
+
+
+@pytest.mark.parametrize("granularity", ["block", "layer"])
+@pytest.mark.parametrize("name", ["svdiff", "difffit", "lora", "freeze"])
+def test_unit_table_lists_the_units_in_mask_order_with_their_share(target, name, granularity):
+    from memaudit.mitigate.methods import unit_table
+
+    base_size = sum(p.numel() for p in target.unet.parameters())
+    expected = _expected_count(name, target.unet)  # counted on the plain UNet, before the method changes it
+    m = get_method(name, target.unet, granularity)
+    rows = unit_table(m)
+    assert [(r.index, r.name, r.parameters) for r in rows] == [(i, u.name, u.count) for i, u in enumerate(m.units())]
+    assert sum(r.parameters for r in rows) == expected == m.trainable_count()
+    assert all(r.percent_of_unet == pytest.approx(100 * r.parameters / base_size) for r in rows)
+
+
+def test_list_units_loads_the_base_and_checks_its_arguments_first(tiny_dir_eps):
+    from memaudit.mitigate.methods import list_units
+
+    rows = list_units(tiny_dir_eps, "difffit")
+    fresh = load_target(tiny_dir_eps, device="cpu").unet
+    assert sum(r.parameters for r in rows) == _expected_count("difffit", fresh)
+    assert rows[0].name == "stem" and [r.index for r in rows] == list(range(len(rows)))
+    with pytest.raises(ConfigError, match="unknown PEFT method 'dora'"):
+        list_units("/no/such/model", "dora")
+    with pytest.raises(ConfigError, match="--granularity 'row'"):
+        list_units("/no/such/model", "difffit", "row")
+
+
 def test_mask_accepts_bools_and_tensors(target):
     m = get_method("norm", target.unet)
     n = len(m.units())
@@ -384,8 +426,17 @@ def test_a_unet_carrying_a_method_refuses_a_second_one(target):
 
 def test_adapter_folder_without_adapter_json(tmp_path, target):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="adapter.json"):
+    with pytest.raises(ConfigError, match="has no adapter.json, so it is not an adapter folder; .*memaudit finetune"):
         load_adapter(tmp_path / "empty", target.unet)
+    with pytest.raises(ConfigError, match="adapter folder .*missing does not exist"):
+        read_adapter_info(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file is a file, not an adapter folder"):
+        read_adapter_info(tmp_path / "file")
+    (tmp_path / "ft" / "adapter").mkdir(parents=True)
+    (tmp_path / "ft" / "adapter" / "adapter.json").write_text("{}")
+    with pytest.raises(ConfigError, match="pass the adapter/ folder \\(.*ft/adapter is one\\)"):  # the fine-tune, not its adapter
+        read_adapter_info(tmp_path / "ft")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "adapter.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import html
 import json
 import re
 
@@ -15,11 +16,16 @@ from memaudit import report
 from memaudit.errors import DataError
 from memaudit.report import (
     REDACTED_BANNER,
+    ROUNDTRIP_CAPTION,
     SCHEMA_VERSION,
+    detection_note,
+    histogram_counts,
     histogram_png,
     load_results,
     render_html,
     roc_png,
+    verdict,
+    write_redacted_report,
     write_report,
     write_results,
 )
@@ -343,11 +349,17 @@ def test_write_report(audit, fast_plots, monkeypatch):
     assert text.startswith("<!DOCTYPE html>")
     assert _b64(train[0]) in text
     assert _leftovers(folder) == []
-    # redacted, from the folder, to another place
-    out = write_report(folder, out=folder.parent / "shared" / "r.html", redact=True)
+    # redacted, from the folder, to another place: a new folder (the audit's own report is left alone)
+    before = path.read_bytes()
+    out = write_report(folder, out=folder.parent / "shared", redact=True)
+    assert out == folder.parent / "shared" / "report.html"
     text = out.read_text(encoding="utf-8")
     assert REDACTED_BANNER in text and _b64(train[0]) not in text and _b64(train[1]) not in text
+    assert path.read_bytes() == before
     assert _leftovers(folder.parent) == []
+    with pytest.raises(DataError, match="names an HTML file.*pass a folder for --out"):
+        write_report(folder, out=folder.parent / "r.html", redact=True)
+    assert not (folder.parent / "r.html").exists()
     with pytest.raises(DataError, match="not found"):
         write_report(folder / "missing.json")
 
@@ -395,3 +407,343 @@ def test_quality_alignment_mitigation_and_greedy_clique_are_shown(audit, fast_pl
                  "2.25 → 1.25", "1 of 6 images still over the target", "greedy lower bound"):
         assert text in page, text
     assert page.count("greedy lower bound") == 1
+
+
+# ---------------------------------------------------------------------------------------------- reading order
+
+
+def _text(page: str) -> str:
+    """The page's visible text (tags removed, entities decoded, whitespace collapsed)."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+
+def _as(results, case):
+    """The fixture's results turned into one of the three verdict cases."""
+    results = copy.deepcopy(results)
+    s = results["summary"]
+    if case in ("flagged", "clean"):
+        results["prompts"][0]["extracted"] = False
+        s.update(extracted_prompts=0, extracted_training_images=0)
+    if case == "clean":
+        for p in results["prompts"]:
+            p["flagged"] = False
+        s.update(flagged_prompts=0)
+    return results
+
+
+VERDICTS = {
+    "extracted": "The model reproduces its training images: 1 training image (of 80) extracted: for 1 of 3 prompts, "
+                 "a clique of near-identical generations lies within δ = 0.1 of a training image.",
+    "flagged": "The model repeats near-identical generations for 2 of 3 prompts, but none matched a training image "
+               "within δ = 0.1: no training image was extracted.",
+    "clean": "No prompt was flagged at these settings (3 prompts × 2 generations): evidence against reproduction of "
+             "training images at this sampling budget, not proof.",
+}
+
+
+@pytest.mark.parametrize("case", ["extracted", "flagged", "clean"])
+def test_verdict_comes_first_and_settings_are_folded_at_the_end(audit, fast_plots, case):
+    folder, results, _, _ = audit
+    results = _as(results, case)
+    results["summary"].update(n_train=80, amd=0.0175, reference_amd=0.0912)
+    page = render_html(results, folder)
+    assert verdict(results) == (case, VERDICTS[case])
+    box = f'<div class="verdict {case}">{html.escape(VERDICTS[case], quote=True)}</div>'
+    assert page.count('<div class="verdict ') == 1 and box in page
+    flagged, images = {"extracted": (2, 1), "flagged": (2, 0), "clean": (0, 0)}[case]
+    text = _text(page)
+    for number in (f"{flagged} of 3 prompts flagged", f"{images} of 80 training images extracted",
+                   "AMD 0.0175 generations for the reference prompts: 0.0912; lower means closer to the training set"):
+        assert number in text, number
+    # reading order: title, verdict, the three numbers, summary table ... and the settings last, folded
+    start, end = page.index("<details"), page.index("</details>")
+    assert page.index("<h1>") < page.index(box) < page.index('<div class="headline">') < page.index("<h2>Summary")
+    assert page.index("<h2>Summary") < page.index("<h2>All prompts") < start
+    assert "<summary>Settings, seeds and versions</summary>" in page[start:end]
+    for setting in ("<th>Model</th>", "<th>Machine</th>", "torch 2.4.1", "seed * 1000003", "<th>guidance</th>",
+                    "2026-11-22T18:00:00Z"):
+        assert start < page.index(setting) < end, setting
+        assert page.count(setting) == 1, setting
+
+
+def test_verdict_without_optional_numbers_and_with_a_mitigation(audit, fast_plots):
+    folder, results, _, _ = audit
+    text = _text(render_html(results, folder))  # no n_train, no reference_amd
+    assert "1 training image extracted" in text and "of 80" not in text
+    assert "AMD 0.2681 lower means closer to the training set (no reference prompts to compare with)" in text
+    results["summary"]["mitigation"] = {"kind": "rwa", "rwa_words": 2}
+    assert verdict(results)[1].startswith("The model reproduces its training images with rwa mitigation on: ")
+    assert verdict(_as(results, "flagged"))[1].startswith(
+        "The model repeats near-identical generations for 2 of 3 prompts with rwa mitigation on, but")
+    assert verdict(_as(results, "clean"))[1].startswith(
+        "No prompt was flagged at these settings (3 prompts × 2 generations, with rwa mitigation on): ")
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+
+def test_detection_not_computed_when_every_prompt_is_extracted_without_reference(audit, fast_plots):
+    folder, results, _, _ = audit
+    results["summary"].update(detection=None, extracted_prompts=3, flagged_prompts=3, denoising_threshold=None)
+    results["settings"]["reference_prompts"] = 0
+    page = render_html(results, folder)
+    expected = ("AUC not computed: every audited prompt (3 of 3) is extracted and there are no reference prompts "
+                "known not to be memorized, so all labels are positive; pass --reference-prompts or --heldout.")
+    assert detection_note(results) == expected
+    assert f'<p class="explain">{expected}</p>' in page
+    assert page.index(expected) < page.index("<h2>Flagged prompts")
+    assert "No denoising threshold: it is calibrated on reference prompts" in page
+    # nothing extracted: no positives
+    results["summary"].update(extracted_prompts=0)
+    assert detection_note(results) == ("AUC not computed: no audited prompt is extracted, so there is no memorized "
+                                       "prompt to detect and there are no reference prompts.")
+    results["settings"]["reference_prompts"] = 7
+    assert detection_note(results).endswith("; the 7 reference prompts add only negatives.")
+
+
+def test_detection_with_few_positives_or_audited_negatives_only(audit, fast_plots):
+    folder, results, _, _ = audit
+    det = results["summary"]["detection"]
+    det.update(n_pos=2, n_neg=23)
+    note = detection_note(results)
+    assert note.startswith("AUC rests on only 2 positives: treat it and the TPRs as indicative. ")
+    assert ("With 23 negatives the smallest non-zero FPR is 0.043, so the TPR at 1% and 0.1% FPR is the TPR with no "
+            "false positive at all.") in note
+    # label source "own caption": the negatives are unflagged audited prompts, not known-clean ones
+    assert note.endswith("the negatives are audited prompts the extraction attack did not extract, not prompts "
+                         "known to be clean; pass --reference-prompts or --heldout for known-clean negatives.")
+    assert html.escape(note, quote=True) in render_html(results, folder)
+    det.update(n_pos=1, n_neg=4)
+    assert detection_note(results).startswith("AUC rests on only 1 positive and 4 negatives: ")
+    # enough of both, with reference prompts as negatives: nothing to warn about
+    det.update(n_pos=17, n_neg=2000, label_source="extraction attack verdicts; reference prompts as non-memorized")
+    results["settings"]["reference_prompts"] = 1990
+    assert detection_note(results) is None
+    det.update(n_neg=500)
+    assert detection_note(results) == ("With 500 negatives the smallest non-zero FPR is 0.002, so the TPR at 0.1% FPR "
+                                       "is the TPR with no false positive at all.")
+
+
+# ---------------------------------------------------------------------------------------------- reference scores
+
+
+def test_histogram_counts_share_bins():
+    edges, counts = histogram_counts([[0, 1, None, 2, 3, float("nan")], [3, 4]])
+    assert edges == pytest.approx([0.0, 0.8, 1.6, 2.4, 3.2, 4.0])  # 6 values: 5 bins over both series' range
+    assert counts == [[1, 1, 1, 1, 0], [0, 0, 0, 1, 1]]
+    edges, counts = histogram_counts([[2.0, 2.0]])
+    assert edges[0] == 1.5 and edges[-1] == 2.5 and counts == [[0, 0, 2, 0, 0]]
+    assert histogram_counts([[], [None]]) == ([], [[], []])
+
+
+def test_reference_scores_are_drawn_beside_the_audited_ones(audit, fast_plots, monkeypatch):
+    folder, results, _, _ = audit
+    results["reference_prompts"] = [{"prompt": f"unseen {i}", "denoising_score": v}
+                                    for i, v in enumerate([0.5, 1.25, None, 2.0])]
+    render_html(results, folder)
+    (_, args, kwargs), = [c for c in fast_plots if c[1][1] == "Per-prompt denoising score"]
+    assert args[0] == [3.217, 2.5, 0.75]
+    assert kwargs == {"threshold": 2.875, "reference": [0.5, 1.25, 2.0]}
+    # and the PNG plots both series on shared bins
+    monkeypatch.undo()
+    seen = []
+    real = report.histogram_counts
+    monkeypatch.setattr(report, "histogram_counts", lambda series, **kw: seen.append(series) or real(series, **kw))
+    both = histogram_png([3.217, 2.5, 0.75], "t", "x", threshold=2.875, reference=[0.5, 1.25, 2.0])
+    alone = histogram_png([3.217, 2.5, 0.75], "t", "x", threshold=2.875)
+    assert seen == [[[3.217, 2.5, 0.75], [0.5, 1.25, 2.0]], [[3.217, 2.5, 0.75]]]
+    assert both.startswith(PNG_SIGNATURE) and both != alone
+
+
+# ---------------------------------------------------------------------------------------------- flagged cards
+
+
+@pytest.fixture
+def roundtrip(audit):
+    """The audit with the VAE round trip of training image 0 beside it, and grid sizes to compare with."""
+    folder, results, grids, train = audit
+    drawn = _png(folder / "train/t0000-vae.png", (120, 50, 60))
+    results["prompts"][0].update(train_roundtrip="train/t0000-vae.png", grid_columns=2)
+    results["prompts"][1]["grid_columns"] = 2
+    return folder, results, grids, train, drawn
+
+
+def _img_width(page, data):
+    match = re.search(r'<img src="data:image/png;base64,' + re.escape(_b64(data)) + r'" alt="[^"]*" style="width:'
+                      r'([0-9.]+)px">', page)
+    assert match, "image not embedded with a width"
+    return float(match.group(1))
+
+
+def test_training_image_and_its_vae_round_trip_at_the_size_of_one_tile(roundtrip, fast_plots):
+    folder, results, grids, train, drawn = roundtrip
+    page = render_html(results, folder)
+    assert _b64(drawn) in page and ROUNDTRIP_CAPTION in html.unescape(page)
+    # grids are 16 px wide in 2 columns: one tile is 8 px, and so are the training image and its round trip
+    assert _img_width(page, grids[0]) == 16 and _img_width(page, train[0]) == 8 and _img_width(page, drawn) == 8
+    assert _img_width(page, grids[1]) == 16 and _img_width(page, train[1]) == 8
+    assert "white-space:nowrap" in page  # caption labels never wrap mid-label
+    text = _text(page)
+    assert ("distance: RMS pixel difference on [0, 1] over the whole image between the clique's medoid and the "
+            "training image") in text
+    results["settings"].update(tiles=4, extraction_size=64, edge_threshold_used=0.125)
+    text = _text(render_html(results, folder))
+    assert "over the whole image at ≤64 px between" in text
+    assert "extracted when under δ = 0.1. Generations are joined when the maximum over 4×4 tiles of the per-tile " \
+           "RMS difference is under 0.125" in text
+
+
+def test_large_tiles_are_shown_smaller_at_one_scale(roundtrip, fast_plots):
+    folder, results, _, _, _ = roundtrip
+    big = _png(folder / "grids/big.png", (90, 90, 90), (1024, 256))  # 4 tiles of 256 px
+    results["prompts"][0].update(grid="grids/big.png", grid_columns=4)
+    page = render_html(results, folder)
+    assert _img_width(page, big) == 4 * report.MAX_TILE_CSS_PX
+    assert _img_width(page, (folder / "train/t0000.png").read_bytes()) == report.MAX_TILE_CSS_PX
+
+
+def test_old_results_infer_the_tile_from_the_training_image(audit, fast_plots):
+    folder, results, grids, train = audit  # no grid_columns: 16 px grid, 8 px training image
+    page = render_html(results, folder)
+    assert _img_width(page, grids[0]) == 16 and _img_width(page, train[0]) == 8
+
+
+@pytest.mark.parametrize("how", ["argument", "results"])
+def test_round_trip_withheld_under_redaction(roundtrip, fast_plots, how):
+    folder, results, grids, train, drawn = roundtrip
+    (folder / "grids/copy.png").write_bytes(drawn)
+    results["prompts"][1]["grid"] = "grids/copy.png"  # a grid byte-identical to the round trip
+    page = render_html(results, folder, redact=True) if how == "argument" \
+        else render_html(dict(results, redacted=True), folder)
+    for data in (*train, drawn):
+        assert _b64(data) not in page
+    assert "t0000-vae.png" not in page and ROUNDTRIP_CAPTION not in html.unescape(page)
+    assert "grids/copy.png is identical to a training image" in page
+    assert _b64(grids[0]) in page
+
+
+def test_withheld_generations_of_an_extracted_prompt(audit, fast_plots):
+    folder, results, grids, _ = audit
+    results = copy.deepcopy(results)
+    results["redacted"] = True
+    for p in results["prompts"]:
+        p["train_image"] = None
+    results["prompts"][0].update(grid=None, grid_withheld=True)
+    results["prompts"][1]["grid_withheld"] = False
+    page = render_html(results, folder)
+    assert page.count("generations withheld (redacted): the audit matched them to a training image") == 1
+    assert "(no image)" not in page
+    assert _b64(grids[0]) not in page and _b64(grids[1]) in page
+
+
+def test_old_results_without_the_new_keys_still_render(audit, fast_plots):
+    folder, results, grids, train = audit
+    for key in ("n_train", "reference_amd", "mitigation", "quality", "alignment"):
+        assert key not in results["summary"]
+    assert "reference_prompts" not in results and "reference_prompts" not in results["settings"]
+    assert not any({"train_roundtrip", "grid_columns", "grid_withheld"} & set(p) for p in results["prompts"])
+    page = render_html(results, folder)
+    assert '<div class="verdict extracted">' in page and "<details" in page
+    assert _b64(grids[0]) in page and _b64(train[0]) in page
+    assert ROUNDTRIP_CAPTION not in html.unescape(page) and "withheld" not in page
+
+
+# ---------------------------------------------------------------------------------------------- redacted copies
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_write_redacted_report(roundtrip, fast_plots, tmp_path):
+    folder, results, grids, train, drawn = roundtrip
+    write_results(folder, results)
+    write_report(folder)
+    before = _snapshot(folder)
+    assert "report.html" in before and "train/t0000-vae.png" in before
+
+    path = write_redacted_report(folder / "results.json", tmp_path / "shared")
+    new = tmp_path / "shared"
+    assert path == new / "report.html"
+    assert _snapshot(folder) == before  # the audit, its report included, is untouched
+    copied = _snapshot(new)
+    assert sorted(copied) == ["grids/p0001.png", "grids/p0002.png", "report.html", "results.json"]
+    forbidden = {*train, drawn, grids[0]}  # training images and the extracted prompt's generations
+    assert not forbidden & set(copied.values())
+    assert not (new / "train").exists()
+    assert copied["grids/p0001.png"] == grids[1]
+    redacted = load_results(new)
+    assert redacted["redacted"] is True
+    assert all(p.get("train_image") is None and p.get("train_roundtrip") is None for p in redacted["prompts"])
+    assert redacted["prompts"][0]["grid"] is None and redacted["prompts"][0]["grid_withheld"] is True
+    assert redacted["prompts"][1]["grid"] == "grids/p0001.png" and "grid_withheld" not in redacted["prompts"][1]
+    assert redacted["summary"] == results["summary"]
+    page = copied["report.html"].decode("utf-8")
+    assert REDACTED_BANNER in page and _b64(grids[1]) in page
+    assert "generations withheld (redacted): the audit matched them to a training image" in page
+    for data in forbidden:
+        assert _b64(data) not in page
+    assert _leftovers(tmp_path) == []
+    # again into the same copy: replaced whole
+    assert write_redacted_report(folder, new) == path and _snapshot(new) == copied
+
+
+def test_write_redacted_report_never_copies_a_grid_that_is_a_training_image(audit, fast_plots, tmp_path):
+    folder, results, grids, train = audit
+    (folder / "grids/copy.png").write_bytes(train[1])
+    results["prompts"][1]["grid"] = "grids/copy.png"
+    results["prompts"][2]["grid"] = "train/t0005.png"
+    write_results(folder, results)
+    write_redacted_report(folder, tmp_path / "shared")
+    copied = _snapshot(tmp_path / "shared")
+    assert sorted(copied) == ["report.html", "results.json"]
+    redacted = load_results(tmp_path / "shared")
+    assert [(p["grid"], p.get("grid_withheld")) for p in redacted["prompts"]] == [(None, True)] * 3
+
+
+def test_write_redacted_report_refuses_unsafe_folders(audit, fast_plots, tmp_path):
+    folder, _, _, _ = audit
+    before = _snapshot(folder)
+    for bad, needle in ((folder, "inside the audit folder"), (folder / "shared", "inside the audit folder"),
+                        (tmp_path, "contains the audit folder")):
+        with pytest.raises(DataError, match=needle) as info:
+            write_redacted_report(folder, bad)
+        assert "\n" not in str(info.value) and "pass a new folder" in str(info.value)
+    other = tmp_path / "other"
+    (other / "notes.txt").parent.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="exists and is not a redacted memaudit audit; pass a new or empty folder"):
+        write_redacted_report(folder, other)
+    unredacted = tmp_path / "unredacted"
+    write_results(unredacted, _results())
+    with pytest.raises(DataError, match="not a redacted memaudit audit"):
+        write_redacted_report(folder, unredacted)
+    assert (other / "notes.txt").read_text() == "mine" and load_results(unredacted)["redacted"] is False
+    assert _snapshot(folder) == before and _leftovers(tmp_path) == []
+
+
+def test_write_report_redact_makes_a_sibling_copy(audit, fast_plots):
+    folder, results, grids, train = audit
+    original = write_report(folder).read_bytes()
+    path = write_report(folder / "results.json", redact=True)
+    assert path == folder.parent / "audit-redacted" / "report.html"
+    assert (folder / "report.html").read_bytes() == original
+    page = path.read_text(encoding="utf-8")
+    assert REDACTED_BANNER in page and _b64(train[0]) not in page and _b64(grids[0]) not in page
+    # results that are already redacted are rebuilt in place: there is nothing to leak
+    copy_before = _snapshot(path.parent)
+    path.write_text("stale")
+    again = write_report(path.parent, redact=True)
+    assert again == path and _snapshot(path.parent) == copy_before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["audit", "audit-redacted"]
+
+
+
+def test_detection_below_chance_is_called_so(audit):
+    _, results, _, _ = audit
+    det = results["summary"]["detection"]
+    det.update(n_pos=79, n_neg=2000, auc=0.27, label_source="extraction attack verdicts; reference prompts")
+    results["settings"]["reference_prompts"] = 2000
+    assert detection_note(results).startswith("AUC 0.27 is below chance: ")
+    det.update(auc=0.9)
+    assert detection_note(results) is None

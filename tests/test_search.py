@@ -147,12 +147,19 @@ def test_mask_search_on_a_tiny_model_resumes_and_feeds_stage_two(tmp_path, tiny_
     rows = (out / "evaluations.jsonl").read_text().splitlines()
     assert doc["evaluations"] == len(rows) == doc["evaluated_now"] >= 2
     assert set(doc["references"]) == {"method default", "full fine-tuning"}
+    refs = (out / "references.jsonl").read_text().splitlines()
+    assert doc["fine_tunes"] == {"total": len(rows) + 2, "mask_evaluations": len(rows), "run_now": len(rows) + len(refs),
+                                 "references": ["method default", "full fine-tuning"],
+                                 "without_training": sum(r["inner_steps"] == 0 for r in map(json.loads, rows))}
+    assert doc["verdict"]["status"] in ("reference dominates", "references unbeaten", "masks competitive")
+    assert json.loads((out / "pareto.json").read_text())["fine_tunes"] == doc["fine_tunes"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     mask = read_mask(out)
     assert mask["method"] == "difffit" and len(mask["mask"]) == len(mask["units"]) and mask["learning_rate"] in (1e-3, 1e-2)
     # the same command again: everything comes from the logs
     again = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
     assert again["evaluated_now"] == 0 and again["chosen"] == doc["chosen"]
+    assert again["fine_tunes"] == {**doc["fine_tunes"], "run_now": 0}
     with pytest.raises(ConfigError, match="other settings"):
         run_mask_search(str(tiny_dir_eps), tiny_dataset, out, SearchConfig(**{**cfg.to_dict(), "inner_steps": 2}))
     # stage 2 with the chosen mask, then export its adapter as a plain pipeline
@@ -169,8 +176,9 @@ def test_mask_search_on_a_tiny_model_resumes_and_feeds_stage_two(tmp_path, tiny_
 def test_search_settings_errors():
     from memaudit.mitigate.search import SearchConfig
 
-    for kw, match in [(dict(method="full"), "--method"), (dict(memorization="ssim"), "--memorization"),
-                      (dict(quality="is"), "--quality"), (dict(proxy_fraction=0), "--proxy-fraction"),
+    for kw, match in [(dict(method="full"), "--method"),
+                      (dict(memorization="ssim"), "'ssim' .*--objectives.* denoising\\|extraction\\|amd"),
+                      (dict(quality="is"), "'is' .*--objectives.* kid\\|fid"), (dict(proxy_fraction=0), "--proxy-fraction"),
                       (dict(population=1), "--population")]:
         with pytest.raises(ConfigError, match=match):
             SearchConfig(**kw)
@@ -196,6 +204,9 @@ def test_screen_schedule_promotes_the_screening_front(tmp_path, tiny_dir_eps, ti
     assert doc["chosen"]["key"] in {r["key"] for r in promoted} and doc["screening"]["evaluations"] == len(screened)
     assert doc["chosen"]["objectives"] == next(r for r in promoted if r["key"] == doc["chosen"]["key"])["objectives"]
     assert doc["inner_steps_total"] == sum(r["inner_steps"] for r in screened + promoted)
+    ft = doc["fine_tunes"]
+    assert (ft["screening"], ft["promoted"]) == (len(screened), len(promoted))
+    assert ft["total"] == ft["mask_evaluations"] + 2 == len(screened) + len(promoted) + 2
     again = run_mask_search(str(tiny_dir_eps), tiny_dataset, out, cfg)
     assert again["evaluated_now"] == 0 and again["chosen"] == doc["chosen"]
     # --promote 1: only the first mask of the screening front's spread order is trained again
@@ -228,3 +239,91 @@ def test_spread_order_takes_the_ends_then_the_farthest_point():
     order = [r["key"] for r in spread_order(front)]
     assert order == ["(0, 10)", "(10, 0)", "(5, 5)", "(2, 8)", "(8, 2)", "(9, 1)"]
     assert [r["key"] for r in spread_order(front[:2])] == ["(0, 10)", "(2, 8)"]
+
+
+# -- objectives, bounds, the search space ------------------------------------------------------------------------
+def test_objectives_are_parsed_and_errors_name_the_option_and_the_accepted_values():
+    from memaudit.mitigate.search import parse_objectives
+
+    assert parse_objectives("denoising,kid") == ("denoising", "kid")
+    assert parse_objectives(" AMD , FID ") == ("amd", "fid")
+    for text, says in [("privacy,beauty", "'privacy' is not a memorization objective and 'beauty' is not a quality"),
+                       ("denoising", "is not two names"), ("denoising,kid,fid", "is not two names"),
+                       ("extraction,beauty", "'beauty' is not a quality objective")]:
+        with pytest.raises(ConfigError) as e:
+            parse_objectives(text)
+        msg = str(e.value)
+        assert says in msg and msg.startswith(f"--objectives {text!r}")
+        assert "denoising|extraction|amd" in msg and "kid|fid" in msg and "--memorization" not in msg
+    with pytest.raises(ConfigError, match="order reversed: pass denoising,kid"):
+        parse_objectives("kid,denoising")
+
+
+def test_absurd_population_and_generations_are_refused_up_front():
+    from memaudit.mitigate.search import MAX_GENERATIONS, MAX_POPULATION, SearchConfig
+
+    with pytest.raises(ConfigError, match="--population must be between 2 and 1,000 \\(got 1,000,000,000\\)"):
+        SearchConfig(population=10**9)
+    with pytest.raises(ConfigError, match="--generations must be between 1 and 10,000 \\(got 1,000,000,000\\)"):
+        SearchConfig(generations=10**9)
+    cfg = SearchConfig(population=MAX_POPULATION, generations=MAX_GENERATIONS)  # the bounds themselves are allowed
+    assert (cfg.population, cfg.generations) == (1000, 10000)
+    with pytest.raises(ConfigError, match="--generations"):  # the library entry point checks too
+        nsga2_search(3, synthetic([]), "never-written.jsonl", objectives=OBJ, population=2, generations=10**9)
+
+
+def test_search_space_size_and_a_population_larger_than_it(tmp_path):
+    from memaudit.mitigate.search import check_population, search_space_size
+
+    assert search_space_size(3, [1e-3]) == 8
+    assert search_space_size(3, [1e-3, 1e-2, 1e-1]) == 24  # 3 rates: the 2 genes alias one rate, still 24 candidates
+    assert search_space_size(2, [1e-3, 0.001, 1e-2]) == 8  # a repeated rate is one candidate
+    check_population(8, 3, [1e-3])  # exactly the space: allowed
+    with pytest.raises(ConfigError) as e:
+        check_population(9, 3, [1e-3], "difffit at block granularity")
+    assert str(e.value) == ("--population 9 is larger than the search space: difffit at block granularity has 3 units, "
+                            "so there are 2^3 masks x 1 learning rate = 8 distinct candidates; pass --population 8 or "
+                            "less (or search more units: --granularity layer, more --lr-choices).")
+    path = tmp_path / "log.jsonl"
+    with pytest.raises(ConfigError, match="--population 5 is larger than the search space.* 2 units.* = 4 distinct"):
+        nsga2_search(2, synthetic([]), path, objectives=OBJ, population=5, generations=3)
+    assert not path.exists()
+
+
+def test_a_population_as_large_as_the_space_stops_when_it_is_exhausted(tmp_path):
+    """pymoo runs out of new genomes (duplicates are removed) and the search ends early instead of crashing;
+    10,000 generations are never looped over or allocated."""
+    calls = []
+    res = nsga2_search(2, synthetic(calls), tmp_path / "log.jsonl", objectives=OBJ, population=4, generations=10_000)
+    assert sorted(m for m, _ in calls) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(res.rows) == 4 and len(res.history) < 10
+
+
+def test_reference_verdict_on_hand_made_points():
+    from memaudit.mitigate.search import reference_verdict
+
+    def rows(*pts):
+        return [{"objectives": {"memorization": m, "quality": q}} for m, q in pts]
+
+    front = rows((1.0, 5.0), (2.0, 3.0), (4.0, 1.0))
+    full, default = rows((0.5, 0.5), (3.0, 4.0))
+    # dominated: full fine-tuning is better on both objectives than every mask
+    v = reference_verdict(front, {"method default": default, "full fine-tuning": full})
+    assert v["status"] == "reference dominates" and v["dominating"] == v["strictly"] == ["full fine-tuning"]
+    assert v["masks_better"] == {"method default": {"memorization": 2, "quality": 2},
+                                 "full fine-tuning": {"memorization": 0, "quality": 0}}
+    assert v["best_reference"] == {"memorization": "full fine-tuning", "quality": "full fine-tuning"}
+    # not dominated: the masks beat both references somewhere
+    v = reference_verdict(front, {"method default": default, "full fine-tuning": rows((1.5, 0.5))[0]})
+    assert v["status"] == "masks competitive" and v["dominating"] == []
+    assert v["masks_better"]["full fine-tuning"] == {"memorization": 1, "quality": 0}
+    # tie: equal to the knee mask, better than the others where it is not equal: nothing beats it, but not strictly
+    tie = rows((1.0, 1.0))[0]
+    v = reference_verdict(front, {"full fine-tuning": tie})
+    assert v["status"] == "reference dominates" and v["dominating"] == ["full fine-tuning"] and v["strictly"] == []
+    assert reference_verdict(rows((1.0, 1.0)), {"full fine-tuning": tie})["strictly"] == []  # an exact tie
+    # neither reference beats every mask alone, but each objective's best reference is unbeaten
+    v = reference_verdict(front, {"method default": rows((0.5, 6.0))[0], "full fine-tuning": rows((5.0, 0.5))[0]})
+    assert v["status"] == "references unbeaten" and v["dominating"] == []
+    assert v["best_reference"] == {"memorization": "method default", "quality": "full fine-tuning"}
+    assert reference_verdict([], {"full fine-tuning": full})["status"] == "no front"

@@ -27,7 +27,7 @@ from memaudit.train import Batch, TrainHook, TrainState
 MAX_DRAWS = 64
 
 
-def _check(k: int, p: float = 1.0) -> None:
+def check_settings(k: int, p: float = 1.0) -> None:
     if not isinstance(k, int) or k < 0:
         raise ConfigError(f"RWA words k must be a whole number >= 0 (got {k!r}).")
     if not 0 <= p <= 1:
@@ -55,7 +55,7 @@ def random_tokens(tokenizer, k: int, generator: torch.Generator) -> list[str]:
 
 def insert_random_words(caption: str, tokenizer, k: int, generator: torch.Generator) -> str:
     """``caption`` with ``k`` random tokens inserted at random word positions (before, between or after words)."""
-    _check(k)
+    check_settings(k)
     words = caption.split()
     for token in random_tokens(tokenizer, k, generator):
         pos = int(torch.randint(0, len(words) + 1, (1,), generator=generator))
@@ -65,7 +65,7 @@ def insert_random_words(caption: str, tokenizer, k: int, generator: torch.Genera
 
 def rwa_prompts(prompts: Sequence[str], tokenizer, k: int = 2, seed: int = 0) -> list[str]:
     """Inference-time RWA: every prompt perturbed, reproducibly for a seed (prompt ``i`` uses ``seed + i``)."""
-    _check(k)
+    check_settings(k)
     return [insert_random_words(p, tokenizer, k, torch.Generator().manual_seed(seed + i)) for i, p in enumerate(prompts)]
 
 
@@ -76,7 +76,7 @@ class RWAPrompts:
     STREAM = 0x525741  # "RWA": keeps the word draws independent of the image's noise draws
 
     def __init__(self, tokenizer, k: int = 2):
-        _check(k)
+        check_settings(k)
         self.tokenizer, self.k = tokenizer, k
 
     def __call__(self, prompt: str, image_seed: int) -> str:
@@ -94,7 +94,7 @@ class RWAHook(TrainHook):
     name = "rwa"
 
     def __init__(self, tokenizer, k: int = 2, p: float = 0.5):
-        _check(k, p)
+        check_settings(k, p)
         self.tokenizer, self.k, self.p = tokenizer, k, p
 
     def on_batch(self, batch: Batch, state: TrainState) -> Batch:

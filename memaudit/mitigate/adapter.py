@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from memaudit.errors import ConfigError
+from memaudit.io import check_writable
 from memaudit.mitigate.methods.base import PEFTMethod
 
 logger = logging.getLogger(__name__)
@@ -89,9 +90,18 @@ def read_adapter_info(path: str | os.PathLike) -> dict:
 
     folder = Path(path)
     meta_file = folder / META_FILE
+    if not folder.exists():
+        raise ConfigError(f"adapter folder {folder} does not exist; pass the adapter/ folder inside the --out of "
+                          "memaudit finetune --method M (any method but full) or memaudit mitigate finetune.")
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not an adapter folder; pass the folder that holds {META_FILE} and "
+                          f"{WEIGHTS_FILE}" + (f" ({folder.parent})." if folder.name == META_FILE else "."))
     if not meta_file.is_file():
-        raise ConfigError(f"{folder} has no {META_FILE}, so it is not an adapter folder; pass a folder written by "
-                          "save_adapter (or memaudit's fine-tuning with a PEFT method).")
+        inside = folder / "adapter" / META_FILE
+        hint = f" ({folder / 'adapter'} is one)" if inside.is_file() else ""
+        raise ConfigError(f"{folder} has no {META_FILE}, so it is not an adapter folder; pass the adapter/ folder{hint} "
+                          "that memaudit finetune --method M (any method but full) or memaudit mitigate finetune "
+                          "writes inside its --out.")
     try:
         meta = json.loads(meta_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -159,6 +169,7 @@ def export_merged(adapter_path: str | os.PathLike, base_pipeline_dir: str | os.P
     from memaudit.target import load_target, resolve_dtype
 
     meta = read_adapter_info(adapter_path)
+    out = check_writable(out_dir, "--out")
     target = load_target(base_pipeline_dir, device="cpu")
     method = load_adapter(adapter_path, target.unet)
     method.merge()

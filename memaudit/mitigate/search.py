@@ -17,6 +17,12 @@ also the cache and the resume point:
 
 The settings and seed are stored in ``search.json`` beside the log; resuming with other settings is refused.
 
+Sizes: the population is at most :data:`MAX_POPULATION` and the generations at most :data:`MAX_GENERATIONS`, and
+the population may not exceed the search space (:func:`search_space_size`: NSGA-II removes duplicates, so it could
+never fill it); both are checked before anything runs or is written. NSGA-II is asked for one generation at a time,
+so nothing grows with population x generations up front, and a search whose space is exhausted (no new genome left)
+ends early.
+
 Two schedules. ``plain``: every evaluation fine-tunes ``inner_steps``. ``screen`` (multi-fidelity): NSGA-II runs
 on *screening* evaluations that fine-tune only ``screen_steps``; its front among them (or the ``promote`` masks of
 it that spread along it best, its two ends first) is then fine-tuned for the full ``inner_steps`` and scored again
@@ -33,11 +39,13 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from memaudit.errors import ConfigError, DataError
+from memaudit.io import check_writable
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,40 @@ def decode(genome: Sequence[int | bool], n_units: int, lr_choices: Sequence[floa
 def key_of(mask: Sequence[int], lr: float) -> str:
     """The cache key of an evaluation: the mask as a bit string and the learning rate."""
     return "".join(str(int(b)) for b in mask) + f"@{lr:.6g}"
+
+
+#: bounds of the search's size, checked before anything runs: every evaluation is a fine-tune, so even the largest
+#: search allowed is far beyond any budget, and NSGA-II's duplicate check and sorting grow with the population squared
+MAX_POPULATION = 1_000
+MAX_GENERATIONS = 10_000
+
+
+def size_problem(population: int, generations: int) -> str | None:
+    """What is wrong with a population and a generation count (``None`` when both are within bounds)."""
+    if not 2 <= population <= MAX_POPULATION:
+        return f"--population must be between 2 and {MAX_POPULATION:,} (got {population:,})"
+    if not 1 <= generations <= MAX_GENERATIONS:
+        return f"--generations must be between 1 and {MAX_GENERATIONS:,} (got {generations:,})"
+    return None
+
+
+def search_space_size(n_units: int, lr_choices: Sequence[float]) -> int:
+    """How many distinct (mask, learning rate) candidates there are: ``2 ** n_units`` masks (the all-zero mask
+    included: it is evaluated, on the untrained base) times the distinct learning rates (as :func:`key_of` tells them
+    apart). NSGA-II removes duplicates, so its population can never be larger."""
+    return 2 ** n_units * len({f"{float(lr):.6g}" for lr in lr_choices})
+
+
+def check_population(population: int, n_units: int, lr_choices: Sequence[float], what: str = "the method") -> None:
+    """ConfigError (naming ``--population``, the search space and the unit count) when ``population`` is larger than
+    the search space of :func:`search_space_size`; ``what`` names the method in the message."""
+    space = search_space_size(n_units, lr_choices)
+    if population > space:
+        n_lr = space // 2 ** n_units
+        raise ConfigError(f"--population {population} is larger than the search space: {what} has {n_units} "
+                          f"unit{'s' if n_units != 1 else ''}, so there are 2^{n_units} masks x {n_lr} learning "
+                          f"rate{'s' if n_lr != 1 else ''} = {space} distinct candidates; pass --population {space} "
+                          "or less (or search more units: --granularity layer, more --lr-choices).")
 
 
 class EvaluationLog:
@@ -182,8 +224,10 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
 
     if n_units < 1:
         raise ConfigError("the method has no units to mask; choose a method with trainable parameters.")
-    if population < 2 or generations < 1:
-        raise ConfigError("the search needs a population of at least 2 and at least 1 generation.")
+    problem_text = size_problem(population, generations)
+    if problem_text:
+        raise ConfigError(f"{problem_text}.")
+    check_population(population, n_units, lr_choices)
     objectives = list(objectives)
     n_var = n_units + lr_bits(len(lr_choices))
     n_constr = 1 if max_trainable_percent is not None else 0
@@ -194,8 +238,12 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
     log = EvaluationLog(log_path)
     evaluated, history, generation = 0, [], 0
     progress = progress or (lambda *_: None)
+    # one generation at a time: nothing is allocated for all generations at once (pymoo's termination only counts)
     while algorithm.has_next():
         pop = algorithm.ask()
+        if pop is None:  # duplicate removal left no new genome to try: the search space is exhausted
+            logger.info("NSGA-II found no new mask to try after %d generations; stopping", generation)
+            break
         genomes = pop.get("X")
         progress("generation", generation, generations)
         rows = []
@@ -240,6 +288,25 @@ MEMORIZATION = ("denoising", "extraction", "amd")
 SCHEDULES = ("plain", "screen")
 PROMOTED_FILE = "promoted.jsonl"
 QUALITY = ("kid", "fid")
+OBJECTIVES_USAGE = (f"--objectives takes MEM,QUALITY with MEM one of {'|'.join(MEMORIZATION)} and QUALITY one of "
+                    f"{'|'.join(QUALITY)} (default denoising,kid)")
+
+
+def parse_objectives(text: str) -> tuple[str, str]:
+    """``--objectives MEM,QUALITY`` (e.g. ``denoising,kid``, case ignored) as (memorization, quality); a one-line
+    ConfigError naming ``--objectives`` and the accepted values otherwise."""
+    parts = [p.strip().lower() for p in str(text).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--objectives {text!r} is not two names; {OBJECTIVES_USAGE}.")
+    mem, quality = parts
+    if mem in QUALITY and quality in MEMORIZATION:
+        raise ConfigError(f"--objectives {text!r} has the order reversed: pass {quality},{mem} "
+                          "(memorization first, then quality).")
+    wrong = [f"{name!r} is not a {kind} objective" for name, kind, known in
+             ((mem, "memorization", MEMORIZATION), (quality, "quality", QUALITY)) if name not in known]
+    if wrong:
+        raise ConfigError(f"--objectives {text!r}: {' and '.join(wrong)}; {OBJECTIVES_USAGE}.")
+    return mem, quality
 
 
 def _help(text: str, **kw):
@@ -293,7 +360,8 @@ class SearchConfig:
             (self.method in available_methods() and self.method not in ("full", "freeze"),
              f"--method must be a PEFT method with units to search: {', '.join(available_methods())} (not full/freeze)"),
             (self.granularity in GRANULARITIES, "--granularity must be block or layer"),
-            (self.population >= 2 and self.generations >= 1, "--population must be >= 2 and --generations >= 1"),
+            (size_problem(self.population, self.generations) is None,
+             size_problem(self.population, self.generations)),
             (len(self.lr_choices) >= 1 and all(x > 0 for x in self.lr_choices), "learning rate choices must be > 0"),
             (self.inner_steps >= 1, "--inner-steps must be at least 1"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
@@ -302,8 +370,10 @@ class SearchConfig:
             (self.promote is None or self.promote >= 1, "--promote must be at least 1"),
             (0 < self.proxy_fraction <= 1, "--proxy-fraction must be in (0, 1]"),
             (0 < self.val_fraction < 1, "the validation fraction must be in (0, 1)"),
-            (self.memorization in MEMORIZATION, f"--memorization must be one of {', '.join(MEMORIZATION)}"),
-            (self.quality in QUALITY, f"--quality must be one of {', '.join(QUALITY)}"),
+            (self.memorization in MEMORIZATION, f"the memorization objective {self.memorization!r} (the first name "
+                                                f"of --objectives) is not one of {'|'.join(MEMORIZATION)}"),
+            (self.quality in QUALITY, f"the quality objective {self.quality!r} (the second name of --objectives) "
+                                      f"is not one of {'|'.join(QUALITY)}"),
             (self.generations_per_prompt >= 1 and self.sample_steps >= 1, "sampling settings must be >= 1"),
             (2 <= self.min_clique <= self.generations_per_prompt or self.memorization != "extraction",
              "the extraction objective needs 2 <= min clique <= generations per prompt"),
@@ -328,19 +398,31 @@ class MaskEvaluator:
         import copy
 
         from memaudit.features import get_extractor
+        from memaudit.mitigate.methods import get_method
 
         self.target, self.proxy, self.val, self.config = target, proxy, val, config
         self.pristine = copy.deepcopy(target.unet).cpu()
         self.progress = progress or (lambda *_: None)
-        self.extractor = get_extractor(config.quality_features, device=str(target.device))
-        self.val_features = self.extractor((val.images + 1) / 2)
-        self.proxy01 = (proxy.images + 1) / 2
-        self.proxy_latents = target.encode_images(proxy.images)[0].cpu()
-        from memaudit.mitigate.methods import get_method
-
-        probe = get_method(config.method, copy.deepcopy(self.pristine), config.granularity)
+        # the units are read off the method built in place on target.unet: fresh() replaces that UNet with a copy of
+        # the pristine one before every fine-tune, so this costs no second copy of the model
+        probe = get_method(config.method, target.unet, config.granularity, base=target.path or None)
         self.units = probe.units()
         self.summary = probe.summary()
+        self.extractor = get_extractor(config.quality_features, device=str(target.device))
+        # the features of the validation and proxy images are computed at the first evaluation (never, when every
+        # evaluation comes from the logs)
+
+    @cached_property
+    def val_features(self):
+        return self.extractor((self.val.images + 1) / 2)
+
+    @cached_property
+    def proxy01(self):
+        return (self.proxy.images + 1) / 2
+
+    @cached_property
+    def proxy_latents(self):
+        return self.target.encode_images(self.proxy.images)[0].cpu()
 
     def fresh(self, method: str | None = None):
         """A fresh copy of the base UNet in the target, with ``method`` (default: the searched one) installed."""
@@ -349,7 +431,8 @@ class MaskEvaluator:
         from memaudit.mitigate.methods import get_method
 
         self.target.unet = copy.deepcopy(self.pristine).to(self.target.device)
-        return get_method(method or self.config.method, self.target.unet, self.config.granularity)
+        return get_method(method or self.config.method, self.target.unet, self.config.granularity,
+                          base=self.target.path or None)
 
     def __call__(self, mask: list[int] | None, lr: float, method: str | None = None, steps: int | None = None) -> dict:
         """Fine-tune with ``mask`` (None: every unit) at ``lr`` for ``steps`` (default: the inner steps) and score;
@@ -421,7 +504,15 @@ class MaskEvaluator:
 
 def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | None = None, *,
                     convert_channels: bool = False, progress: Progress | None = None) -> dict:
-    """MemControl's bi-level search on ``base`` and ``train``; writes ``out/`` (log, front, plot, chosen mask)."""
+    """MemControl's bi-level search on ``base`` and ``train``; writes ``out/`` (log, front, plot, chosen mask).
+
+    Returns the document also written to ``pareto.json``. Besides the front, the pick and the references, it says
+    what the search cost and what it found: ``fine_tunes`` (``total`` = ``mask_evaluations`` + one per name in
+    ``references``, ``run_now``, ``without_training``: all-zero masks scored on the base model; with the screen
+    schedule also ``screening`` and ``promoted``) and ``verdict`` (:func:`reference_verdict`: whether a reference
+    such as full fine-tuning beats every mask on the front). A population larger than the search space
+    (:func:`check_population`) is refused once the units are known, before anything is written.
+    """
     import torch
 
     from memaudit.data import dataset_for_target
@@ -429,9 +520,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     from memaudit.target import load_target
 
     config = config or SearchConfig()
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; pass a folder.")
+    out = check_writable(out, "--out")
     target = load_target(base, device=config.device, dtype="float32")
     dataset, source = dataset_for_target(train, target, convert_channels)
     if len(dataset) < 4:
@@ -440,6 +529,10 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     rest, val = splits["train"], splits["val"]
     n_proxy = max(1, round(config.proxy_fraction * len(rest)))
     proxy = rest.subset(torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:n_proxy].sort().values)
+    # copies the base UNet and lists the method's units; nothing is written yet
+    evaluator = MaskEvaluator(target, proxy, val, config, progress)
+    check_population(config.population, len(evaluator.units), config.lr_choices,
+                     f"{config.method} at {config.granularity} granularity")
     settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base), "train": source,
                 "settings": config.to_dict(), "proxy": list(proxy.names), "validation": list(val.names)}
     settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples become lists)
@@ -453,10 +546,9 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                               "it, or choose another --out.")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        from memaudit.audit import _versions
+        from memaudit.audit import versions
 
-        atomic_write_json(settings_file, {**settings, "versions": _versions()})
-    evaluator = MaskEvaluator(target, proxy, val, config, progress)
+        atomic_write_json(settings_file, {**settings, "versions": versions()})
     screen = config.schedule == "screen"
     steps = config.screen_steps if screen else config.inner_steps
     result = nsga2_search(len(evaluator.units), lambda mask, lr: evaluator(mask, lr, steps=steps), out / LOG_FILE,
@@ -471,7 +563,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
         front = pareto_front(rows, OBJECTIVES, config.max_trainable_percent)
         chosen = choose(front, OBJECTIVES, config.preference)
     # references: the method's default (every unit, its default learning rate) and full fine-tuning
-    references = _references(evaluator, out, config)
+    references, references_now = _references(evaluator, out, config)
     mask_doc = {"kind": "memaudit.mask", "schema_version": 1, "method": config.method,
                 "granularity": config.granularity, "units": [u.name for u in evaluator.units],
                 "unit_parameters": [u.count for u in evaluator.units], "base": str(base), "seed": config.seed,
@@ -484,8 +576,14 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                          "trainable_percent": chosen["trainable_percent"]})
         atomic_write_json(out / "mask.json", mask_doc)
     all_rows = result.rows + (rows if screen else [])
+    fine_tunes = {"total": len(all_rows) + len(references), "mask_evaluations": len(all_rows),
+                  "references": list(references), "run_now": evaluated + references_now,
+                  "without_training": sum(1 for r in all_rows if row_inner_steps(r, config.inner_steps) == 0)}
+    if screen:
+        fine_tunes.update(screening=len(result.rows), promoted=len(rows))
     front_doc = {"objectives": list(OBJECTIVES), "front": front, "chosen": chosen, "references": references,
                  "evaluations": len(all_rows), "evaluated_now": evaluated, "history": result.history,
+                 "fine_tunes": fine_tunes, "verdict": reference_verdict(front, references),
                  "memorization": config.memorization, "quality": config.quality, "schedule": config.schedule,
                  "inner_steps_total": sum(row_inner_steps(r, config.inner_steps) for r in all_rows)}
     if screen:
@@ -548,13 +646,13 @@ def _promote(evaluator: MaskEvaluator, screening_front: Sequence[dict], out: Pat
     return [r for r in log.rows if r["key"] in keys], ran
 
 
-def _references(evaluator: MaskEvaluator, out: Path, config: SearchConfig) -> dict:
+def _references(evaluator: MaskEvaluator, out: Path, config: SearchConfig) -> tuple[dict, int]:
     """The method's default (every unit at its default learning rate) and full fine-tuning, scored the same way as
-    the search's evaluations (cached in ``references.jsonl``)."""
+    the search's evaluations (cached in ``references.jsonl``), and how many of them were fine-tuned now."""
     from memaudit.mitigate.methods import method_class
 
     log = EvaluationLog(out / "references.jsonl")
-    refs = {}
+    refs, ran = {}, 0
     for name, method in (("method default", config.method), ("full fine-tuning", "full")):
         lr = method_class(method).default_lr
         key = f"{method}:all-units@{lr:.6g}"
@@ -564,15 +662,59 @@ def _references(evaluator: MaskEvaluator, out: Path, config: SearchConfig) -> di
             res = evaluator(None, lr, method=method)
             row = {**res, "key": key, "method": method, "learning_rate": lr, "wall_time_s": time.perf_counter() - t0}
             log.append(row)
+            ran += 1
         refs[name] = row
-    return refs
+    return refs, ran
+
+
+def reference_verdict(front: Sequence[dict], references: dict[str, dict],
+                      objectives: Sequence[str] = OBJECTIVES) -> dict:
+    """How the masks on the front compare with the references (every objective minimized).
+
+    Returns ``status``:
+
+    - ``"no front"``: the front is empty (no mask met the constraint);
+    - ``"reference dominates"``: some reference is better than or equal to every mask on the front on every
+      objective, i.e. no mask beats it on any (``dominating`` names them; ``strictly`` those better on every
+      objective than every mask): the chosen mask is only the best of the masks;
+    - ``"references unbeaten"``: no single reference does that, but on each objective the best reference
+      (``best_reference``) is at least as good as every mask, so no mask beats the references on either objective;
+    - ``"masks competitive"``: some mask beats the best reference on some objective.
+
+    ``masks_better[reference][objective]`` counts the masks on the front strictly better than the reference on that
+    objective; ``front_size`` is the number of masks compared.
+    """
+    objectives = list(objectives)
+    out: dict = {"front_size": len(front), "dominating": [], "strictly": [], "best_reference": {}, "masks_better": {}}
+    if not references:
+        return {**out, "status": "no references"}
+    names = list(references)
+    ref = np.array([[references[n]["objectives"][o] for o in objectives] for n in names], dtype=float)
+    out["best_reference"] = {o: names[int(np.argmin(ref[:, j]))] for j, o in enumerate(objectives)}
+    if not front:
+        return {**out, "status": "no front"}
+    pts = np.array([[r["objectives"][o] for o in objectives] for r in front], dtype=float)
+    for i, name in enumerate(names):
+        better = pts < ref[i]  # [mask, objective]: the mask beats the reference on that objective
+        out["masks_better"][name] = {o: int(better[:, j].sum()) for j, o in enumerate(objectives)}
+        if not better.any():
+            out["dominating"].append(name)
+            if (ref[i] < pts).all():
+                out["strictly"].append(name)
+    if out["dominating"]:
+        status = "reference dominates"
+    elif (pts >= ref.min(0)).all():
+        status = "references unbeaten"
+    else:
+        status = "masks competitive"
+    return {**out, "status": status}
 
 
 def pareto_png(rows: Sequence[dict], front: Sequence[dict], chosen: dict | None, references: dict,
                config: SearchConfig) -> bytes:
-    from memaudit.report import _new_figure, _png_bytes
+    from memaudit.report import figure_png, new_figure
 
-    fig = _new_figure(6.0, 4.5)
+    fig = new_figure(6.0, 4.5)
     ax = fig.add_subplot()
     x = [r["objectives"]["memorization"] for r in rows]
     y = [r["objectives"]["quality"] for r in rows]
@@ -590,4 +732,4 @@ def pareto_png(rows: Sequence[dict], front: Sequence[dict], chosen: dict | None,
     ax.set_ylabel(f"quality ({config.quality.upper()}, {config.quality_features}; lower is better)")
     ax.set_title(f"MemControl mask search: {config.method}, {config.granularity} units")
     ax.legend(fontsize=8)
-    return _png_bytes(fig)
+    return figure_png(fig)

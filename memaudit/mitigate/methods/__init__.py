@@ -3,16 +3,21 @@
 ``get_method(name, unet, granularity)`` builds one on a diffusers UNet (changing it in place, see
 :mod:`memaudit.mitigate.methods.base`). Adding a method takes one new file with a :class:`PEFTMethod` subclass and
 one ``register_method`` line below; a ``"module:Class"`` string registers it without importing it until it is used.
+
+``list_units(base, name, granularity)`` (``memaudit mitigate units``) says what the bits of a mask stand for.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+from dataclasses import dataclass
 
 from memaudit.errors import ConfigError
-from memaudit.mitigate.methods.base import GRANULARITIES, PEFTMethod, Unit
+from memaudit.mitigate.methods.base import GRANULARITIES, PEFTMethod, Unit, units_command
 
-__all__ = ["GRANULARITIES", "PEFTMethod", "Unit", "available_methods", "get_method", "method_class", "register_method"]
+__all__ = ["GRANULARITIES", "PEFTMethod", "Unit", "UnitInfo", "available_methods", "get_method", "list_units",
+           "method_class", "register_method", "unit_table", "units_command"]
 
 _REGISTRY: dict[str, type[PEFTMethod] | str] = {}
 _RESOLVED: dict[str, type[PEFTMethod]] = {}
@@ -52,13 +57,45 @@ def method_class(name: str) -> type[PEFTMethod]:
     return entry
 
 
-def get_method(name: str, unet, granularity: str = "block") -> PEFTMethod:
-    """Build the method ``name`` on ``unet`` (in place) with ``block`` or ``layer`` units."""
+def get_method(name: str, unet, granularity: str = "block", *, base: str | os.PathLike | None = None) -> PEFTMethod:
+    """Build the method ``name`` on ``unet`` (in place) with ``block`` or ``layer`` units; ``base``, the model the
+    UNet was loaded from, is only used to name it in messages (a mask of the wrong length)."""
     cls = method_class(name)
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}; "
                           "use block (one unit per transformer block) or layer (one unit per layer).")
-    return cls(unet, granularity=granularity)
+    method = cls(unet, granularity=granularity)
+    method.base = str(base) if base is not None else None
+    return method
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """One bit of a method's mask, described: its position, name, size and share of the whole UNet."""
+
+    index: int
+    name: str
+    parameters: int
+    percent_of_unet: float
+
+
+def unit_table(method: PEFTMethod) -> list[UnitInfo]:
+    """``method``'s units in mask order (bit ``index`` of a mask switches unit ``index``); their ``parameters`` sum to
+    the method's trainable parameter count."""
+    unet_parameters = max(method.summary()["unet_parameters"], 1)
+    return [UnitInfo(i, u.name, u.count, 100.0 * u.count / unet_parameters) for i, u in enumerate(method.units())]
+
+
+def list_units(base: str | os.PathLike, name: str, granularity: str = "block", device: str = "cpu") -> list[UnitInfo]:
+    """The units of method ``name`` at ``granularity`` on the UNet of the pipeline ``base`` (loaded with
+    :func:`memaudit.target.load_target`), in mask order."""
+    from memaudit.target import load_target
+
+    method_class(name)  # an unknown method stops before the model is loaded
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"--granularity {granularity!r} is not known; use block or layer.")
+    target = load_target(base, device=device, dtype="float32")
+    return unit_table(get_method(name, target.unet, granularity, base=base))
 
 
 register_method("full", "memaudit.mitigate.methods.full:FullFineTuning")

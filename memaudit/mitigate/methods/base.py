@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,12 @@ class Unit:
     name: str
     param_names: list[str]
     count: int
+
+
+def units_command(method: str, granularity: str, base: str | None = None) -> str:
+    """The command that lists ``method``'s mask units on ``base`` (``BASE`` when it is not known), in mask order."""
+    where = shlex.quote(str(base)) if base else "BASE"
+    return f"memaudit mitigate units {where} --method {method} --granularity {granularity}"
 
 
 # -- UNet structure ---------------------------------------------------------------------------------------------
@@ -144,6 +151,9 @@ class PEFTMethod(abc.ABC):
     name: str = ""
     default_lr: float = 1e-4
     description: str = ""
+    #: the base model the UNet was loaded from, when the caller knows it (:func:`get_method`'s ``base``); only used
+    #: to name it in messages
+    base: str | None = None
 
     def __init__(self, unet: torch.nn.Module, granularity: str = "block"):
         if granularity not in GRANULARITIES:
@@ -250,8 +260,10 @@ class PEFTMethod(abc.ABC):
         except TypeError:
             raise ConfigError(f"mask must be a sequence of 0/1 values, one per unit, not {type(mask).__name__}.") from None
         if len(bits) != len(self._units):
+            on = f" on {self.base}" if self.base else ""
             raise ConfigError(f"mask has {len(bits)} bits but method {self.name} at {self.granularity} granularity has "
-                              f"{len(self._units)} units; pass one 0/1 value per unit (see method.units()).")
+                              f"{len(self._units)} units{on}; pass one 0/1 value per unit, in the order that "
+                              f"`{units_command(self.name, self.granularity, self.base)}` lists them.")
         out = []
         for i, b in enumerate(bits):
             if isinstance(b, str) or b not in (0, 1):
