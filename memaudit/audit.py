@@ -233,19 +233,22 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
 
     # -- check every input before writing anything ---------------------------------------------------------------
     progress("loading model", 0, 1)
+    # prompt files need no model: a mistake in them stops before it loads
+    given_prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else None
+    given_reference = read_prompts(reference_prompts) if isinstance(reference_prompts, (str, Path)) else None
     target = model if isinstance(model, Target) else load_target(model, device=config.device, dtype=config.dtype)
     dataset, train_source = dataset_for_target(train, target, convert_channels)
     held, heldout_source = dataset_for_target(heldout, target, convert_channels) if heldout is not None else (None, None)
-    if isinstance(prompts, (str, Path)):
-        prompt_list, prompts_source = read_prompts(prompts), str(prompts)
+    if given_prompts is not None:
+        prompt_list, prompts_source = given_prompts, str(prompts)
     elif prompts is None:
         prompt_list, prompts_source = list(dict.fromkeys(dataset.captions)), "training captions"
     else:
         prompt_list, prompts_source = [str(p) for p in prompts], "given list"
     if not prompt_list:
         raise DataError("there are no prompts to audit.")
-    if isinstance(reference_prompts, (str, Path)):
-        reference = read_prompts(reference_prompts)
+    if given_reference is not None:
+        reference = given_reference
     else:
         reference = [str(p) for p in reference_prompts] if reference_prompts else []
     if not reference and held is not None:

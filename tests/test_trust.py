@@ -104,9 +104,16 @@ def test_unquoted_commas_in_captions_are_an_error_naming_the_line(tmp_path, tiny
         read_prompts(tmp_path / "p.csv")
 
 
-def test_prompts_given_a_folder_say_so(tmp_path):
+def test_prompts_given_a_folder_say_so_before_any_model_loads(tmp_path, monkeypatch, capsys, tiny_dir_eps, data_dir,
+                                                              no_model_load):
     with pytest.raises(DataError, match="is a folder; pass a .txt"):
         read_prompts(tmp_path)
+    for option in ("--prompts", "--reference-prompts"):
+        code, _, err = _main(monkeypatch, capsys, "audit", str(tiny_dir_eps), "--train", str(data_dir), option,
+                             str(tmp_path), "--out", str(tmp_path / "out"))
+        assert code == 2 and err.strip() == f"Error: prompts file {tmp_path} is a folder; pass a .txt (one prompt per " \
+            "line), .csv or .jsonl file.", err
+    assert not (tmp_path / "out").exists()
 
 
 def test_plain_progress_lines_with_an_estimate():
