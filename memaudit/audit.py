@@ -174,16 +174,10 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def _dataset_key(images: torch.Tensor, extractor_spec: str) -> str:
-    h = hashlib.sha256(images.numpy().tobytes())
-    h.update(extractor_spec.encode())
-    return h.hexdigest()[:16]
-
-
-def _downsample(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] <= size and images.shape[-2] <= size:
-        return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="area")
+def cache_key(dataset, what: str) -> str:
+    """Key of something computed from every training image (``what`` says what and how): from the dataset's
+    :meth:`~memaudit.data.ImageCaptionDataset.content_key`, so no pixel is read to find a cached index."""
+    return hashlib.sha256(f"{dataset.content_key()}|{what}".encode()).hexdigest()[:16]
 
 
 class _PromptBuffer:
@@ -216,9 +210,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     from memaudit.features import get_extractor
     from memaudit.images import grid_columns, image_grid, png_bytes
     from memaudit.io import atomic_directory, atomic_write_bytes
+    from memaudit.lookup import downsample
     from memaudit.metrics.alignment import get_scorer
     from memaudit.metrics.amd import AMDAccumulator
-    from memaudit.neighbors import NeighborIndex
     from memaudit.report import write_report, write_results
     from memaudit.sampling import IMAGE_SEED_FORMULA, Sampler
     from memaudit.target import Target, load_target
@@ -276,18 +270,10 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         own_of.setdefault(cap, i)
 
     with atomic_directory(out) as tmp:
-        train01 = (dataset.images + 1) / 2
         tile_px = target.resolution  # generations and training images are enlarged alike in the PNGs
 
-        # -- training features and index (cached by content) -------------------------------------------------
-        progress("training features", 0, 1)
-        key = _dataset_key(dataset.images, f"{extractor.name}:{json.dumps(config.feature_options, sort_keys=True)}")
-        index = NeighborIndex.load(cache_dir, key)
-        if index is None:
-            index = NeighborIndex(metric="cosine", device=str(target.device)).add(extractor(train01))
-            index.save(cache_dir, key)
-        progress("training features", 1, 1)
-        train_small = _downsample(train01, config.extraction_size)
+        # -- training features and image descriptors: one streamed pass over the set, both cached by content -----
+        index, lookup = _training_indexes(dataset, extractor, config, cache_dir, str(target.device), progress)
 
         sampler = Sampler(target, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
                           seed=config.seed)
@@ -309,7 +295,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 ref_norms.append(batch.guidance_norms)
                 ref_idx.append(batch.prompt_index)
                 ref_gen.append(batch.generation)
-                small = _downsample(batch.images, config.extraction_size)
+                small = downsample(batch.images, config.extraction_size)
                 for k in range(len(small)):
                     done = ref_buffer.add(int(batch.prompt_index[k]), int(batch.generation[k]), small[k])
                     if done is not None:
@@ -339,7 +325,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             p_idx.append(batch.prompt_index)
             g_idx.append(batch.generation)
             seeds += batch.seeds
-            small = _downsample(batch.images, config.extraction_size)
+            small = downsample(batch.images, config.extraction_size)
             for k in range(len(batch.images)):
                 i, j = int(batch.prompt_index[k]), int(batch.generation[k])
                 image_rows.append({"prompt_index": i, "generation": j, "seed": batch.seeds[k],
@@ -355,7 +341,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 done = buffer.add(i, j, small[k])
                 if done is None:
                     continue
-                verdict = analyze_prompt(done, ext_cfg, train_small, own_of.get(prompt_list[i]))
+                verdict = analyze_prompt(done, ext_cfg, lookup, own_of.get(prompt_list[i]))
                 verdicts[i] = verdict
                 shown = full_res.pop(i)
                 if verdict.flagged and config.redact and verdict.extracted:
@@ -369,6 +355,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                     atomic_write_bytes(tmp / rel, png_bytes(grid, tile=tile_px))
                     grids[i] = (rel, columns)
         sampling_time = sampler.unet_time_s
+        logger.info("the medoid checks read %d of the %d training images", lookup.images_read, len(dataset))
         amd_res = amd_acc.result()
         for row, nearest in zip(image_rows, amd_res.nearest):
             row["nearest_train_index"] = int(nearest)
@@ -403,10 +390,11 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         # -- quality and alignment -------------------------------------------------------------------------------
         quality = None
         if held is not None:
-            progress("quality", 0, 1)
-            quality = _quality(q_extractor((held.images + 1) / 2), torch.cat(ref_quality), q_extractor.name,
-                               config, heldout_source)
-            progress("quality", 1, 1)
+            progress("quality", 0, len(held))
+            real = torch.cat([q_extractor((images + 1) / 2) for _, images in
+                              held.batches(_feature_batch(q_extractor), pin_memory=_is_cuda(target.device),
+                                           progress=lambda d, t: progress("quality", d, t))])
+            quality = _quality(real, torch.cat(ref_quality), q_extractor.name, config, heldout_source)
         alignment = None
         if scorer is not None:
             judged = [r["alignment"] for r in image_rows if r.get("alignment") is not None]
@@ -435,10 +423,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 train_rel = f"train/train-{v.nearest_train_index:05d}.png"
                 roundtrip_rel = f"train/train-{v.nearest_train_index:05d}-vae.png"
                 if not (tmp / train_rel).exists():
-                    image = train01[v.nearest_train_index]
-                    atomic_write_bytes(tmp / train_rel, png_bytes(image, tile=tile_px))
-                    drawn = (target.round_trip(dataset.images[v.nearest_train_index : v.nearest_train_index + 1])
-                             .float().cpu()[0] + 1) / 2
+                    image = dataset.read([v.nearest_train_index])  # that image only, [-1, 1]
+                    atomic_write_bytes(tmp / train_rel, png_bytes((image[0] + 1) / 2, tile=tile_px))
+                    drawn = (target.round_trip(image).float().cpu()[0] + 1) / 2
                     atomic_write_bytes(tmp / roundtrip_rel, png_bytes(drawn, tile=tile_px))
             if v.extracted and v.nearest_train_index is not None:
                 extracted_images.add(v.nearest_train_index)
@@ -486,6 +473,61 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         write_results(tmp, results)
         write_report(tmp / "results.json", redact=config.redact)
     return results
+
+
+def _is_cuda(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _feature_batch(extractor) -> int:
+    """Images per streamed batch: the extractor's own batch size, so that it sees the same batches as when it was
+    given the whole set at once (the same features, bit for bit)."""
+    return int(getattr(extractor, "batch_size", 64))
+
+
+def _training_indexes(dataset, extractor, config: AuditConfig, cache_dir: Path, device: str, progress: Progress):
+    """The faiss index of the training features (AMD) and the :class:`~memaudit.lookup.ThumbnailLookup` of the
+    training images at the extraction size (the medoid check), loaded from ``cache_dir`` or built in one streamed
+    pass over ``dataset``: a batch of images is in memory at a time, never the set."""
+    from memaudit.lookup import ThumbnailLookup, dataset_reader, downsample, thumbnail_grid
+    from memaudit.neighbors import NeighborIndex
+
+    n = len(dataset)
+    side = min(dataset.resolution, config.extraction_size)  # what downsample() leaves of a training image
+    shape = (dataset.channels, side, side)
+    read = dataset_reader(dataset, config.extraction_size)
+    grid = thumbnail_grid(side, side)
+    feature_key = cache_key(dataset, f"features:{extractor.name}:{json.dumps(config.feature_options, sort_keys=True)}")
+    thumb_key = cache_key(dataset, f"descriptors:v1:{shape}:{grid}")
+    index = NeighborIndex.load(cache_dir, feature_key)
+    if index is not None and index.ntotal != n:
+        index = None
+    lookup = ThumbnailLookup.load(cache_dir, thumb_key, read, shape, n=n)
+    progress("training features", 0, n)
+    if index is None or lookup is None:
+        stream = (NeighborIndex(metric="cosine", device=device).stream(n, spill_dir=cache_dir)
+                  if index is None else None)
+        building = ThumbnailLookup(read, shape) if lookup is None else None
+        try:
+            for _, images in dataset.batches(_feature_batch(extractor), pin_memory=_is_cuda(device),
+                                             progress=lambda d, t: progress("training features", d, t)):
+                images01 = (images + 1) / 2
+                if stream is not None:
+                    stream.add(extractor(images01))
+                if building is not None:
+                    building.add(downsample(images01, config.extraction_size))
+        except BaseException:
+            if stream is not None:
+                stream.close()
+            raise
+        if stream is not None:
+            index = stream.finish()
+            index.save(cache_dir, feature_key)
+        if building is not None:
+            lookup = building
+            lookup.save(cache_dir, thumb_key)
+    progress("training features", n, n)
+    return index, lookup
 
 
 def reference_seed(config: AuditConfig) -> int:

@@ -345,6 +345,9 @@ def finetune(
     overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
     seed: Seed = 0,
     device: Device = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
+        help="where training latents are cached for later fine-tunes")] = None,
     threads: Threads = None,
 ) -> None:
     """Fine-tune BASE on --train data, optionally with a training-time mitigation; resumes after a crash."""
@@ -365,17 +368,28 @@ def finetune(
                             checkpoint_every=checkpoint_every, save_dtype=save_dtype)
     _quiet_loading()
     with _progress(lambda: _finetune_kept(out)) as bar:
-        task = bar.add_task("fine-tuning", total=steps)
+        tasks: dict[str, int] = {}  # each stage's bar starts with its first event, so its time estimate is its own
 
         def progress(step: int, total: int, logs: dict) -> None:
             loss = logs.get("running_loss", logs.get("loss"))
-            bar.update(task, completed=step, total=total,
+            if "fine-tuning" not in tasks:
+                tasks["fine-tuning"] = bar.add_task("fine-tuning", total=total)
+            bar.update(tasks["fine-tuning"], completed=step, total=total,
                        description=f"fine-tuning (loss {loss:.4f})" if loss == loss and loss is not None else "fine-tuning")
 
+        def cache_progress(done: int, total: int) -> None:
+            if "latent cache" not in tasks:
+                tasks["latent cache"] = bar.add_task("latent cache", total=total)
+            bar.update(tasks["latent cache"], completed=done, total=total)
+
         settings = run_finetune(base, train, out, config, device=device, convert_channels=convert_channels,
-                                overwrite=overwrite, progress=progress)
+                                overwrite=overwrite, progress=progress, cache_dir=cache_dir,
+                                cache_progress=cache_progress)
     r = settings["result"]
     console = _console()
+    cache = settings.get("latent_cache")
+    if cache:
+        console.print(f"latent cache: {cache['encoded']} image(s) encoded now, {cache['found']} found ({cache['path']})")
     loss = r["mean_loss_last_100"]
     console.print(f"fine-tuned {settings['trainable_parameters']:,} parameters ({settings['trainable_percent']:.2f}% of "
                   f"the UNet) for {r['steps']} steps in {r['wall_time_s']:.0f} s"
@@ -454,6 +468,9 @@ def mitigate_search(
     seed: Seed = 0,
     device: Device = "auto",
     out: OutDir = Path("memaudit-search"),
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
+        help="where training latents are cached for later fine-tunes")] = None,
     threads: Threads = None,
 ) -> None:
     """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash."""
@@ -469,8 +486,12 @@ def mitigate_search(
                           preference=_floats(preference, "--preference") if preference else None)
     _quiet_loading()
     doc = _run_with_progress(run_mask_search, kept=lambda: _search_kept(out), base=base, train=train, out=out,
-                             config=config, convert_channels=convert_channels)
+                             config=config, convert_channels=convert_channels, cache_dir=cache_dir)
     console = _console()
+    if doc.get("latent_cache"):
+        cache = doc["latent_cache"]
+        console.print(f"latent cache: {cache['encoded']} proxy image(s) encoded now, {cache['found']} found "
+                      f"({cache['path']})")
     chosen, ft, refs, verdict = doc["chosen"], doc["fine_tunes"], doc["references"], doc["verdict"]
 
     def label(name: str) -> str:
@@ -533,6 +554,9 @@ def mitigate_finetune(
     overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
     seed: Annotated[int | None, typer.Option(help="seed (default: the search's)")] = None,
     device: Device = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
+        help="where training latents are cached for later fine-tunes")] = None,
     threads: Threads = None,
 ) -> None:
     """Fine-tune BASE on the full data with a searched mask (stage 2); resumable like memaudit finetune."""
@@ -541,13 +565,23 @@ def mitigate_finetune(
     _use_threads(threads)
     _quiet_loading()
     with _progress(lambda: _finetune_kept(out)) as bar:
-        task = bar.add_task("fine-tuning", total=steps)
+        tasks: dict[str, int] = {}  # each stage's bar starts with its first event, so its time estimate is its own
+
+        def stage(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done, total=total)
+
         settings = finetune_with_mask(base, train, mask, out, steps=steps, batch_size=batch_size, seed=seed,
                                       mitigation=mitigation, device=device, convert_channels=convert_channels,
-                                      overwrite=overwrite,
-                                      progress=lambda s, t, _logs: bar.update(task, completed=s, total=t))
+                                      overwrite=overwrite, cache_dir=cache_dir,
+                                      progress=lambda s, t, _logs: stage("fine-tuning", s, t),
+                                      cache_progress=lambda d, t: stage("latent cache", d, t))
+    cache = settings.get("latent_cache")
     _console().print(f"fine-tuned {settings['trainable_parameters']:,} parameters "
-                     f"({settings['trainable_percent']:.3f}% of the UNet); pipeline: {out}")
+                     f"({settings['trainable_percent']:.3f}% of the UNet); pipeline: {out}"
+                     + (f"; latent cache: {cache['encoded']} image(s) encoded now, {cache['found']} found "
+                        f"({cache['path']})" if cache else ""))
 
 
 @mitigate_app.command("export")

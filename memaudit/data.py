@@ -1,7 +1,12 @@
-"""Image-caption datasets: loading from disk, building from arrays, splitting.
+"""Image-caption datasets: indexes of image files (or in-memory arrays), read in batches.
 
-A dataset is held fully in memory as one float32 tensor ``[N, C, H, W]`` with values in ``[-1, 1]`` (the range
-Stable Diffusion's VAE expects), plus a caption and a unique name per image.
+A dataset on disk is an *index*: file paths, captions, names, and each file's size and modification time (to notice
+a change). Pixels are decoded on demand, in batches, by a :class:`torch.utils.data.DataLoader` whose worker
+processes decode while the caller computes (:meth:`ImageCaptionDataset.batches`), so memory does not grow with the
+number of images. Images of any size are brought to the model's resolution by the rule of diffusers' training
+scripts: the shorter side is resized to the resolution (bicubic) and the centre is cropped. Pixels are float32 in
+``[-1, 1]`` (the range Stable Diffusion's VAE expects). :func:`from_arrays` builds an in-memory dataset (tests, the
+demo); it behaves the same.
 
 :func:`load_dataset` reads one of three on-disk layouts, checked in this order:
 
@@ -11,19 +16,21 @@ Stable Diffusion's VAE expects), plus a caption and a unique name per image.
 
 A CSV captions file needs a header row with the columns ``file`` and ``caption`` (others are ignored); a JSONL file
 holds one object per line with the keys ``file`` and ``caption``. Every user mistake raises
-:class:`~memaudit.errors.DataError` with a one-line message naming the offending file or line.
+:class:`~memaudit.errors.DataError` with a one-line message naming the offending file or line: the captions and
+every image's header are checked when the dataset is loaded, before anything is written; a file that fails only at
+full decode is named when it is read, and the reader stops there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import operator
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +42,8 @@ from memaudit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "from_arrays", "load_dataset", "native_channels"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "default_workers", "from_arrays", "load_dataset",
+           "native_channels"]
 
 #: File extensions (lower case) treated as images in a folder of images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -44,53 +52,106 @@ _CAPTION_FILES = ("captions.csv", "captions.jsonl")
 _MAX_LISTED = 5
 
 
+def default_workers() -> int:
+    """Decoding worker processes of a loader: one core is left to the computation, at most 4 are used."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(eq=False, repr=False)
 class ImageCaptionDataset:
-    """Images with captions, held in memory.
+    """Images with captions: an index of files on disk, or pixels held in memory (:func:`from_arrays`).
 
     Attributes:
-        images: float32 tensor ``[N, C, H, W]`` with values in ``[-1, 1]``.
         captions: one caption per image.
         names: one unique name per image (the file path as written in the captions file, or an id).
         source: where the data came from (a path), for reports.
+        images: the pixels ``[N, C, H, W]`` in ``[-1, 1]`` of an in-memory dataset; ``None`` for one on disk, whose
+            pixels are only ever read in batches (:meth:`read`, :meth:`batches`).
+        files: the image paths of a dataset on disk (``None`` in memory).
     """
 
-    images: torch.Tensor
-    captions: list[str]
-    names: list[str]
-    source: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.images, torch.Tensor) or self.images.ndim != 4:
-            shape = tuple(self.images.shape) if hasattr(self.images, "shape") else type(self.images).__name__
-            raise DataError(f"Dataset images must be a tensor of shape [N, C, H, W]; got {shape}.")
-        self.captions = list(self.captions)
-        self.names = [str(n) for n in self.names]
-        n = self.images.shape[0]
+    def __init__(self, captions: Sequence[str], names: Sequence[str], source: str = "", *,
+                 images: torch.Tensor | None = None, files: Sequence[Path] | None = None,
+                 resolution: int | None = None, channels: int | None = None,
+                 stamps: Sequence[tuple[int, int]] | None = None):
+        self.captions = list(captions)
+        self.names = [str(n) for n in names]
+        self.source = source
+        self.images = images
+        self.files = [Path(f) for f in files] if files is not None else None
+        self.stamps = [tuple(st) for st in stamps] if stamps is not None else None
+        self._keys: list[str] | None = None
+        where = source or ("arrays" if images is not None else "files")
+        if (images is None) == (files is None):
+            raise DataError("a dataset holds either in-memory images or image files; pass exactly one of them.")
+        if images is not None:
+            if not isinstance(images, torch.Tensor) or images.ndim != 4:
+                shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+                raise DataError(f"Dataset images must be a tensor of shape [N, C, H, W]; got {shape}.")
+            n = int(images.shape[0])
+            self._resolution, self._channels = int(images.shape[2]), int(images.shape[1])
+        else:
+            n = len(self.files)
+            if resolution is None or channels not in (1, 3):
+                raise DataError("a dataset of image files needs the resolution and channels (1 or 3) to read them.")
+            if self.stamps is None or len(self.stamps) != n:
+                raise DataError(f"Dataset from {where} needs one (size, mtime) stamp per file.")
+            self._resolution, self._channels = int(resolution), int(channels)
         if len(self.captions) != n or len(self.names) != n:
             raise DataError(
-                f"Dataset from {self.source or 'arrays'} has {n} images, {len(self.captions)} captions and "
+                f"Dataset from {where} has {n} images, {len(self.captions)} captions and "
                 f"{len(self.names)} names; pass one caption and one name per image."
             )
         bad = next((i for i, c in enumerate(self.captions) if not isinstance(c, str)), None)
         if bad is not None:
             raise DataError(
-                f"Caption {bad} of the dataset from {self.source or 'arrays'} is a "
+                f"Caption {bad} of the dataset from {where} is a "
                 f"{type(self.captions[bad]).__name__}, not a string; pass captions as strings."
             )
         dup = _first_duplicate(self.names)
         if dup is not None:
-            raise DataError(
-                f"Dataset from {self.source or 'arrays'} has the name {dup!r} more than once; names must be unique."
-            )
+            raise DataError(f"Dataset from {where} has the name {dup!r} more than once; names must be unique.")
 
+    # -- size and shape ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return len(self.captions)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels C (1 for grayscale, 3 for RGB)."""
+        return self._channels
+
+    @property
+    def resolution(self) -> int:
+        """Side length of the (square) images as read."""
+        return self._resolution
+
+    @property
+    def on_disk(self) -> bool:
+        return self.files is not None
+
+    def __repr__(self) -> str:
+        kind = "files" if self.on_disk else "in memory"
+        return (f"ImageCaptionDataset(n={len(self)}, channels={self.channels}, size={self.resolution}, {kind}, "
+                f"source={self.source!r})")
+
+    # -- pixels --------------------------------------------------------------------------------------------------------
+    def read(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The images at ``indices``, float32 ``[k, C, H, W]`` in ``[-1, 1]``, decoded now (in this process)."""
+        idx = self._indices(indices)
+        if self.images is not None:
+            return self.images.index_select(0, torch.tensor(idx, dtype=torch.long))
+        out = torch.empty((len(idx), self.channels, self.resolution, self.resolution), dtype=torch.float32)
+        mode = "L" if self.channels == 1 else "RGB"
+        with _strict_image_loading():
+            for k, i in enumerate(idx):
+                out[k] = _load_image(self.files[i], mode, self.resolution)
+        return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         """Return ``(image [C, H, W], caption)`` of item ``i`` (negative indices count from the end)."""
@@ -98,39 +159,86 @@ class ImageCaptionDataset:
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} is out of range for a dataset of {n} images")
-        return self.images[i], self.captions[i]
+        return self.read([i % n])[0], self.captions[i]
 
-    def __repr__(self) -> str:
-        return (
-            f"ImageCaptionDataset(n={len(self)}, channels={self.channels}, "
-            f"size={tuple(self.images.shape[2:])}, source={self.source!r})"
-        )
+    def batches(self, batch_size: int = 64, indices: Sequence[int] | None = None, *, workers: int | None = None,
+                pin_memory: bool = False, progress: Callable[[int, int], None] | None = None,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(indices [b], images [b, C, H, W])`` over ``indices`` (default: all), in order, ``batch_size`` at a
+        time. Files are decoded by ``workers`` DataLoader processes (default :func:`default_workers`; 0 decodes in
+        this process) ahead of the caller, so decoding overlaps the caller's computation; ``pin_memory`` for a CUDA
+        consumer. ``progress(done, total)`` after each batch. Only a few batches are in memory at once."""
+        if batch_size < 1:
+            raise DataError(f"batch size must be at least 1 (got {batch_size}).")
+        idx = self._indices(range(len(self)) if indices is None else indices)
+        total, done = len(idx), 0
+        chunks = [idx[k : k + batch_size] for k in range(0, total, batch_size)]
+        if self.images is not None or not chunks:
+            source = ((torch.tensor(c, dtype=torch.long), self.read(c)) for c in chunks)
+        else:
+            workers = default_workers() if workers is None else workers
+            workers = min(workers, len(chunks) - 1)  # one batch is decoded faster than a worker starts
+            loader = torch.utils.data.DataLoader(
+                _FileReader(self.files, self.channels, self.resolution), batch_sampler=chunks,
+                num_workers=max(0, workers), collate_fn=_collate, pin_memory=pin_memory,
+                worker_init_fn=_worker_init, prefetch_factor=2 if workers > 0 else None,
+                persistent_workers=False)
+            source = (_raise_failure(b) for b in loader)
+        for index, images in source:
+            done += len(index)
+            yield index, images
+            if progress is not None:
+                progress(done, total)
 
-    @property
-    def channels(self) -> int:
-        """Number of channels C (1 for grayscale, 3 for RGB)."""
-        return int(self.images.shape[1])
+    def to_pil(self, i: int) -> Image.Image:
+        """Return image ``i`` as an 8-bit PIL image (mode ``"L"`` for 1 channel, ``"RGB"`` for 3)."""
+        x, _ = self[i]
+        u8 = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        if u8.shape[0] == 1:
+            return Image.fromarray(u8[0].numpy(), mode="L")
+        return Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
-    @property
-    def resolution(self) -> int:
-        """Image height H (images loaded from disk are square)."""
-        return int(self.images.shape[2])
+    # -- identity ------------------------------------------------------------------------------------------------------
+    def image_keys(self) -> list[str]:
+        """A key per image that changes when the image does: for a file, its absolute path, size and modification
+        time (the quick check of make and rsync: re-hashing every file of a large set on every run would cost a full
+        read); in memory, a hash of its pixels. The resolution and channels are part of every key."""
+        if self._keys is None:
+            shape = f"{self.channels}x{self.resolution}"
+            if self.files is not None:
+                raw = (f"{f.resolve()}|{size}|{mtime}|{shape}" for f, (size, mtime) in zip(self.files, self.stamps))
+                self._keys = [hashlib.sha256(r.encode()).hexdigest()[:32] for r in raw]
+            else:
+                arr = self.images.numpy()
+                self._keys = [hashlib.sha256(arr[i].tobytes() + shape.encode()).hexdigest()[:32]
+                              for i in range(len(self))]
+        return self._keys
 
-    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageCaptionDataset:
-        """Return a new dataset with the items at ``indices``, in that order."""
-        idx = [operator.index(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1).tolist()]
+    def content_key(self, captions: bool = False) -> str:
+        """A key of the whole set (in order): its image keys, and its captions when ``captions``."""
+        h = hashlib.sha256("\n".join(self.image_keys()).encode())
+        if captions:
+            h.update(b"\0" + "\n".join(self.captions).encode())
+        return h.hexdigest()
+
+    # -- parts ---------------------------------------------------------------------------------------------------------
+    def _indices(self, indices) -> list[int]:
+        idx = [operator.index(i) for i in np.asarray(list(indices) if isinstance(indices, range) else indices,
+                                                      dtype=np.int64).reshape(-1).tolist()]
         n = len(self)
         bad = [i for i in idx if not -n <= i < n]
         if bad:
             raise DataError(f"Subset index {bad[0]} is out of range for a dataset of {n} images; use 0..{n - 1}.")
-        idx = [i % n for i in idx] if n else idx
-        index = torch.tensor(idx, dtype=torch.long)
-        return ImageCaptionDataset(
-            images=self.images.index_select(0, index),
-            captions=[self.captions[i] for i in idx],
-            names=[self.names[i] for i in idx],
-            source=self.source,
-        )
+        return [i % n for i in idx] if n else idx
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> ImageCaptionDataset:
+        """Return a new dataset with the items at ``indices``, in that order (no pixel is read)."""
+        idx = self._indices(indices)
+        common = dict(captions=[self.captions[i] for i in idx], names=[self.names[i] for i in idx], source=self.source)
+        if self.images is not None:
+            return ImageCaptionDataset(**common, images=self.images.index_select(0, torch.tensor(idx, dtype=torch.long)))
+        return ImageCaptionDataset(**common, files=[self.files[i] for i in idx], resolution=self.resolution,
+                                   channels=self.channels, stamps=[self.stamps[i] for i in idx])
 
     def split(self, seed: int = 0, val: float = 0.1, test: float = 0.1) -> dict[str, ImageCaptionDataset]:
         """Split into disjoint ``"train"``, ``"val"`` and ``"test"`` parts that together cover every item.
@@ -151,15 +259,41 @@ class ImageCaptionDataset:
         train_idx = np.sort(perm[n_test + n_val :])
         return {"train": self.subset(train_idx), "val": self.subset(val_idx), "test": self.subset(test_idx)}
 
-    def to_pil(self, i: int) -> Image.Image:
-        """Return image ``i`` as an 8-bit PIL image (mode ``"L"`` for 1 channel, ``"RGB"`` for 3)."""
-        x, _ = self[i]
-        if x.shape[0] not in (1, 3):
-            raise DataError(f"Cannot convert an image with {x.shape[0]} channels to PIL; expected 1 or 3.")
-        u8 = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        if u8.shape[0] == 1:
-            return Image.fromarray(u8[0].numpy(), mode="L")
-        return Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+
+class _FileReader(torch.utils.data.Dataset):
+    """What a loader worker decodes: one image file per item. A failure travels back as a message (a worker's
+    exception would reach the caller wrapped in a multi-line traceback)."""
+
+    def __init__(self, files: list[Path], channels: int, resolution: int):
+        self.files, self.mode, self.resolution = files, ("L" if channels == 1 else "RGB"), resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            with _strict_image_loading():
+                return i, _load_image(self.files[i], self.mode, self.resolution), None
+        except DataError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    failed = next((msg for _, _, msg in items if msg is not None), None)
+    if failed is not None:
+        return None, failed
+    return torch.tensor([i for i, _, _ in items], dtype=torch.long), torch.stack([x for _, x, _ in items])
+
+
+def _raise_failure(batch):
+    index, images = batch
+    if index is None:
+        raise DataError(images)
+    return index, images
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # a decoding worker must not compete with the caller's threads
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,7 +360,7 @@ def from_arrays(
     names_list = [str(i) for i in range(n)] if names is None else [str(x) for x in names]
     if len(names_list) != n:
         raise DataError(f"Got {n} images but {len(names_list)} names from {source}; pass one name per image.")
-    return ImageCaptionDataset(images=out.contiguous(), captions=captions, names=names_list, source=source)
+    return ImageCaptionDataset(captions, names_list, source, images=out.contiguous())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,32 +375,46 @@ def load_dataset(
     *,
     captions_file: str | None = None,
 ) -> ImageCaptionDataset:
-    """Load images and captions from disk, resized and center-cropped to ``resolution`` x ``resolution``.
+    """Index images and captions on disk, to be read resized and center-cropped to ``resolution`` x ``resolution``.
+
+    The captions are parsed and every image's header is read (its format and size) now; no pixel is decoded until
+    the dataset is read (:meth:`ImageCaptionDataset.batches`).
 
     Args:
         path: a ``.csv``/``.jsonl`` captions file, a folder holding one, or a folder of images with ``.txt``
             captions (see the module docstring).
-        resolution: side length of the square output images (>= 1).
+        resolution: side length of the square images as read (>= 1).
         channels: 1 (grayscale, PIL mode ``"L"``) or 3 (``"RGB"``).
         captions_file: captions file to use when ``path`` is a folder, relative to it or absolute.
-
-    Returns:
-        The dataset, images float32 ``[N, channels, resolution, resolution]`` in ``[-1, 1]``.
     """
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise DataError(f"resolution must be a positive integer, got {resolution!r}; pass e.g. resolution=512.")
     if channels not in (1, 3) or isinstance(channels, bool):
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")
-    resolution = int(resolution)
     paths, files, captions, source = _resolve_files(path, captions_file)
-
-    images = torch.empty((len(paths), channels, resolution, resolution), dtype=torch.float32)
-    mode = "L" if channels == 1 else "RGB"
+    stamps = []
     with _strict_image_loading():
-        for i, p in enumerate(paths):
-            images[i] = _load_image(p, mode, resolution)
-    logger.info("Loaded %d images (%s, %dx%d) from %s", len(paths), mode, resolution, resolution, source)
-    return ImageCaptionDataset(images=images, captions=captions, names=files, source=str(source))
+        for p in paths:
+            _check_header(p)
+            st = p.stat()
+            stamps.append((int(st.st_size), int(st.st_mtime_ns)))
+    logger.info("Indexed %d images from %s (read at %dx%d, %d channel(s))", len(paths), source, resolution,
+                resolution, channels)
+    return ImageCaptionDataset(captions, files, str(source), files=paths, resolution=int(resolution),
+                               channels=channels, stamps=stamps)
+
+
+def _check_header(path: Path) -> None:
+    """Open ``path`` as an image and read its header (format, size), without decoding its pixels."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    # PIL signals broken files with many exception types (OSError, SyntaxError, ValueError, EOFError,
+    # DecompressionBombError, struct.error...); any of them means the file cannot be used.
+    except Exception as e:
+        raise DataError(f"Image {path} is unreadable ({type(e).__name__}: {e}); replace or remove it.") from e
+    if w < 1 or h < 1:
+        raise DataError(f"Image {path} has size {w}x{h}; replace or remove it.")
 
 
 def _resolve_files(path: str | os.PathLike[str], captions_file: str | None) -> tuple[list[Path], list[str], list[str], Path]:

@@ -1,8 +1,9 @@
 """``memaudit finetune``: fine-tune a checkpoint on image-caption data, optionally with a training-time mitigation.
 
 The result is a diffusers pipeline folder (loadable by plain diffusers) with ``memaudit_finetune.json`` beside the
-components: every setting, the seed, versions, the base checkpoint, the data and what the mitigation did (captions
-perturbed, samples dropped).
+components: every setting, the seed, versions, the base checkpoint, the data, what the mitigation did (captions
+perturbed, samples dropped) and whether the images' latents were encoded now or found in the latent cache
+(:mod:`memaudit.latents`, in memaudit's cache folder, reused by every later fine-tune on the same images).
 
 While training, the run lives in ``OUT.partial/`` (its settings and resumable checkpoints). Running the same command
 again after a crash or Ctrl-C continues from the last checkpoint and ends at the same weights as an uninterrupted
@@ -147,22 +148,26 @@ def _identity(base, dataset_source: str, config: FinetuneConfig, data_key: str) 
 
 
 def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None, *, device: str = "auto",
-             convert_channels: bool = False, overwrite: bool = False, progress: Progress | None = None) -> dict:
+             convert_channels: bool = False, overwrite: bool = False, progress: Progress | None = None,
+             cache_dir: str | Path | None = None, cache_progress: Callable[[int, int], None] | None = None) -> dict:
     """Fine-tune ``base`` (a pipeline folder or a hub id in the local cache) on ``train`` (a folder, captions
     file or :class:`~memaudit.data.ImageCaptionDataset`) and write the pipeline folder ``out``.
 
     Resumes from ``out.partial/`` when it holds checkpoints of the same run. Returns the settings dict that is also
-    written to ``out/memaudit_finetune.json``.
+    written to ``out/memaudit_finetune.json``; its ``latent_cache`` says whether the images' VAE latents were
+    encoded now or found in the latent cache in ``cache_dir`` (default: memaudit's cache folder; see
+    :mod:`memaudit.latents`), and where it is. ``cache_progress(done, total)`` counts the images encoded. The cache is
+    filled before anything of the run is written, so an unreadable image stops the run with nothing to clean up.
     """
-    import hashlib
-
     from memaudit.data import dataset_for_target
     from memaudit.io import atomic_directory, atomic_write_json
+    from memaudit.latents import latent_cache_root, latents_for
     from memaudit.target import load_target, resolve_dtype
     from memaudit.train import latest_checkpoint, train_unet
 
     config = config or FinetuneConfig()
     out = check_writable(out, "--out")
+    check_writable(latent_cache_root(cache_dir), "--cache-dir")
     if (out / SETTINGS_FILE).is_file() and not overwrite:
         raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite or another --out.")
     if out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file() and not overwrite:
@@ -170,7 +175,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
 
     target = load_target(base, device=device, dtype="float32")
     dataset, source = dataset_for_target(train, target, convert_channels)
-    data_key = hashlib.sha256(dataset.images.numpy().tobytes() + "\n".join(dataset.captions).encode()).hexdigest()
+    data_key = dataset.content_key(captions=True)  # the files' paths, sizes and times (or pixels) and the captions
     identity = _identity(base, source, config, data_key)
 
     hooks = mitigation_hooks(config, target)
@@ -178,7 +183,8 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
 
     work = partial_dir(out)
     run_file = work / "run.json"
-    if run_file.is_file():
+    resuming = run_file.is_file()
+    if resuming:
         try:
             earlier = json.loads(run_file.read_text())
         except ValueError:
@@ -186,7 +192,9 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         if earlier != identity:
             raise ConfigError(f"{work} holds an unfinished fine-tune with other settings, base or data; run the same "
                               f"command as before to resume it, or delete {work} to start over.")
-    else:
+    # the images' latents, before anything of the run is written (nothing to encode when nothing trains)
+    latents = latents_for(target, dataset, cache_dir, progress=cache_progress) if params else None
+    if not resuming:
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_file, identity)
     resumed_from = latest_checkpoint(work / "checkpoints")
@@ -204,7 +212,9 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
 
     if params:
         result = train_unet(target, dataset, config.train_config(), params=params, hooks=hooks, progress=on_progress,
-                            checkpoint_dir=work / "checkpoints", resume=True, save_pipeline=_no_pipeline)
+                            checkpoint_dir=work / "checkpoints", resume=True, save_pipeline=_no_pipeline,
+                            latents=latents)
+        latents.close()
     else:  # an all-zero mask (or the freeze method): nothing trains, the result is the base model
         logger.warning("the mask switches every unit of %s off: nothing to train, writing the base model", config.method)
         result = _Untrained()
@@ -224,6 +234,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
                    "skipped_steps": result.skipped_steps, "stats": result.stats,
                    "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else None,
                    "wall_time_s": earlier_wall + time.perf_counter() - started},
+        "latent_cache": latents.report if latents is not None else None,
     }
     save_dtype = resolve_dtype(config.save_dtype)
     with atomic_directory(out) as tmp:

@@ -12,6 +12,13 @@ and two kinds: ``exact`` (flat index, brute force) and ``ivf`` (inverted file, `
 ``nprobe`` of them searched; approximate unless ``nprobe`` equals ``nlist``). ``auto`` picks ``ivf`` from
 ``ivf_threshold`` vectors on.
 
+The IVF cells are trained on a seeded random sample of at most ``IVF_TRAIN_PER_CELL`` vectors per cell, drawn from
+the row numbers of the whole set (:func:`ivf_training_rows`). :meth:`NeighborIndex.stream` builds the same index
+from batches whose total is known up front: it decides ``exact`` or ``ivf`` and ``nlist`` from that total, keeps the
+sampled rows, spills the vectors that arrive before the last sampled row to a temporary file, trains, and then adds
+everything in the same chunks as :meth:`NeighborIndex.add` would (cell assignments are computed in fixed chunks of
+``ADD_CHUNK`` rows, aligned on row numbers), so the streamed index equals the one built from all vectors at once.
+
 :func:`build_or_load` saves a built index under a key derived from the feature bytes (:func:`index_key`), so a
 second audit of the same training features loads the index instead of rebuilding it.
 """
@@ -24,6 +31,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,11 +45,15 @@ from memaudit.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NeighborIndex", "index_key", "build_or_load", "as_feature_array"]
+__all__ = ["NeighborIndex", "IndexStream", "index_key", "build_or_load", "as_feature_array", "ivf_training_rows"]
 
 METRICS = ("cosine", "l2")
 KINDS = ("auto", "exact", "ivf")
 IVF_TRAIN_PER_CELL = 64
+#: IVF vectors are assigned to cells (and added) in chunks of this many rows, aligned on row numbers, so that an
+#: index built batch by batch computes every assignment exactly as one built at once (faiss's distance kernels round
+#: differently for different numbers of queries).
+ADD_CHUNK = 4096
 _FORMAT = 1
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -185,35 +197,54 @@ class NeighborIndex:
         self._gpu_resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(self._gpu_resources, self._gpu, index)
 
-    def _create(self, data: np.ndarray) -> None:
-        n, d = data.shape
+    def _resolve(self, n: int) -> tuple[str, int | None]:
+        """The kind (``exact`` or ``ivf``) and number of cells an index over ``n`` vectors gets."""
         kind = self.kind
         if kind == "auto":
             kind = "ivf" if n >= self.ivf_threshold else "exact"
-        metric = self._faiss_metric()
+        if kind == "exact":
+            return kind, None
+        nlist = self.nlist
+        if nlist is None:
+            nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        elif nlist > n:
+            raise ConfigError(f"nlist={nlist} is larger than the number of vectors ({n}); choose nlist <= {n}")
+        return kind, nlist
+
+    def _create(self, n: int, d: int, train: np.ndarray | None) -> None:
+        """Create the faiss index for ``n`` vectors of dimension ``d``; an IVF index is trained on ``train`` (the
+        rows :func:`ivf_training_rows` picks)."""
+        kind, nlist = self._resolve(n)
         if kind == "exact":
             index = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
             index = self._to_device(index)
         else:
-            nlist = self.nlist
-            if nlist is None:
-                nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
-            elif nlist > n:
-                raise ConfigError(f"nlist={nlist} is larger than the number of vectors ({n}); choose nlist <= {n}")
             quantizer = faiss.IndexFlatIP(d) if self.metric == "cosine" else faiss.IndexFlatL2(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)  # the python wrapper keeps quantizer alive
-            index.cp.seed = self.seed  # also seeds faiss's subsample of the training vectors
-            # k-means on at most IVF_TRAIN_PER_CELL vectors per cell (faiss's own cap is 256): at 10^6 vectors and
-            # 4,000 cells this trains on a quarter of them, benchmarks/speed.py --part nn measures build and recall
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, self._faiss_metric())  # the wrapper keeps quantizer alive
+            index.cp.seed = self.seed  # seeds the k-means initialization
+            # k-means on at most IVF_TRAIN_PER_CELL vectors per cell (faiss's own cap is 256), sampled by
+            # ivf_training_rows so that faiss subsamples nothing: at 10^6 vectors and 4,000 cells this trains on a
+            # quarter of them, benchmarks/speed.py --part nn measures build and recall
             index.cp.max_points_per_centroid = IVF_TRAIN_PER_CELL
-            index.train(data)  # on the CPU, so that the seeded k-means gives the same cells everywhere
+            index.train(train)  # on the CPU, so that the seeded k-means gives the same cells everywhere
             index = self._to_device(index)
             self.nlist = nlist
         self.kind = kind
         self._index = index
         self._dim = d
         self._apply_nprobe()
-        logger.info("built %s %s index over %d vectors of dimension %d", kind, self.metric, n, d)
+        logger.info("created %s %s index for %d vectors of dimension %d", kind, self.metric, n, d)
+
+    def _add_vectors(self, data: np.ndarray) -> None:
+        """Add prepared vectors; an IVF index gets them in pieces that never cross a multiple of ``ADD_CHUNK``."""
+        if self.kind != "ivf":
+            self._index.add(data)
+            return
+        start = 0
+        while start < len(data):
+            room = ADD_CHUNK - self.ntotal % ADD_CHUNK
+            self._index.add(np.ascontiguousarray(data[start:start + room]))
+            start += room
 
     def _apply_nprobe(self) -> None:
         if self.kind == "ivf" and self._index is not None:
@@ -229,14 +260,40 @@ class NeighborIndex:
     def add(self, features: torch.Tensor | np.ndarray) -> NeighborIndex:
         """Add ``[N, d]`` vectors (their row numbers continue from :attr:`ntotal`); returns ``self``.
 
-        The first call fixes the dimension and, for ``kind="auto"``/``"ivf"``, trains the IVF cells on these
-        vectors.
+        The first call fixes the dimension and, for ``kind="auto"``/``"ivf"``, trains the IVF cells on a sample of
+        these vectors (:func:`ivf_training_rows`). To build from batches, use :meth:`stream`: it gives the same
+        index without holding every vector in memory.
         """
         data = self._prepare(features, "features")
         if self._index is None:
-            self._create(data)
-        self._index.add(data)
+            n, d = data.shape
+            kind, nlist = self._resolve(n)
+            train = data[ivf_training_rows(n, nlist, self.seed)] if kind == "ivf" else None
+            self._create(n, d, train)
+        self._add_vectors(data)
         return self
+
+    def stream(self, total: int, spill_dir: str | os.PathLike | None = None) -> IndexStream:
+        """An :class:`IndexStream` that adds ``total`` vectors to this (empty) index batch by batch.
+
+        ``exact`` or ``ivf`` and ``nlist`` are decided from ``total``, and the result is the index :meth:`add` would
+        build from all ``total`` vectors at once. Building an IVF index spills the vectors that arrive before its
+        last training row to a temporary file in ``spill_dir`` (default: the system's temporary folder), about
+        ``4 * d`` bytes per vector, removed when the stream ends.
+        """
+        return IndexStream(self, total, spill_dir)
+
+    def vectors(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The stored vectors of rows ``[start, stop)`` as float32 ``[k, d]`` (L2-normalized for ``cosine``)."""
+        stop = self.ntotal if stop is None else int(stop)
+        if not 0 <= start <= stop <= self.ntotal:
+            raise ConfigError(f"rows [{start}, {stop}) are out of range for an index of {self.ntotal} vectors")
+        if self._index is None or start == stop:
+            return np.zeros((0, self._dim or 0), dtype=np.float32)
+        cpu = self._cpu_index()
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(cpu).make_direct_map()
+        return np.asarray(cpu.reconstruct_n(int(start), int(stop - start)), dtype=np.float32)
 
     # -- searching -------------------------------------------------------------------------------------------------
 
@@ -329,6 +386,146 @@ class NeighborIndex:
         obj._dim = int(cpu_index.d)
         obj._apply_nprobe()
         return obj
+
+
+def ivf_training_rows(n: int, nlist: int, seed: int) -> np.ndarray:
+    """Row numbers (sorted) of the vectors an IVF index of ``nlist`` cells over ``n`` vectors is trained on: all of
+    them up to ``nlist * IVF_TRAIN_PER_CELL``, else that many drawn with ``numpy.random.default_rng(seed)``."""
+    size = nlist * IVF_TRAIN_PER_CELL
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+class IndexStream:
+    """Adds a known number of vectors to an empty :class:`NeighborIndex` batch by batch (see
+    :meth:`NeighborIndex.stream`); :meth:`finish` returns the index, equal to one built from all of them at once.
+
+    An exact index takes each batch as it comes. An IVF index needs its cells before it can take a vector: the
+    rows of its training sample (:func:`ivf_training_rows` of ``total``) are copied aside as they pass, and every
+    vector until the last of them is written to a temporary file; then the cells are trained and the file is
+    replayed. Vectors reach faiss in the chunks :meth:`NeighborIndex.add` uses, so every cell assignment is the same.
+    Memory: the training sample (at most ``IVF_TRAIN_PER_CELL`` vectors per cell) and one chunk.
+    """
+
+    def __init__(self, index: NeighborIndex, total: int, spill_dir: str | os.PathLike | None = None):
+        if not isinstance(index, NeighborIndex):
+            raise ConfigError(f"a stream adds to a NeighborIndex, got {type(index).__name__}")
+        if index.ntotal or index._index is not None:
+            raise ConfigError("a stream builds a new index; the index already holds vectors")
+        if isinstance(total, bool) or not isinstance(total, (int, np.integer)) or total < 1:
+            raise ConfigError(f"total must be a positive integer (got {total!r})")
+        self.index, self.total, self.count = index, int(total), 0
+        self.kind, self.nlist = index._resolve(self.total)
+        self._rows = ivf_training_rows(self.total, self.nlist, index.seed) if self.kind == "ivf" else None
+        self._spill_dir = None if spill_dir is None else Path(spill_dir)
+        self._spill = None
+        self._train: np.ndarray | None = None
+        self._taken = 0
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self._closed = False
+
+    @property
+    def trained(self) -> bool:
+        """Whether the index exists and takes vectors directly (always for an exact index after the first batch)."""
+        return self.index._index is not None
+
+    def add(self, features: torch.Tensor | np.ndarray) -> IndexStream:
+        """Add a batch ``[b, d]`` (rows continue from :attr:`count`); returns ``self``."""
+        if self._closed:
+            raise ConfigError("this index stream is finished; start a new one")
+        data = self.index._prepare(features, "features")
+        b, d = data.shape
+        if self.count + b > self.total:
+            raise ConfigError(f"the stream was opened for {self.total} vectors but {self.count + b} were added")
+        if self.kind == "exact":
+            if self.index._index is None:
+                self.index._create(self.total, d, None)
+            self.index._add_vectors(data)
+        elif self.trained:
+            self._push(data)
+        else:
+            self._collect(data)
+        self.count += b
+        if self.kind == "ivf" and not self.trained and self._taken == len(self._rows):
+            self._train_and_replay()
+        return self
+
+    def _collect(self, data: np.ndarray) -> None:
+        """Before training: keep the batch's training rows and spill the whole batch."""
+        b, d = data.shape
+        if self._train is None:
+            self._train = np.empty((len(self._rows), d), dtype=np.float32)
+            self._spill = tempfile.TemporaryFile(dir=self._spill_dir, prefix="memaudit-index-")
+        lo, hi = np.searchsorted(self._rows, [self.count, self.count + b])
+        self._train[lo:hi] = data[self._rows[lo:hi] - self.count]
+        self._taken = int(hi)
+        self._spill.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+
+    def _train_and_replay(self) -> None:
+        d = self._train.shape[1]
+        self.index._create(self.total, d, self._train)
+        self._train = None
+        spill, self._spill = self._spill, None
+        try:
+            spill.seek(0)
+            for start in range(0, self.count, ADD_CHUNK):
+                rows = min(ADD_CHUNK, self.count - start)
+                chunk = np.frombuffer(spill.read(rows * d * 4), dtype=np.float32).reshape(rows, d)
+                self._push(chunk)
+        finally:
+            spill.close()
+
+    def _push(self, data: np.ndarray) -> None:
+        """Queue prepared vectors; hand faiss every complete ``ADD_CHUNK`` of row numbers."""
+        self._pending.append(data)
+        self._pending_rows += len(data)
+        room = ADD_CHUNK - self.index.ntotal % ADD_CHUNK
+        if self._pending_rows >= room:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._pending_rows = [], 0
+        room = ADD_CHUNK - self.index.ntotal % ADD_CHUNK
+        whole = room + (len(data) - room) // ADD_CHUNK * ADD_CHUNK if len(data) >= room else 0
+        if whole:
+            self.index._add_vectors(data[:whole])
+        if whole < len(data):
+            rest = np.array(data[whole:])
+            self._pending, self._pending_rows = [rest], len(rest)
+
+    def finish(self) -> NeighborIndex:
+        """Add what is queued and return the index; every one of the ``total`` vectors must have been added."""
+        if self._closed:
+            raise ConfigError("this index stream is finished; start a new one")
+        if self.count != self.total:
+            self.close()
+            raise ConfigError(f"the stream was opened for {self.total} vectors but {self.count} were added")
+        if self.kind == "ivf" and self._pending:
+            self.index._add_vectors(np.concatenate(self._pending))
+            self._pending, self._pending_rows = [], 0
+        self._closed = True
+        logger.info("streamed %d vectors into a %s %s index", self.count, self.kind, self.index.metric)
+        return self.index
+
+    def close(self) -> None:
+        """Drop the temporary file and what is queued (after an error)."""
+        self._closed = True
+        self._pending, self._train = [], None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+    def __enter__(self) -> IndexStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            self.close()
 
 
 def _check_key(key: str) -> None:

@@ -3,9 +3,11 @@
 :func:`train_unet` fine-tunes (or trains from scratch) the UNet of a :class:`~memaudit.target.Target` on an
 image-caption dataset with the Stable Diffusion objective: AdamW at a constant learning rate, gradient clipping,
 caption dropout for classifier-free guidance, gradient accumulation, mixed precision on CUDA, every random draw
-from one seeded CPU generator. Later features plug in through :class:`TrainHook` (random word addition edits the
-captions, threshold mitigation weights the per-sample loss, parameter masks edit the gradients) and through the
-``params`` argument (which parameters are trained). Checkpoints are diffusers pipeline folders written atomically,
+from one seeded CPU generator. The images' VAE posteriors come from the latent cache on disk
+(:mod:`memaudit.latents`: each image is encoded once, for every later run on it) and are read a batch at a time, so
+the size of the training set is bounded by the disk, not the memory. Later features plug in through
+:class:`TrainHook` (random word addition edits the captions, threshold mitigation weights the per-sample loss,
+parameter masks edit the gradients) and through the ``params`` argument (which parameters are trained). Checkpoints are diffusers pipeline folders written atomically,
 plus the optimizer, generator and hook states, so an interrupted run resumes where it stopped and ends at the
 same weights.
 
@@ -158,18 +160,7 @@ class TrainResult:
     wall_time_s: float
     config: dict
     stats: dict
-
-
-class _LatentCache:
-    """The VAE posterior of every training image, computed once; latents are sampled from it every step."""
-
-    def __init__(self, target, images: torch.Tensor):
-        self.mean, self.std = target.encode_images(images)
-        self.mean, self.std = self.mean.cpu(), self.std.cpu()
-
-    def sample(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(self.mean[idx].shape, generator=generator)
-        return self.mean[idx] + self.std[idx] * noise
+    latent_cache: dict = field(default_factory=dict)  # the latent cache's report (memaudit.latents.latents_for)
 
 
 class _IndexStream:
@@ -306,19 +297,29 @@ def train_unet(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
     save_pipeline: Callable[[object, Path], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    latents=None,
+    cache_progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Fine-tune ``target.unet`` (and optionally its text encoder) on ``dataset`` (images in [-1, 1] + captions).
 
     ``params`` chooses what trains (default: every UNet parameter); everything else stays frozen. With a
     ``checkpoint_dir``, checkpoints are written every ``config.checkpoint_every`` steps and at the end, and with
     ``resume`` a run continues from the latest one there. ``progress(step, total, logs)`` is called every step.
+
+    The images' VAE posteriors come from the latent cache in ``cache_dir`` (default: memaudit's cache folder, see
+    :mod:`memaudit.latents`), which encodes the images it lacks first (``cache_progress(done, total)`` in images);
+    ``latents`` passes posteriors already looked up (:func:`memaudit.latents.latents_for` on the same target and
+    dataset). Each batch's latents are read from disk when it is drawn: the set is never in memory.
     """
+    from memaudit.latents import latents_for
+
     config = config or TrainConfig()
     if len(dataset) == 0:
         raise ConfigError("the training set is empty.")
-    if dataset.images.shape[1] != target.image_channels:
+    if dataset.channels != target.image_channels:
         raise ConfigError(
-            f"the training images have {dataset.images.shape[1]} channel(s) but the model makes "
+            f"the training images have {dataset.channels} channel(s) but the model makes "
             f"{target.image_channels}; load the data with channels={target.image_channels}."
         )
     if target.dtype != torch.float32:
@@ -327,6 +328,10 @@ def train_unet(
         logger.warning("mixed precision %s needs CUDA; training in float32 on %s", config.mixed_precision, target.device)
 
     start = time.perf_counter()
+    if latents is None:
+        latents = latents_for(target, dataset, cache_dir, progress=cache_progress)
+    elif len(latents) != len(dataset):
+        raise ConfigError(f"the latents passed hold {len(latents)} images but the training set has {len(dataset)}.")
     device = target.device
     generator = torch.Generator().manual_seed(config.seed)
     chosen = _select_params(target, params, config.train_text_encoder)
@@ -348,7 +353,6 @@ def train_unet(
             losses = _load_checkpoint(ckpt, state, optimizer, scaler, hooks)
             logger.info("resumed from %s at step %d", ckpt, state.step)
 
-    cache = _LatentCache(target, dataset.images)
     stream = _IndexStream(len(dataset))
     # Replay the index stream up to the resumed step so the data order is the same as an uninterrupted run.
     # (The generator state is restored from the checkpoint; the stream's buffer is rebuilt deterministically.)
@@ -370,11 +374,11 @@ def train_unet(
         step_loss, kept_any = 0.0, False
         for _ in range(config.gradient_accumulation):
             idx = stream.take(config.batch_size, generator)
-            latents = cache.sample(idx, generator)
+            x = latents.sample(idx, generator)
             captions = [dataset.captions[i] for i in idx.tolist()]
             drop = torch.rand(len(captions), generator=generator) < config.caption_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            batch = Batch(indices=idx, latents=latents, captions=captions)
+            batch = Batch(indices=idx, latents=x, captions=captions)
             for hook in hooks:
                 batch = hook.on_batch(batch, state)
             noise = torch.randn(batch.latents.shape, generator=generator)
@@ -445,7 +449,7 @@ def train_unet(
     stats = {k: v for k, v in state.stats.items() if not k.startswith("_")}
     return TrainResult(steps=state.step, final_loss=losses[-1] if losses else float("nan"), losses=losses,
                        skipped_steps=state.skipped_steps, wall_time_s=time.perf_counter() - start,
-                       config=config.to_dict(), stats=stats)
+                       config=config.to_dict(), stats=stats, latent_cache=dict(latents.report))
 
 
 def _training_goal(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

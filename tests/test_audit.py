@@ -50,8 +50,12 @@ def _config(**kw):
 
 def test_planted_copies_are_caught_at_every_prompt(tmp_path, monkeypatch, tiny_dir_eps, train):
     _fake_sampler(monkeypatch, train, "copy")
-    res = run_audit(str(tiny_dir_eps), train, tmp_path / "out", config=_config())
+    stages = []
+    res = run_audit(str(tiny_dir_eps), train, tmp_path / "out", config=_config(),
+                    progress=lambda s, d, t: stages.append((s, d, t)))
     assert all(p["flagged"] and p["extracted"] for p in res["prompts"])
+    training = [(d, t) for s, d, t in stages if s == "training features"]
+    assert training[0] == (0, N_TRAIN) and training[-1] == (N_TRAIN, N_TRAIN)  # images done of the set
     assert [p["nearest_train_index"] for p in res["prompts"]] == list(range(N_TRAIN))
     assert res["summary"]["extracted_training_images"] == N_TRAIN
     assert res["summary"]["amd"] < 1e-3

@@ -72,12 +72,12 @@ def test_csv_source(three: Path) -> None:
         ds = load_dataset(path, resolution=8, channels=3)
         assert ds.captions == ["a green, square", "red thing", "blue"]
         assert ds.names == ["b.png", "a.png", "sub/c.jpg"]
-        assert ds.images.shape == (3, 3, 8, 8) and ds.images.dtype == torch.float32
+        assert ds.read(range(len(ds))).shape == (3, 3, 8, 8) and ds.read(range(len(ds))).dtype == torch.float32
         assert ds.channels == 3 and ds.resolution == 8 and len(ds) == 3
-        assert ds.images.min() >= -1 and ds.images.max() <= 1
+        assert ds.read(range(len(ds))).min() >= -1 and ds.read(range(len(ds))).max() <= 1
         assert ds.source == str(csv_path)
         # b.png is green: G channel high, R low
-        assert ds.images[0, 1].mean() > 0.9 and ds.images[0, 0].mean() < -0.9
+        assert ds.read(range(len(ds)))[0, 1].mean() > 0.9 and ds.read(range(len(ds)))[0, 0].mean() < -0.9
 
 
 def test_jsonl_source_grayscale(three: Path) -> None:
@@ -92,8 +92,8 @@ def test_jsonl_source_grayscale(three: Path) -> None:
     ds = load_dataset(three, resolution=5, channels=1)
     assert ds.captions == ["red", "blue"]
     assert ds.names == ["a.png", "sub/c.jpg"]
-    assert ds.images.shape == (2, 1, 5, 5)
-    assert ds.images.min() >= -1 and ds.images.max() <= 1
+    assert ds.read(range(len(ds))).shape == (2, 1, 5, 5)
+    assert ds.read(range(len(ds))).min() >= -1 and ds.read(range(len(ds))).max() <= 1
     assert ds.to_pil(0).mode == "L" and ds.to_pil(0).size == (5, 5)
 
 
@@ -106,7 +106,7 @@ def test_folder_with_txt_source(tmp_path: Path) -> None:
     ds = load_dataset(str(tmp_path), resolution=4, channels=3)
     assert ds.names == ["a.jpg", "b.PNG"]
     assert ds.captions == ["red", "white"]
-    assert ds.images.shape == (2, 3, 4, 4)
+    assert ds.read(range(len(ds))).shape == (2, 3, 4, 4)
     assert ds.to_pil(1).mode == "RGB"
 
 
@@ -126,8 +126,8 @@ def test_white_black_exact_and_roundtrip(tmp_path: Path) -> None:
     _write_csv(tmp_path / "captions.csv", [("w.png", "white"), ("k.png", "black")])
     for ch in (1, 3):
         ds = load_dataset(tmp_path, resolution=6, channels=ch)
-        assert torch.all(ds.images[0] == 1.0)
-        assert torch.all(ds.images[1] == -1.0)
+        assert torch.all(ds.read(range(len(ds)))[0] == 1.0)
+        assert torch.all(ds.read(range(len(ds)))[1] == -1.0)
     assert np.all(np.asarray(ds.to_pil(0)) == 255) and np.all(np.asarray(ds.to_pil(1)) == 0)
 
 
@@ -257,11 +257,16 @@ def test_error_unreadable_and_truncated_image(tmp_path: Path) -> None:
     (tmp_path / "cut.png").write_bytes(cut[: len(cut) // 2])
     (tmp_path / "junk.png").write_bytes(b"this is not an image" + data[:10])
     p = _write_csv(tmp_path / "captions.csv", [("good.png", "g"), ("cut.png", "c")])
-    _raises("cut.png", load_dataset, p, 8, 3)
+    ds = load_dataset(p, 8, 3)  # the header is intact: the cut shows only when the pixels are decoded
+    _raises("cut.png", ds.read, [1])
+    for workers in (0, 1):  # in a loader worker too, the message is one line naming the file
+        with pytest.raises(DataError) as e:
+            list(ds.batches(1, workers=workers))
+        assert "cut.png" in str(e.value) and "\n" not in str(e.value) and "Traceback" not in str(e.value)
     old = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # a global opt-in elsewhere must not let truncated files through
     try:
-        _raises("cut.png", load_dataset, p, 8, 3)
+        _raises("cut.png", ds.read, [1])
         assert ImageFile.LOAD_TRUNCATED_IMAGES is True
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = old
@@ -339,3 +344,47 @@ def test_split_deterministic_disjoint_covering() -> None:
 @pytest.mark.parametrize("val,test", [(-0.1, 0.1), (0.1, -0.1), (0.5, 0.5), (0.9, 0.2)])
 def test_split_bad_fractions(val: float, test: float) -> None:
     _raises("val", _toy(5).split, 0, val, test)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# datasets on disk are indexes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _folder(tmp_path: Path, n: int) -> Path:
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (6 + i % 3, 9, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append((f"{i}.png", f"caption {i}"))
+    return _write_csv(tmp_path / "captions.csv", rows)
+
+
+def test_a_dataset_on_disk_holds_no_pixels_and_streams_in_order(tmp_path: Path) -> None:
+    ds = load_dataset(_folder(tmp_path, 11), 4, 3)
+    assert ds.images is None and ds.on_disk and len(ds) == 11
+    assert not any(isinstance(v, torch.Tensor) for v in vars(ds).values())  # nothing of the whole set in memory
+    whole = ds.read(range(11))
+    for workers in (0, 2):
+        seen, done = [], []
+        for index, images in ds.batches(3, workers=workers, progress=lambda d, t, done=done: done.append((d, t))):
+            assert images.shape[0] == len(index) <= 3
+            assert torch.equal(images, whole[index])
+            seen += index.tolist()
+        assert seen == list(range(11)) and done[-1] == (11, 11) and len(done) == 4
+    sub = ds.subset([7, 2])
+    assert sub.on_disk and torch.equal(sub.read([0, 1]), whole[[7, 2]]) and sub.names == ["7.png", "2.png"]
+    parts = ds.split(seed=0, val=0.2, test=0.0)
+    assert sorted(parts["train"].names + parts["val"].names) == sorted(ds.names)
+
+
+def test_image_keys_change_with_the_file_and_the_resolution(tmp_path: Path) -> None:
+    p = _folder(tmp_path, 3)
+    keys = load_dataset(p, 4, 3).image_keys()
+    assert len(set(keys)) == 3 and load_dataset(p, 4, 3).image_keys() == keys
+    assert load_dataset(p, 5, 3).image_keys() != keys
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(tmp_path / "1.png")
+    changed = load_dataset(p, 4, 3).image_keys()
+    assert changed[0] == keys[0] and changed[2] == keys[2] and changed[1] != keys[1]
+    mem = _toy(4)
+    assert mem.image_keys() == _toy(4).image_keys() and mem.content_key() != mem.subset([1, 0, 2, 3]).content_key()

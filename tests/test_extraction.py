@@ -264,6 +264,23 @@ def test_mixed_prompt_clique_members(train_images):
     assert v.clique == list(range(5, 15)) and v.flagged and v.extracted and v.nearest_train_index == 1
 
 
+def test_analyze_prompt_takes_a_lookup_and_gives_the_same_verdict(train_images):
+    from memaudit.lookup import ExhaustiveLookup, ThumbnailLookup
+
+    thumbs = ThumbnailLookup(lambda idx: train_images[idx], (3, 16, 16)).add(train_images)
+    cfg = ExtractionConfig()
+    noise = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    for gens in (_copies(train_images[6], 12, seed=9), noise):
+        for own in (None, 2):
+            v = analyze_prompt(gens, cfg, train_images, own_index=own)
+            assert analyze_prompt(gens, cfg, thumbs, own_index=own) == v
+            assert analyze_prompt(gens, cfg, ExhaustiveLookup(train_images), own_index=own) == v
+            ref = normalized_l2(gens[v.medoid:v.medoid + 1], train_images)[0]
+            assert v.nearest_train_index == (own if own is not None else int(torch.argmin(ref)))
+            assert v.nearest_train_distance == pytest.approx(float(ref[v.nearest_train_index]), abs=1e-9)
+    assert analyze_prompt(_copies(train_images[6], 12, seed=9), cfg, thumbs).nearest_train_index == 6
+
+
 def test_analyze_prompt_errors(train_images):
     gens = _copies(train_images[0], 4, seed=8)
     with pytest.raises(ConfigError, match="training images are 1x16x16 but generations are 3x16x16"):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memaudit.errors import ConfigError
+from memaudit.errors import ConfigError, DataError
 from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune, partial_dir
-from memaudit.target import load_target
+from memaudit.target import Target, load_target
 
 
 class Crash(Exception):
@@ -168,3 +168,97 @@ def test_a_mask_that_does_not_fit_stops_before_writing(tmp_path, tiny_dir_eps, t
     with pytest.raises(ConfigError, match="mask has 2 bits"):
         finetune(tiny_dir_eps, tiny_dataset, out, _cfg(method="svdiff", mask=[0, 1]), device="cpu")
     assert not out.exists() and not partial_dir(out).exists()
+
+
+# -- the latent cache ---------------------------------------------------------------------------------------------
+def _png_folder(path, dataset):
+    """``dataset`` (in memory) written as PNGs with a captions.csv; returns the folder."""
+    path.mkdir(parents=True)
+    lines = ["file,caption"]
+    for i in range(len(dataset)):
+        dataset.to_pil(i).save(path / f"{i}.png")
+        lines.append(f"{i}.png,{dataset.captions[i]}")
+    (path / "captions.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _count_encodes(monkeypatch) -> list[int]:
+    encoded: list[int] = []
+    real = Target.encode_images
+    monkeypatch.setattr(Target, "encode_images",
+                        lambda self, images, batch_size=64: encoded.append(len(images)) or real(self, images, batch_size))
+    return encoded
+
+
+def test_settings_say_the_latent_cache_was_built_then_reused(tmp_path, tiny_dir_eps, tiny_dataset, monkeypatch):
+    encoded = _count_encodes(monkeypatch)
+    cache = tmp_path / "cache"
+    first = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "a", _cfg(steps=2), device="cpu", cache_dir=cache)
+    assert encoded == [8]
+    second = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "b", _cfg(steps=2, seed=4), device="cpu", cache_dir=cache)
+    assert encoded == [8]  # the second fine-tune encodes nothing
+    on_disk = json.loads((tmp_path / "b" / SETTINGS_FILE).read_text())["latent_cache"]
+    assert on_disk == second["latent_cache"]
+    for s, status, found, new in ((first, "built", 0, 8), (second, "reused", 8, 0)):
+        c = s["latent_cache"]
+        assert (c["status"], c["found"], c["encoded"], c["images"]) == (status, found, new, 8)
+        assert c["path"].startswith(str(cache / "latents"))
+    assert first["latent_cache"]["path"] == second["latent_cache"]["path"]
+    assert first["train_sha256"] == tiny_dataset.content_key(captions=True)  # no pixel is hashed
+
+
+def test_a_fine_tune_from_a_folder_streams_and_matches_its_pixels_in_memory(tmp_path, tiny_dir_eps, make_dataset,
+                                                                           monkeypatch):
+    from memaudit.data import ImageCaptionDataset, load_dataset
+
+    data = _png_folder(tmp_path / "data", make_dataset(n=10, seed=6))
+    ds = load_dataset(data, 16, 3)
+    in_memory = ImageCaptionDataset(ds.captions, ds.names, images=ds.read(range(10)))
+    finetune(tiny_dir_eps, in_memory, tmp_path / "mem", _cfg(steps=3), device="cpu", cache_dir=tmp_path / "c")
+    real_read = ImageCaptionDataset.read
+
+    def read(self, indices):
+        out = real_read(self, indices)
+        assert len(out) <= 2, "a read of more than a batch"
+        return out
+
+    monkeypatch.setattr(ImageCaptionDataset, "read", read)
+    stages = []
+    s = finetune(tiny_dir_eps, data, tmp_path / "disk", _cfg(steps=3), device="cpu", cache_dir=tmp_path / "c",
+                 cache_progress=lambda done, total: stages.append((done, total)))
+    assert stages == [(10, 10)] and s["latent_cache"]["encoded"] == 10  # other keys than the in-memory images
+    a, b = _unet(tmp_path / "mem"), _unet(tmp_path / "disk")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_unreadable_image_stops_the_fine_tune_before_anything_is_written(tmp_path, tiny_dir_eps, make_dataset):
+    import numpy as np
+    from PIL import Image
+
+    data = _png_folder(tmp_path / "data", make_dataset(n=10, seed=7))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / "3.png")
+    cut = (data / "3.png").read_bytes()
+    (data / "3.png").write_bytes(cut[: len(cut) // 2])  # the header reads: only decoding fails
+    out, cache = tmp_path / "ft", tmp_path / "cache"
+    with pytest.raises(DataError) as e:
+        finetune(tiny_dir_eps, data, out, _cfg(steps=2), device="cpu", cache_dir=cache)
+    assert "3.png" in str(e.value) and "\n" not in str(e.value)
+    assert not out.exists() and not partial_dir(out).exists()
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # no entry, no temporary file
+
+
+def test_cli_finetune_shows_and_reports_the_latent_cache(tmp_path, tiny_dir_eps, data_dir):
+    from memaudit.cli import app
+
+    runner, cache = CliRunner(), tmp_path / "cache"
+    args = ["finetune", str(tiny_dir_eps), "--train", str(data_dir), "--steps", "2", "--batch-size", "2",
+            "--device", "cpu", "--cache-dir", str(cache)]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    assert "latent cache: 8/8 (100%)" in res.stderr  # the progress stage
+    assert "latent cache: 8 image(s) encoded now, 0 found" in " ".join(res.stdout.split())
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert "latent cache: 0 image(s) encoded now, 8 found" in " ".join(res.stdout.split())
+    assert "latent cache:" not in res.stderr  # nothing to encode: no progress stage
+    assert list((cache / "latents").rglob("chunk-*.npy"))

@@ -149,9 +149,12 @@ def test_search_prints_how_many_fine_tunes_ran_and_why(monkeypatch, capsys, tiny
     out = tmp_path / "search"
     args = ["mitigate", "search", tiny_dir_eps, "--train", data_dir, "--method", "difffit", "--population", 2,
             "--generations", 1, "--inner-steps", 1, "--batch-size", 2, "--lr-choices", "1e-3,1e-2", "--device", "cpu",
-            "--out", out]
+            "--out", out, "--cache-dir", tmp_path / "cache"]
     code, stdout, err = run_main(monkeypatch, capsys, *args)
     assert code == 0, err
+    # 8 images: 2 for validation, half of the other 6 as the proxy, encoded once for all 4 fine-tunes
+    assert "latent cache: 3 proxy image(s) encoded now, 0 found" in flat(stdout)
+    assert "latent cache: 3/3 (100%)" in err
     doc = json.loads((out / "pareto.json").read_text())
     masks = len((out / "evaluations.jsonl").read_text().splitlines())
     assert masks == 2 and len((out / "references.jsonl").read_text().splitlines()) == 2
@@ -166,6 +169,18 @@ def test_search_prints_how_many_fine_tunes_ran_and_why(monkeypatch, capsys, tiny
     assert opening[doc["verdict"]["status"]] in text
     code, stdout, _ = run_main(monkeypatch, capsys, *args)  # the same command again: everything from the logs
     assert code == 0 and "4 fine-tunes (0 run now): 2 mask evaluations + 2 references" in flat(stdout)
+    assert "latent cache" not in stdout  # no evaluation ran: no latent was needed
+    # stage 2 on the whole set finds the proxy's latents and encodes the other 5 images
+    n_units = len(get_method("difffit", load_target(tiny_dir_eps, device="cpu").unet).units())
+    mask = tmp_path / "mask.json"
+    mask.write_text(json.dumps({"kind": "memaudit.mask", "method": "difffit", "granularity": "block",
+                                "mask": [1] + [0] * (n_units - 1), "learning_rate": 1e-3}))
+    code, stdout, err = run_main(monkeypatch, capsys, "mitigate", "finetune", tiny_dir_eps, "--mask", mask, "--train",
+                                 data_dir, "--out", tmp_path / "ft", "--steps", 1, "--batch-size", 2, "--device", "cpu",
+                                 "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert "latent cache: 5 image(s) encoded now, 3 found" in flat(stdout)
+    assert "latent cache: 5/5 (100%)" in err
 
 
 def _fake_search(front_points, default_point, full_point):

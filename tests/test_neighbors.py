@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memaudit.errors import ConfigError
-from memaudit.neighbors import NeighborIndex, build_or_load, index_key
+from memaudit.neighbors import IVF_TRAIN_PER_CELL, NeighborIndex, build_or_load, index_key, ivf_training_rows
 
 
 def test_exact_cosine_known_answer():
@@ -169,3 +169,57 @@ def test_default_nprobe_grows_with_the_cells():
     index = NeighborIndex(kind="ivf").add(data)  # 400 vectors: nlist = min(4 * sqrt(400), 400 // 39) = 10
     assert index.nlist == 10 and index.nprobe == 16 and index._index.nprobe == 10  # capped at nlist: exhaustive
     assert NeighborIndex(kind="ivf", nlist=10, nprobe=3).add(data)._index.nprobe == 3
+
+
+# -- building from batches -----------------------------------------------------------------------------------------
+
+
+def _stream(index: NeighborIndex, data: np.ndarray, batch: int, spill_dir=None) -> NeighborIndex:
+    stream = index.stream(len(data), spill_dir=spill_dir)
+    for start in range(0, len(data), batch):
+        stream.add(data[start:start + batch])
+    return stream.finish()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ivf_streamed_in_batches_equals_the_index_built_at_once(metric, tmp_path):
+    # 9,000 vectors, 30 cells: the training sample (30 * 64 = 1,920 rows, drawn over the whole set) ends late, so the
+    # stream spills most vectors before training, and the adds cross the 4,096-row chunks
+    data = _clustered(9000, clusters=40)
+    queries = _clustered(300, clusters=40, seed=1)
+    whole = NeighborIndex(metric=metric, kind="ivf", nlist=30, nprobe=2).add(data)
+    rows = ivf_training_rows(9000, 30, seed=0)
+    assert len(rows) == 30 * IVF_TRAIN_PER_CELL and rows[-1] > 8000  # a sample of the set, not its first batch
+    for batch in (37, 64, 5000):
+        streamed = _stream(NeighborIndex(metric=metric, kind="ivf", nlist=30, nprobe=2), data, batch, tmp_path)
+        assert streamed.kind == "ivf" and streamed.nlist == 30 and streamed.ntotal == 9000
+        np.testing.assert_array_equal(streamed.vectors(), whole.vectors())
+        for a, b in zip(whole.search(queries, k=5), streamed.search(queries, k=5)):
+            np.testing.assert_array_equal(a, b)  # same cells, same assignments: the same neighbours and distances
+        assert not list(tmp_path.iterdir())  # the spill file is gone
+    # trained on the first batch only (what a plain add() of batches would do), the cells differ
+    first_only = NeighborIndex(metric=metric, kind="ivf", nlist=30, nprobe=2).add(data[:64 * 30])
+    first_only.add(data[64 * 30:])
+    assert not np.array_equal(first_only.search(queries, k=5)[1], whole.search(queries, k=5)[1])
+
+
+def test_stream_decides_the_kind_from_the_total_and_checks_the_count():
+    data = _clustered(600)
+    assert _stream(NeighborIndex(kind="auto", ivf_threshold=601), data, 50).kind == "exact"
+    auto = _stream(NeighborIndex(kind="auto", ivf_threshold=600), data, 50)  # each batch is far below the threshold
+    assert auto.kind == "ivf" and auto.nlist == 600 // 39
+    exact = _stream(NeighborIndex(kind="exact"), data, 7)
+    np.testing.assert_array_equal(exact.vectors(), NeighborIndex(kind="exact").add(data).vectors())
+    over = NeighborIndex().stream(600)
+    for start in range(0, 600, 50):
+        over.add(data[start:start + 50])
+    with pytest.raises(ConfigError, match="opened for 600 vectors but 650"):
+        over.add(data[:50])
+    short = NeighborIndex(kind="ivf", nlist=4).stream(600)
+    short.add(data[:100])
+    with pytest.raises(ConfigError, match="opened for 600 vectors but 100 were added"):
+        short.finish()
+    with pytest.raises(ConfigError, match="already holds"):
+        NeighborIndex().add(data).stream(10)
+    with pytest.raises(ConfigError, match="total"):
+        NeighborIndex().stream(0)

@@ -327,3 +327,72 @@ def test_reference_verdict_on_hand_made_points():
     assert v["status"] == "references unbeaten" and v["dominating"] == []
     assert v["best_reference"] == {"memorization": "method default", "quality": "full fine-tuning"}
     assert reference_verdict([], {"full fine-tuning": full})["status"] == "no front"
+
+
+# -- streaming: the latent cache and the proxy and validation images --------------------------------------------
+def test_the_search_encodes_the_proxy_once_and_later_runs_find_it(tmp_path, tiny_dir_eps, tiny_dataset, monkeypatch):
+    from memaudit.finetune import FinetuneConfig, finetune
+    from memaudit.mitigate.search import SearchConfig, run_mask_search
+    from memaudit.target import Target
+
+    encoded: list[int] = []
+    real = Target.encode_images
+    monkeypatch.setattr(Target, "encode_images",
+                        lambda self, images, batch_size=64: encoded.append(len(images)) or real(self, images, batch_size))
+    cfg = SearchConfig(method="difffit", population=2, generations=1, inner_steps=1, batch_size=2, val_fraction=0.25,
+                       lr_choices=(1e-3,), generations_per_prompt=2, sample_steps=2, device="cpu")
+    cache = tmp_path / "cache"
+    stages = []
+    doc = run_mask_search(str(tiny_dir_eps), tiny_dataset, tmp_path / "s1", cfg, cache_dir=cache,
+                          progress=lambda stage, done, total: stages.append((stage, done, total)))
+    n_proxy = len(json.loads((tmp_path / "s1" / "search.json").read_text())["proxy"])
+    assert n_proxy == 3  # 8 images: 2 for validation, half of the other 6 as the proxy
+    assert doc["fine_tunes"]["run_now"] == 4  # 2 masks and 2 references, all on the same latents
+    assert encoded == [n_proxy]  # encoded once for every evaluation
+    assert ("latent cache", 3, 3) in stages
+    assert (doc["latent_cache"]["status"], doc["latent_cache"]["encoded"]) == ("built", 3)
+    again = run_mask_search(str(tiny_dir_eps), tiny_dataset, tmp_path / "s2", cfg, cache_dir=cache)
+    assert encoded == [n_proxy] and again["latent_cache"]["status"] == "reused"
+    # a fine-tune on the whole set finds the proxy's entries and encodes only the other images
+    s = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "ft", FinetuneConfig(steps=1, batch_size=2), device="cpu",
+                 cache_dir=cache)
+    assert (s["latent_cache"]["found"], s["latent_cache"]["encoded"]) == (3, 5) and encoded == [3, 5]
+
+
+def _evaluator(target, dataset, memorization, batch_size):
+    from memaudit.mitigate.search import MaskEvaluator, SearchConfig
+
+    cfg = SearchConfig(method="difffit", memorization=memorization, generations_per_prompt=3, min_clique=2,
+                       device="cpu")
+    return MaskEvaluator(target, dataset.subset([0, 1, 2]), dataset.subset([3, 4, 5, 6, 7]), cfg,
+                         batch_size=batch_size)
+
+
+def test_extraction_and_amd_objectives_read_the_proxy_a_batch_at_a_time(tmp_path, tiny_dir_eps, tiny_dataset,
+                                                                        monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from memaudit.metrics.amd import amd_bruteforce
+    from memaudit.target import load_target
+
+    monkeypatch.setenv("MEMAUDIT_CACHE_DIR", str(tmp_path))
+    pixels = (tiny_dataset.images + 1) / 2
+    # prompt 0 and 2 reproduce their own image three times; prompt 1 reproduces image 5, not its own
+    gens = torch.cat([pixels[i].expand(3, -1, -1, -1) for i in (0, 5, 2)])
+    ev = _evaluator(load_target(tiny_dir_eps, device="cpu"), tiny_dataset, "extraction", batch_size=2)  # 0, 1 | 2
+    monkeypatch.setattr(ev, "_sample", lambda captions, seed: [SimpleNamespace(images=gens)])
+    assert ev.memorization() == (2.0, {"extracted": 2})
+    target = load_target(tiny_dir_eps, device="cpu")  # an evaluator installs its method on the target's UNet
+    ev = _evaluator(target, tiny_dataset, "amd", batch_size=2)
+    monkeypatch.setattr(ev, "_sample", lambda captions, seed: [SimpleNamespace(images=gens)])
+    value, details = ev.memorization()
+    expected = amd_bruteforce(ev.extractor(gens).numpy(), ev.extractor(pixels[[0, 1, 2]]).numpy()).amd
+    assert details == {"amd": float(expected)} and value == -float(expected)
+    assert details["amd"] > 0.0  # image 5 is not in the proxy
+    # the validation features, a batch at a time, equal those of the whole split at once
+    assert torch.equal(ev.val_features, ev.extractor(pixels[[3, 4, 5, 6, 7]]))
+    # the proxy latents come from the cache and equal the VAE's encoding of the proxy images, in the same batches
+    batches = [target.encode_images(tiny_dataset.images[idx])[0] for idx in ([0, 1], [2])]
+    assert torch.equal(ev.proxy_latents, torch.cat(batches))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memaudit.data import ImageCaptionDataset, load_dataset
 from memaudit.errors import ConfigError
-from memaudit.target import load_target
+from memaudit.latents import DatasetLatents
+from memaudit.target import Target, load_target
 from memaudit.train import (
     TrainConfig,
     TrainHook,
@@ -182,6 +184,79 @@ def test_hooks_see_caption_dropout(fresh, tiny_dataset):
     assert all(c == "" or c in captions for c in half.captions)
 
 
+def _png_folder(path, dataset):
+    """``dataset`` (in memory) written as PNGs with a captions.csv; returns the folder."""
+    path.mkdir(parents=True)
+    lines = ["file,caption"]
+    for i in range(len(dataset)):
+        dataset.to_pil(i).save(path / f"{i}.png")
+        lines.append(f"{i}.png,{dataset.captions[i]}")
+    (path / "captions.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_training_from_a_folder_streams_and_ends_where_the_same_pixels_in_memory_end(fresh, make_dataset, tmp_path,
+                                                                                       monkeypatch):
+    """70 PNGs (more than one encoding batch of 64): nothing ever holds the whole set. The images are decoded and
+    encoded at most 64 at a time, each step reads only its own batch's latents from the cache, and the weights are
+    those of training on the same pixels held in memory."""
+    ds = load_dataset(_png_folder(tmp_path / "data", make_dataset(n=70, seed=5)), 16, 3)
+    assert ds.images is None
+    in_memory = ImageCaptionDataset(ds.captions, ds.names, images=ds.read(range(70)))
+    reference = fresh()
+    train_unet(reference, in_memory, _cfg(steps=3, batch_size=5), cache_dir=tmp_path / "c1")
+
+    sizes: dict[str, list[int]] = {"read": [], "batch": [], "encode": [], "latents": []}
+    real_read, real_batches = ImageCaptionDataset.read, ImageCaptionDataset.batches
+    real_encode, real_entries = Target.encode_images, DatasetLatents.entries
+
+    def read(self, indices):
+        out = real_read(self, indices)
+        sizes["read"].append(len(out))
+        assert len(out) <= 64, "read more than a batch"
+        return out
+
+    def batches(self, *args, **kwargs):
+        for index, images in real_batches(self, *args, **kwargs):
+            sizes["batch"].append(len(images))
+            yield index, images
+
+    def encode(self, images, batch_size=64):
+        sizes["encode"].append(len(images))
+        return real_encode(self, images, batch_size)
+
+    def entries(self, indices):
+        out = real_entries(self, indices)
+        sizes["latents"].append(len(out))
+        return out
+
+    monkeypatch.setattr(ImageCaptionDataset, "read", read)
+    monkeypatch.setattr(ImageCaptionDataset, "batches", batches)
+    monkeypatch.setattr(Target, "encode_images", encode)
+    monkeypatch.setattr(DatasetLatents, "entries", entries)
+    streamed = fresh()
+    result = train_unet(streamed, ds, _cfg(steps=3, batch_size=5), cache_dir=tmp_path / "c2")
+    assert sizes["batch"] == sizes["encode"] == [64, 6]
+    assert all(n <= 64 for n in sizes["read"])
+    assert sizes["latents"] == [5, 5, 5]  # one read per micro-batch, of that batch only
+    assert result.latent_cache["encoded"] == 70 and result.latent_cache["status"] == "built"
+    assert _same(_weights(streamed.unet), _weights(reference.unet))
+
+
+def test_the_latent_cache_is_built_once_then_reused(fresh, tiny_dataset, tmp_path, monkeypatch):
+    encoded = []
+    real_encode = Target.encode_images
+    monkeypatch.setattr(Target, "encode_images",
+                        lambda self, images, batch_size=64: encoded.append(len(images)) or real_encode(self, images, batch_size))
+    first, second = fresh(), fresh()
+    a = train_unet(first, tiny_dataset, _cfg(steps=2), cache_dir=tmp_path)
+    assert encoded == [8] and (a.latent_cache["status"], a.latent_cache["encoded"], a.latent_cache["found"]) == ("built", 8, 0)
+    b = train_unet(second, tiny_dataset, _cfg(steps=2), cache_dir=tmp_path)
+    assert encoded == [8] and (b.latent_cache["status"], b.latent_cache["encoded"], b.latent_cache["found"]) == ("reused", 0, 8)
+    assert b.latent_cache["path"].startswith(str(tmp_path / "latents"))
+    assert _same(_weights(first.unet), _weights(second.unet)) and a.losses == b.losses
+
+
 @pytest.mark.parametrize("kwargs", [{"steps": 0}, {"mixed_precision": "int4"}, {"caption_dropout": 1.0},
                                     {"batch_size": 0}, {"learning_rate": 0.0}])
 def test_bad_config(kwargs):
@@ -190,11 +265,12 @@ def test_bad_config(kwargs):
     assert "\n" not in str(info.value)
 
 
-def test_channel_mismatch(fresh, make_dataset):
+def test_channel_mismatch(fresh, make_dataset, tmp_path):
     gray = make_dataset(n=4, channels=1)
     assert gray.images.shape == (4, 1, 16, 16)
     with pytest.raises(ConfigError, match="channel"):
-        train_unet(fresh(), gray, _cfg(steps=1))
+        train_unet(fresh(), gray, _cfg(steps=1), cache_dir=tmp_path)
+    assert not (tmp_path / "latents").exists()  # refused before anything is encoded
 
 
 def test_half_precision_target_refused(tiny_dir_eps, tiny_dataset):

@@ -6,7 +6,9 @@ normalized by the square root of the number of values in the tile (pixels in [0,
 differ strongly in one region are far apart even when they agree elsewhere. A prompt is *flagged* when the largest
 clique of that graph (a true maximum clique, not a connected component) has at least ``min_clique`` members, and
 *extracted* when the clique's medoid lies within ``delta`` (normalized L2 over the whole image) of a training
-image: by default the caption's own image when it is known, otherwise the nearest training image.
+image: by default the caption's own image when it is known, otherwise the nearest training image. The training
+images are a tensor or an :class:`~memaudit.lookup.ImageLookup`: a :class:`~memaudit.lookup.ThumbnailLookup` finds
+the exact nearest image while reading only a few of them (an audit of a large set on disk).
 
 The maximum clique is exact (:func:`max_clique`): exact graph reductions, then a bitset branch and bound. It is
 NP-hard in the worst case (dense graphs without a dominant clique, e.g. a miscalibrated threshold that joins about
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor
 
 from memaudit.errors import ConfigError
+from memaudit.lookup import ExhaustiveLookup, ImageLookup
 
 logger = logging.getLogger(__name__)
 
@@ -446,15 +449,20 @@ def _shape(x: Tensor) -> str:
     return "x".join(str(s) for s in x.shape[1:])
 
 
-def analyze_prompt(generations: Tensor, config: ExtractionConfig | None = None, train_images: Tensor | None = None,
-                   own_index: int | None = None) -> PromptVerdict:
+def analyze_prompt(generations: Tensor, config: ExtractionConfig | None = None,
+                   train_images: Tensor | ImageLookup | None = None, own_index: int | None = None) -> PromptVerdict:
     """Run the extraction attack on the generations ``[n, C, H, W]`` (in [0, 1]) of one prompt.
 
     Generations are joined when their :func:`tiled_distances` is below ``config.edge_threshold``; the prompt is
     flagged when the maximum clique has at least ``config.min_clique`` members. The clique's medoid is compared
-    (normalized L2) with ``train_images[own_index]`` when ``own_index`` is given, else with every training image
-    (the nearest is kept); the prompt is extracted when it is flagged and that distance is below ``config.delta``.
-    The nearest training image is reported for unflagged prompts too, but they are never extracted.
+    (normalized L2, :func:`memaudit.lookup.exact_distances`) with training image ``own_index`` when it is given,
+    else with every training image (the nearest is kept; among equal distances the lowest index); the prompt is
+    extracted when it is flagged and that distance is below ``config.delta``. The nearest training image is reported
+    for unflagged prompts too, but they are never extracted.
+
+    ``train_images``: a tensor ``[N, C, H, W]`` in [0, 1] (compared exhaustively), or an
+    :class:`~memaudit.lookup.ImageLookup` of images of the generations' shape, e.g. a
+    :class:`~memaudit.lookup.ThumbnailLookup` that reads only the candidates it needs and gives the same answer.
     """
     config = config or ExtractionConfig()
     generations = _check_images(generations, "generations")
@@ -464,15 +472,23 @@ def analyze_prompt(generations: Tensor, config: ExtractionConfig | None = None, 
     if n > config.max_clique_nodes:
         raise ConfigError(f"{n} generations for one prompt is more than max_clique_nodes={config.max_clique_nodes}; "
                           f"use fewer generations or raise max_clique_nodes.")
+    lookup = None
     if train_images is not None:
-        train_images = _check_images(train_images, "training images")
-        if tuple(train_images.shape[1:]) != tuple(generations.shape[1:]):
-            raise ConfigError(f"training images are {_shape(train_images)} but generations are "
+        if isinstance(train_images, ImageLookup):
+            lookup, shape = train_images, tuple(train_images.shape)
+        else:
+            train_images = _check_images(train_images, "training images")
+            shape = tuple(train_images.shape[1:])
+        if shape != tuple(generations.shape[1:]):
+            raise ConfigError(f"training images are {'x'.join(map(str, shape))} but generations are "
                               f"{_shape(generations)} (CxHxW); resize the training images to the generations' shape.")
-        if len(train_images) == 0:
+        n_train = len(lookup) if lookup is not None else len(train_images)
+        if n_train == 0:
             raise ConfigError("train_images is empty; pass at least one training image or None.")
-        if own_index is not None and not 0 <= int(own_index) < len(train_images):
-            raise ConfigError(f"own_index {own_index} is out of range for {len(train_images)} training images.")
+        if own_index is not None and not 0 <= int(own_index) < n_train:
+            raise ConfigError(f"own_index {own_index} is out of range for {n_train} training images.")
+        if lookup is None:
+            lookup = ExhaustiveLookup(train_images)
 
     dist = tiled_distances(generations, tiles=config.tiles)
     adj = (dist < config.edge_threshold).cpu().numpy()
@@ -493,15 +509,13 @@ def analyze_prompt(generations: Tensor, config: ExtractionConfig | None = None, 
     med = medoid(clique, dist) if clique else None
 
     near_idx = near_dist = None
-    if train_images is not None and med is not None:
-        g = generations[med:med + 1]
+    if lookup is not None and med is not None:
+        g = generations[med]
         if own_index is not None:
             near_idx = int(own_index)
-            near_dist = float(normalized_l2(g, train_images[near_idx:near_idx + 1].to(g.device))[0, 0])
+            near_dist = lookup.distance(g, near_idx)
         else:
-            d = normalized_l2(g, train_images.to(g.device))[0]
-            near_idx = int(torch.argmin(d))
-            near_dist = float(d[near_idx])
+            near_idx, near_dist = lookup.nearest(g)
     extracted = bool(flagged and near_dist is not None and near_dist < config.delta)
     logger.debug("prompt: clique %d of %d generations, flagged=%s, medoid=%s, train=%s at %s, extracted=%s",
                  size, n, flagged, med, near_idx, near_dist, extracted)

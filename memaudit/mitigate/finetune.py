@@ -40,9 +40,11 @@ def read_mask(path: str | os.PathLike) -> dict:
 
 def finetune_with_mask(base, train, mask_file, out, *, steps: int, batch_size: int = 32, seed: int | None = None,
                        mitigation: str = "none", device: str = "auto", convert_channels: bool = False,
-                       overwrite: bool = False, progress=None) -> dict:
+                       overwrite: bool = False, progress=None, cache_dir: str | os.PathLike | None = None,
+                       cache_progress=None) -> dict:
     """Fine-tune ``base`` on ``train`` with the method, mask and learning rate of ``mask_file``; returns the
-    fine-tune's settings (as :func:`memaudit.finetune.finetune`)."""
+    fine-tune's settings (as :func:`memaudit.finetune.finetune`, whose ``cache_dir`` and ``cache_progress`` these
+    are: the latent cache the search filled is found here when the images are the same)."""
     from memaudit.finetune import FinetuneConfig, finetune
 
     doc = read_mask(mask_file)
@@ -51,4 +53,4 @@ def finetune_with_mask(base, train, mask_file, out, *, steps: int, batch_size: i
                          seed=int(doc.get("seed", 0) if seed is None else seed), mitigation=mitigation)
     # a mask of the wrong length for this base model's units stops before training, with one line
     return finetune(base, train, out, cfg, device=device, convert_channels=convert_channels, overwrite=overwrite,
-                    progress=progress)
+                    progress=progress, cache_dir=cache_dir, cache_progress=cache_progress)

@@ -392,15 +392,23 @@ OBJECTIVES = ("memorization", "quality")
 
 
 class MaskEvaluator:
-    """Fine-tunes a fresh copy of the base UNet with a mask on the proxy split and scores it (the inner loop)."""
+    """Fine-tunes a fresh copy of the base UNet with a mask on the proxy split and scores it (the inner loop).
 
-    def __init__(self, target, proxy, val, config: SearchConfig, progress: Progress | None = None):
+    Images are streamed: the proxy images' latents come from the latent cache in ``cache_dir`` (default: memaudit's
+    cache folder; :mod:`memaudit.latents`), filled at the first evaluation and found by every later one (and by later
+    searches and fine-tunes on the same images); the validation and proxy images' features are computed a batch of
+    ``batch_size`` images at a time.
+    """
+
+    def __init__(self, target, proxy, val, config: SearchConfig, progress: Progress | None = None,
+                 cache_dir: str | os.PathLike | None = None, batch_size: int = 64):
         import copy
 
         from memaudit.features import get_extractor
         from memaudit.mitigate.methods import get_method
 
         self.target, self.proxy, self.val, self.config = target, proxy, val, config
+        self.cache_dir, self.batch_size = cache_dir, batch_size
         self.pristine = copy.deepcopy(target.unet).cpu()
         self.progress = progress or (lambda *_: None)
         # the units are read off the method built in place on target.unet: fresh() replaces that UNet with a copy of
@@ -412,17 +420,36 @@ class MaskEvaluator:
         # the features of the validation and proxy images are computed at the first evaluation (never, when every
         # evaluation comes from the logs)
 
-    @cached_property
-    def val_features(self):
-        return self.extractor((self.val.images + 1) / 2)
+    def _features(self, dataset):
+        import torch
+
+        parts = [self.extractor((x + 1) / 2) for _, x in dataset.batches(self.batch_size)]
+        return torch.cat(parts)
 
     @cached_property
-    def proxy01(self):
-        return (self.proxy.images + 1) / 2
+    def val_features(self):
+        return self._features(self.val)
+
+    @cached_property
+    def proxy_features(self):
+        return self._features(self.proxy)
+
+    @cached_property
+    def latents(self):
+        """The proxy images' VAE posteriors in the latent cache (encoded at the first use if the cache lacks them)."""
+        from memaudit.latents import latents_for
+
+        return latents_for(self.target, self.proxy, self.cache_dir, batch_size=self.batch_size,
+                           progress=lambda done, total: self.progress("latent cache", done, total))
+
+    @property
+    def cache_report(self) -> dict | None:
+        """What the latent cache held and encoded for this search (None when no evaluation ran)."""
+        return self.latents.report if "latents" in self.__dict__ else None
 
     @cached_property
     def proxy_latents(self):
-        return self.target.encode_images(self.proxy.images)[0].cpu()
+        return self.latents.means()
 
     def fresh(self, method: str | None = None):
         """A fresh copy of the base UNet in the target, with ``method`` (default: the searched one) installed."""
@@ -447,7 +474,7 @@ class MaskEvaluator:
         if params:
             train_unet(self.target, self.proxy, TrainConfig(steps=steps, batch_size=cfg.batch_size,
                                                             learning_rate=lr, seed=cfg.seed, log_every=0),
-                       params=params, progress=lambda s, t, _logs: self.progress("step", s, t))
+                       params=params, progress=lambda s, t, _logs: self.progress("step", s, t), latents=self.latents)
         self.target.unet.eval()
         mem, details = self.memorization()
         quality = self.quality()
@@ -480,14 +507,17 @@ class MaskEvaluator:
             from memaudit.metrics.amd import amd_bruteforce
 
             feats = self.extractor(images).numpy()
-            train_feats = self.extractor(self.proxy01).numpy()
-            value = float(amd_bruteforce(feats, train_feats).amd)
+            value = float(amd_bruteforce(feats, self.proxy_features.numpy()).amd)
             return -value, {"amd": value}
         from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt
 
         ext = ExtractionConfig(min_clique=cfg.min_clique)
         per = images.reshape(len(self.proxy), cfg.generations_per_prompt, *images.shape[1:])
-        extracted = sum(analyze_prompt(per[i], ext, self.proxy01, i).extracted for i in range(len(self.proxy)))
+        extracted = 0
+        # each prompt's medoid is compared with its own image only: the proxy images are read a batch at a time
+        for index, x in self.proxy.batches(self.batch_size):
+            for k, i in enumerate(index.tolist()):
+                extracted += analyze_prompt(per[i], ext, (x[k : k + 1] + 1) / 2, 0).extracted
         return float(extracted), {"extracted": int(extracted)}
 
     def quality(self) -> float:
@@ -503,8 +533,13 @@ class MaskEvaluator:
 
 
 def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | None = None, *,
-                    convert_channels: bool = False, progress: Progress | None = None) -> dict:
+                    convert_channels: bool = False, progress: Progress | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> dict:
     """MemControl's bi-level search on ``base`` and ``train``; writes ``out/`` (log, front, plot, chosen mask).
+
+    The proxy images' latents are kept in the latent cache in ``cache_dir`` (default: memaudit's cache folder; see
+    :mod:`memaudit.latents`): encoded once (progress stage ``"latent cache"``), then found by every evaluation, by a
+    rerun of the search and by a fine-tune on the same images. ``latent_cache`` in the result says what it held.
 
     Returns the document also written to ``pareto.json``. Besides the front, the pick and the references, it says
     what the search cost and what it found: ``fine_tunes`` (``total`` = ``mask_evaluations`` + one per name in
@@ -517,10 +552,12 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
 
     from memaudit.data import dataset_for_target
     from memaudit.io import atomic_write_bytes, atomic_write_json
+    from memaudit.latents import latent_cache_root
     from memaudit.target import load_target
 
     config = config or SearchConfig()
     out = check_writable(out, "--out")
+    check_writable(latent_cache_root(cache_dir), "--cache-dir")
     target = load_target(base, device=config.device, dtype="float32")
     dataset, source = dataset_for_target(train, target, convert_channels)
     if len(dataset) < 4:
@@ -530,7 +567,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     n_proxy = max(1, round(config.proxy_fraction * len(rest)))
     proxy = rest.subset(torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:n_proxy].sort().values)
     # copies the base UNet and lists the method's units; nothing is written yet
-    evaluator = MaskEvaluator(target, proxy, val, config, progress)
+    evaluator = MaskEvaluator(target, proxy, val, config, progress, cache_dir=cache_dir)
     check_population(config.population, len(evaluator.units), config.lr_choices,
                      f"{config.method} at {config.granularity} granularity")
     settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base), "train": source,
@@ -585,7 +622,8 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                  "evaluations": len(all_rows), "evaluated_now": evaluated, "history": result.history,
                  "fine_tunes": fine_tunes, "verdict": reference_verdict(front, references),
                  "memorization": config.memorization, "quality": config.quality, "schedule": config.schedule,
-                 "inner_steps_total": sum(row_inner_steps(r, config.inner_steps) for r in all_rows)}
+                 "inner_steps_total": sum(row_inner_steps(r, config.inner_steps) for r in all_rows),
+                 "latent_cache": evaluator.cache_report}
     if screen:
         front_doc["screening"] = {"evaluations": len(result.rows), "steps": config.screen_steps,
                                   "promoted": len(rows), "promote": config.promote,

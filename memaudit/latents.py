@@ -1,0 +1,338 @@
+"""The latent cache: every training image's VAE posterior, encoded once and kept on disk, memory-mapped.
+
+Training a latent diffusion model needs, at every step, a latent drawn from the VAE posterior of each image of the
+batch. Encoding a whole training set in memory does not scale, and encoding it again for every fine-tune, search
+evaluation or baseline on the same data wastes the VAE's time. :func:`latents_for` gives the posteriors of a
+dataset's images from a cache on disk, encoding only the images it does not hold yet.
+
+An *entry* is one image's posterior: its mean and standard deviation, already multiplied by the VAE's scaling
+factor (exactly what :meth:`memaudit.target.Target.encode_images` returns), float32, ``[2, c, h, w]``. Its key is
+the image's key (:meth:`memaudit.data.ImageCaptionDataset.image_keys`: the file's absolute path, size and
+modification time, or a hash of in-memory pixels; the resolution and channels are part of it). Entries live in one
+folder per VAE and device::
+
+    CACHE_DIR/latents/<vae>-<resolution>px-<device>/
+        chunk-<utc time>-<id>.npy     float32 [n, 2, c, h, w]: mean and std of n entries (numpy format, memory-mapped)
+        chunk-<utc time>-<id>.json    the n keys, in row order, and the shape
+
+``<vae>`` is a hash of the VAE's configuration and every tensor of its state dict (names, dtypes, shapes, bytes).
+``<device>`` keeps encodings made on CUDA apart from those made on the CPU: the two differ in the last bits, and a
+run's result should not depend on which machine encoded its data first. Every build appends new chunks and never
+changes an old one, so a subset of a set (a search's proxy split) finds the set's entries, and a changed image, VAE
+or resolution costs only the entries it changes (old ones stay until the folder is deleted; the cache only holds
+what can be rebuilt). A chunk is written to a temporary name, synced, renamed, and only then listed by its JSON, so a
+crash or an unreadable image mid-build leaves no entry half-written: chunks without their JSON are ignored (and the
+temporary file is removed when the build fails in this process). Builds fill chunks of at most ``chunk_bytes``
+(a multiple of the batch size of images), so a build interrupted after some chunks keeps them, and its rerun encodes
+the remaining images in the very batches an uninterrupted build would have used.
+
+Encoding runs over :meth:`~memaudit.data.ImageCaptionDataset.batches` (worker processes decode while the VAE
+encodes) in batches of ``batch_size`` in dataset order. The VAE's result for an image depends in the last bits on
+the batch it was encoded in, so an entry found in the cache may differ by a rounding error from encoding the same
+image in another batch; the first encoding is kept. Training reads entries from the memory maps a batch at a time
+(:meth:`DatasetLatents.sample`): the set is never in memory at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memaudit.errors import ConfigError
+from memaudit.io import atomic_write_json, check_writable, default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHUNK_BYTES", "DatasetLatents", "LatentStore", "latent_cache_root", "latents_for", "vae_hash"]
+
+KIND = "memaudit.latents"
+SCHEMA_VERSION = 1
+SUBDIR = "latents"
+#: the largest chunk a build writes, in bytes (about 8,000 Stable Diffusion images at 512 px)
+CHUNK_BYTES = 1 << 30
+
+#: progress(done, total) in images encoded
+CacheProgress = Callable[[int, int], None]
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def memory_format_of(x: torch.Tensor) -> str:
+    """``channels_last`` when the 4-d tensor ``x`` is laid out so (and not also plainly contiguous), else
+    ``contiguous``."""
+    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "contiguous"
+
+
+def latent_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the latent cache lives: ``CACHE_DIR/latents`` (default :func:`memaudit.io.default_cache_dir`)."""
+    return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / SUBDIR
+
+
+def vae_hash(target) -> str:
+    """A hash of ``target``'s VAE: its configuration, its scaling factor and every tensor of its state dict."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in dict(target.vae.config).items() if not str(k).startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(f"|scaling={float(target.scaling_factor)!r}".encode())
+    for name, tensor in sorted(target.vae.state_dict().items()):
+        t = tensor.detach()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class LatentStore:
+    """The cache folder of one VAE (and resolution and device): its chunks and the index key -> (chunk, row)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None, target):
+        self.target = target
+        self.vae = vae_hash(target)
+        self.resolution = int(target.resolution)
+        self.device = target.device.type
+        self.root = latent_cache_root(cache_dir)
+        self.folder = self.root / f"{self.vae[:16]}-{self.resolution}px-{self.device}"
+        self.chunks: list[Path] = []  # .npy paths, oldest first
+        self.shape: tuple[int, ...] | None = None  # (2, c, h, w) of an entry
+        self.memory_format = "contiguous"  # the VAE's output layout, which latents are handed out in
+        self.index: dict[str, tuple[int, int]] = {}
+        self.refresh()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def refresh(self) -> None:
+        """Read the chunk lists again (another process may have added chunks)."""
+        self.chunks, self.index, self.shape, self.memory_format = [], {}, None, "contiguous"
+        if not self.folder.is_dir():
+            return
+        for doc_path in sorted(self.folder.glob("chunk-*.json")):
+            keys = self._read_chunk(doc_path)
+            if keys is None:
+                continue
+            c = len(self.chunks)
+            self.chunks.append(doc_path.with_suffix(".npy"))
+            for row, key in enumerate(keys):
+                self.index.setdefault(key, (c, row))
+
+    def _read_chunk(self, doc_path: Path) -> list[str] | None:
+        """The keys of a chunk whose JSON and array agree (shape, dtype, size on disk); None for an unusable one."""
+        npy = doc_path.with_suffix(".npy")
+        try:
+            doc = json.loads(doc_path.read_text())
+            keys, shape = list(doc["keys"]), tuple(int(s) for s in doc["shape"])
+            if doc.get("kind") != KIND or doc.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"not a memaudit latent chunk of schema {SCHEMA_VERSION}")
+            with open(npy, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                array_shape, fortran, dtype = read_header(f)
+                data_start = f.tell()
+            size = npy.stat().st_size
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("latent cache: ignoring chunk %s (%s); its images are encoded again", doc_path.name, e)
+            return None
+        expected = (len(keys), *shape)
+        if (tuple(array_shape) != expected or fortran or dtype != np.float32
+                or size != data_start + 4 * math.prod(expected)):
+            logger.warning("latent cache: ignoring chunk %s (its array does not match its key list)", doc_path.name)
+            return None
+        if self.shape is not None and shape != self.shape:
+            logger.warning("latent cache: ignoring chunk %s (entries of shape %s, not %s)", doc_path.name, shape,
+                           self.shape)
+            return None
+        self.shape = shape
+        if doc.get("memory_format") in MEMORY_FORMATS:
+            self.memory_format = doc["memory_format"]
+        return keys
+
+    def build(self, dataset, indices: Sequence[int], *, batch_size: int = 64, workers: int | None = None,
+              progress: CacheProgress | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
+        """Encode the images of ``dataset`` at ``indices`` (in that order, ``batch_size`` at a time) and append
+        them to the cache as chunks; returns the number of chunks written."""
+        indices = list(indices)
+        if not indices:
+            return 0
+        check_writable(self.folder, "--cache-dir")
+        keys = dataset.image_keys()
+        c, h, w = self.target.latent_shape
+        entry_bytes = 2 * c * h * w * 4
+        rows_per_chunk = max(1, chunk_bytes // entry_bytes // batch_size) * batch_size
+        pin = self.target.device.type == "cuda"
+        writer: _ChunkWriter | None = None
+        written, start = 0, 0
+        try:
+            for index, images in dataset.batches(batch_size, indices, workers=workers, pin_memory=pin,
+                                                 progress=progress):
+                mean, std = self.target.encode_images(images, batch_size)
+                self.memory_format = memory_format_of(mean)
+                entries = torch.stack([mean.cpu(), std.cpu()], dim=1).numpy()
+                pos = 0
+                while pos < len(entries):
+                    if writer is None:
+                        rows = min(rows_per_chunk, len(indices) - start)
+                        writer = _ChunkWriter(self.folder, rows, entries.shape[1:], self, self.memory_format)
+                    take = min(writer.free, len(entries) - pos)
+                    writer.put(entries[pos : pos + take], [keys[i] for i in index[pos : pos + take].tolist()])
+                    pos += take
+                    if writer.free == 0:
+                        writer.commit()
+                        written, start, writer = written + 1, start + writer.rows, None
+        finally:
+            if writer is not None:
+                writer.abort()
+        self.refresh()
+        return written
+
+
+class _ChunkWriter:
+    """One chunk being written: a memory-mapped array at a temporary name, renamed and listed when full."""
+
+    def __init__(self, folder: Path, rows: int, entry_shape: tuple[int, ...], store: LatentStore,
+                 memory_format: str):
+        if store.shape is not None and tuple(entry_shape) != store.shape:
+            raise ConfigError(f"the VAE gives latents of shape {tuple(entry_shape)} but the latent cache {folder} "
+                              f"holds {store.shape}; delete that folder to rebuild it.")
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        self.name = f"chunk-{stamp}-{uuid.uuid4().hex[:8]}"
+        self.folder, self.rows, self.entry_shape, self.filled = folder, rows, tuple(entry_shape), 0
+        self.memory_format = memory_format
+        self.tmp = folder / f".{self.name}.npy.tmp"
+        self.npy, self.doc = folder / f"{self.name}.npy", folder / f"{self.name}.json"
+        self.keys: list[str] = []
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(rows, *entry_shape))
+
+    @property
+    def free(self) -> int:
+        return self.rows - self.filled
+
+    def put(self, entries: np.ndarray, keys: list[str]) -> None:
+        self.array[self.filled : self.filled + len(entries)] = entries
+        self.keys.extend(keys)
+        self.filled += len(entries)
+
+    def commit(self) -> None:
+        self.array.flush()
+        del self.array
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.npy)
+        try:
+            atomic_write_json(self.doc, {"kind": KIND, "schema_version": SCHEMA_VERSION, "shape": list(self.entry_shape),
+                                         "memory_format": self.memory_format,
+                                         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                         "keys": self.keys})
+        except BaseException:
+            self.npy.unlink(missing_ok=True)
+            raise
+
+    def abort(self) -> None:
+        if hasattr(self, "array"):
+            del self.array
+        self.tmp.unlink(missing_ok=True)
+
+
+class DatasetLatents:
+    """The cached posteriors of one dataset's images, in dataset order, read from the cache's memory maps."""
+
+    def __init__(self, store: LatentStore, keys: Sequence[str], report: dict):
+        missing = [k for k in keys if k not in store.index]
+        if missing:
+            raise ConfigError(f"the latent cache {store.folder} lacks {len(missing)} of the images; build it with "
+                              "latents_for().")
+        where = [store.index[k] for k in keys]
+        self.chunk_of = np.array([c for c, _ in where], dtype=np.int64)
+        self.row_of = np.array([r for _, r in where], dtype=np.int64)
+        self.chunks = list(store.chunks)
+        self.shape = store.shape or (2, *store.target.latent_shape)
+        self.folder = store.folder
+        self.memory_format = MEMORY_FORMATS[store.memory_format]
+        self.report = report
+        self._maps: dict[int, np.memmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.chunk_of)
+
+    def _map(self, c: int) -> np.ndarray:
+        if c not in self._maps:
+            self._maps[c] = np.load(self.chunks[c], mmap_mode="r")
+        return self._maps[c]
+
+    def entries(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Mean and std of the images at ``indices``: float32 ``[k, 2, c, h, w]``, read from disk now."""
+        idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), *self.shape), dtype=np.float32)
+        chunk, row = self.chunk_of[idx], self.row_of[idx]
+        for c in np.unique(chunk).tolist():
+            sel = np.nonzero(chunk == c)[0]
+            out[sel] = self._map(c)[row[sel]]
+        return torch.from_numpy(out)
+
+    def mean_std(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std ``[k, c, h, w]`` of the images at ``indices``, in the memory layout the VAE gave them (the
+        UNet's convolutions may round differently on another layout)."""
+        e = self.entries(indices)
+        return e[:, 0].contiguous(memory_format=self.memory_format), e[:, 1].contiguous(memory_format=self.memory_format)
+
+    def means(self, indices=None, batch_size: int = 1024) -> torch.Tensor:
+        """The posterior means ``[k, c, h, w]`` of ``indices`` (default: every image), read a batch at a time."""
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        parts = [self.entries(idx[k : k + batch_size])[:, 0].contiguous(memory_format=self.memory_format)
+                 for k in range(0, len(idx), batch_size)]
+        return torch.cat(parts) if parts else torch.empty((0, *self.shape[1:]))
+
+    def sample(self, indices: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Latents drawn from the posteriors of ``indices``: ``mean + std * noise``, the noise from ``generator``."""
+        mean, std = self.mean_std(indices)
+        noise = torch.randn(mean.shape, generator=generator)
+        return mean + std * noise
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
+def latents_for(target, dataset, cache_dir: str | os.PathLike | None = None, *, batch_size: int = 64,
+                workers: int | None = None, progress: CacheProgress | None = None,
+                chunk_bytes: int = CHUNK_BYTES) -> DatasetLatents:
+    """The VAE posteriors of every image of ``dataset``, from the latent cache in ``cache_dir`` (default
+    :func:`memaudit.io.default_cache_dir`), encoding (and caching) those it lacks; ``progress(done, total)`` counts
+    the images encoded. The result's ``report`` says what was found and what was encoded now, and where."""
+    if dataset.channels != target.image_channels:
+        raise ConfigError(f"the training images have {dataset.channels} channel(s) but the model makes "
+                          f"{target.image_channels}; load the data with channels={target.image_channels}.")
+    if dataset.resolution != target.resolution:
+        raise ConfigError(f"the training images are {dataset.resolution} px but the model makes "
+                          f"{target.resolution} px; load the data at resolution={target.resolution}.")
+    started = time.perf_counter()
+    store = LatentStore(cache_dir, target)
+    keys = dataset.image_keys()
+    todo, queued = [], set()
+    for i, key in enumerate(keys):
+        if key not in store.index and key not in queued:
+            todo.append(i)
+            queued.add(key)
+    found = sum(1 for k in keys if k in store.index)
+    chunks = 0
+    if todo:
+        logger.info("latent cache %s: encoding %d of %d images", store.folder, len(todo), len(keys))
+        chunks = store.build(dataset, todo, batch_size=batch_size, workers=workers, progress=progress,
+                             chunk_bytes=chunk_bytes)
+    status = "reused" if not todo else ("built" if found == 0 else "updated")
+    report = {"status": status, "path": str(store.folder), "images": len(keys), "found": found,
+              "encoded": len(todo), "chunks_written": chunks, "vae_sha256": store.vae,
+              "resolution": store.resolution, "device": store.device,
+              "wall_time_s": round(time.perf_counter() - started, 3)}
+    logger.info("latent cache %s: %s (%d found, %d encoded)", store.folder, status, found, len(todo))
+    return DatasetLatents(store, keys, report)
