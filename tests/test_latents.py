@@ -189,3 +189,9 @@ def test_a_damaged_chunk_is_ignored_and_its_images_encoded_again(tmp_path, targe
     assert torch.equal(again.entries(range(8)), first)
     doc = next(latent_cache_root(tmp_path).rglob("chunk-*.json"))
     assert json.loads(doc.read_text())["kind"] == "memaudit.latents"
+
+
+def test_encode_batches_shrink_with_the_resolution():
+    from memaudit.latents import encode_batch_size
+
+    assert [encode_batch_size(r) for r in (16, 32, 128, 256, 512, 1024, 4096)] == [64, 64, 64, 16, 4, 1, 1]

@@ -439,7 +439,7 @@ class MaskEvaluator:
         """The proxy images' VAE posteriors in the latent cache (encoded at the first use if the cache lacks them)."""
         from memaudit.latents import latents_for
 
-        return latents_for(self.target, self.proxy, self.cache_dir, batch_size=self.batch_size,
+        return latents_for(self.target, self.proxy, self.cache_dir,
                            progress=lambda done, total: self.progress("latent cache", done, total))
 
     @property
