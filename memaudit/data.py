@@ -42,14 +42,38 @@ from memaudit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "default_workers", "from_arrays", "load_dataset",
-           "native_channels"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "default_workers", "from_arrays", "large_buffers_from_mmap",
+           "load_dataset", "native_channels"]
 
 #: File extensions (lower case) treated as images in a folder of images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
 _CAPTION_FILES = ("captions.csv", "captions.jsonl")
 _MAX_LISTED = 5
+
+
+def large_buffers_from_mmap() -> None:
+    """Make glibc serve every block of 1 MiB or more with mmap, so it goes back to the system when freed.
+
+    By default glibc raises its mmap threshold each time a large block is freed; after that, each batch's multi-MB
+    pixel buffers come from the heap, which fragments, and the resident memory of a pass over the training set grows
+    with the number of batches read. Measured on a 4,000-image pass at 512 px: about 100 KB more peak RSS per image
+    (2,124 MB at the end against 1,703 MB with the threshold fixed), while the index itself takes 15 KB per image.
+    Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``) keeps the pass flat. Elsewhere than glibc: nothing to do.
+    """
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED:
+        return
+    _MALLOC_FIXED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+_MALLOC_FIXED = False
 
 
 def default_workers() -> int:
@@ -170,6 +194,7 @@ class ImageCaptionDataset:
         consumer. ``progress(done, total)`` after each batch. Only a few batches are in memory at once."""
         if batch_size < 1:
             raise DataError(f"batch size must be at least 1 (got {batch_size}).")
+        large_buffers_from_mmap()
         idx = self._indices(range(len(self)) if indices is None else indices)
         total, done = len(idx), 0
         chunks = [idx[k : k + batch_size] for k in range(0, total, batch_size)]
@@ -294,6 +319,7 @@ def _raise_failure(batch):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # a decoding worker must not compete with the caller's threads
+    large_buffers_from_mmap()
 
 
 # --------------------------------------------------------------------------------------------------------------
