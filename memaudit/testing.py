@@ -33,3 +33,19 @@ def save_tiny_pipeline(path: str | os.PathLike, **kwargs) -> Path:
     pipe = tiny_pipeline(**kwargs)
     pipe.save_pretrained(path, safe_serialization=True)
     return Path(path)
+
+
+def save_image_folder(dataset, path: str | os.PathLike) -> Path:
+    """An in-memory dataset written as a folder of PNGs with a ``captions.csv`` (as a user passes it to ``--train``);
+    returns the folder, created with its parents."""
+    import csv
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "caption"])
+        for i in range(len(dataset)):
+            dataset.to_pil(i).save(path / f"{i}.png")
+            writer.writerow([f"{i}.png", dataset.captions[i]])
+    return path

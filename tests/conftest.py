@@ -78,10 +78,6 @@ def make_dataset():
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, tiny_dataset):
     """The tiny dataset as a folder of PNGs with captions.csv, as a user passes it to --train (do not modify it)."""
-    data = tmp_path_factory.mktemp("data")
-    lines = ["file,caption"]
-    for i in range(len(tiny_dataset)):
-        tiny_dataset.to_pil(i).save(data / f"{i}.png")
-        lines.append(f"{i}.png,{tiny_dataset.captions[i]}")
-    (data / "captions.csv").write_text("\n".join(lines) + "\n")
-    return data
+    from memaudit.testing import save_image_folder
+
+    return save_image_folder(tiny_dataset, tmp_path_factory.mktemp("data"))

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from memaudit.errors import ConfigError, DataError
 from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune, partial_dir
 from memaudit.target import Target, load_target
+from memaudit.testing import save_image_folder
 
 
 class Crash(Exception):
@@ -172,14 +173,7 @@ def test_a_mask_that_does_not_fit_stops_before_writing(tmp_path, tiny_dir_eps, t
 
 # -- the latent cache ---------------------------------------------------------------------------------------------
 def _png_folder(path, dataset):
-    """``dataset`` (in memory) written as PNGs with a captions.csv; returns the folder."""
-    path.mkdir(parents=True)
-    lines = ["file,caption"]
-    for i in range(len(dataset)):
-        dataset.to_pil(i).save(path / f"{i}.png")
-        lines.append(f"{i}.png,{dataset.captions[i]}")
-    (path / "captions.csv").write_text("\n".join(lines) + "\n")
-    return path
+    return save_image_folder(dataset, path)
 
 
 def _count_encodes(monkeypatch) -> list[int]:

@@ -16,19 +16,13 @@ from memaudit.data import load_dataset
 from memaudit.errors import DataError
 from memaudit.latents import latent_cache_root, latents_for
 from memaudit.target import load_target
+from memaudit.testing import save_image_folder
 
 ENTRY_BYTES = 2 * 4 * 8 * 8 * 4  # mean and std of a 4x8x8 float32 latent: one entry of the tiny model
 
 
 def png_folder(path, dataset):
-    """``dataset`` (in memory) written as PNGs with a captions.csv; returns the folder."""
-    path.mkdir(parents=True)
-    lines = ["file,caption"]
-    for i in range(len(dataset)):
-        dataset.to_pil(i).save(path / f"{i}.png")
-        lines.append(f"{i}.png,{dataset.captions[i]}")
-    (path / "captions.csv").write_text("\n".join(lines) + "\n")
-    return path
+    return save_image_folder(dataset, path)
 
 
 def count_encodes(target) -> list[int]:

@@ -9,6 +9,7 @@ from memaudit.data import ImageCaptionDataset, load_dataset
 from memaudit.errors import ConfigError
 from memaudit.latents import DatasetLatents
 from memaudit.target import Target, load_target
+from memaudit.testing import save_image_folder
 from memaudit.train import (
     TrainConfig,
     TrainHook,
@@ -185,14 +186,7 @@ def test_hooks_see_caption_dropout(fresh, tiny_dataset):
 
 
 def _png_folder(path, dataset):
-    """``dataset`` (in memory) written as PNGs with a captions.csv; returns the folder."""
-    path.mkdir(parents=True)
-    lines = ["file,caption"]
-    for i in range(len(dataset)):
-        dataset.to_pil(i).save(path / f"{i}.png")
-        lines.append(f"{i}.png,{dataset.captions[i]}")
-    (path / "captions.csv").write_text("\n".join(lines) + "\n")
-    return path
+    return save_image_folder(dataset, path)
 
 
 def test_training_from_a_folder_streams_and_ends_where_the_same_pixels_in_memory_end(fresh, make_dataset, tmp_path,
