@@ -715,6 +715,17 @@ def _list_some(items: Sequence[str]) -> str:
     return f"{shown} (and {rest} more)" if rest > 0 else shown
 
 
+def mismatch(dataset: ImageCaptionDataset, target) -> str | None:
+    """What keeps ``dataset``'s images from being ``target``'s (channels, resolution), as a message; None if nothing."""
+    if dataset.channels != target.image_channels:
+        return (f"the training set has {dataset.channels}-channel images but the model generates "
+                f"{target.image_channels}-channel images; load the data with channels={target.image_channels}.")
+    if dataset.resolution != target.resolution:
+        return (f"the training images are {dataset.resolution} px but the model generates {target.resolution} px; "
+                f"load the data at resolution={target.resolution}.")
+    return None
+
+
 def dataset_for_target(train, target, convert_channels: bool = False) -> tuple[ImageCaptionDataset, str]:
     """``train`` (a dataset, or a folder/captions file) checked against or loaded for ``target``'s images.
 
@@ -722,12 +733,9 @@ def dataset_for_target(train, target, convert_channels: bool = False) -> tuple[I
     model's is an error unless ``convert_channels``.
     """
     if isinstance(train, ImageCaptionDataset):
-        if train.channels != target.image_channels:
-            raise DataError(f"the training set has {train.channels}-channel images but the model generates "
-                            f"{target.image_channels}-channel images; convert the training images first.")
-        if train.resolution != target.resolution:
-            raise DataError(f"the training images are {train.resolution} px but the model generates "
-                            f"{target.resolution} px; load them at the model's resolution.")
+        problem = mismatch(train, target)
+        if problem:
+            raise DataError(problem)
         return train, train.source or "in-memory dataset"
     channels = native_channels(train)
     if channels != target.image_channels and not convert_channels:

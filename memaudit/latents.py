@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memaudit.data import mismatch
 from memaudit.errors import ConfigError
 from memaudit.io import atomic_write_json, check_writable, default_cache_dir
 
@@ -318,12 +319,9 @@ def latents_for(target, dataset, cache_dir: str | os.PathLike | None = None, *, 
     :func:`encode_batch_size`); ``progress(done, total)`` counts the images encoded. The result's ``report`` says
     what was found and what was encoded now, and where."""
     batch_size = batch_size or encode_batch_size(target.resolution)
-    if dataset.channels != target.image_channels:
-        raise ConfigError(f"the training images have {dataset.channels} channel(s) but the model makes "
-                          f"{target.image_channels}; load the data with channels={target.image_channels}.")
-    if dataset.resolution != target.resolution:
-        raise ConfigError(f"the training images are {dataset.resolution} px but the model makes "
-                          f"{target.resolution} px; load the data at resolution={target.resolution}.")
+    problem = mismatch(dataset, target)
+    if problem:
+        raise ConfigError(problem)
     started = time.perf_counter()
     store = LatentStore(cache_dir, target)
     keys = dataset.image_keys()
