@@ -19,7 +19,8 @@ part in this order):
 ``finetune``
     ``memaudit finetune`` of the same pipeline with an on-disk latent cache (``--cache-dir``): a 1-step run that
     builds the cache (shown as "cache build"), then the measured ``--finetune-steps`` run (batch 4) that reads it,
-    each in a fresh process, measured as above. Target: peak RSS at the largest size within 1.25x of the smallest.
+    each in a fresh process, measured as above. The sizes share one cache folder and run in increasing order, so a
+    size's build encodes only the images the smaller sizes did not (as a search's proxy split reuses its set's). Target: peak RSS at the largest size within 1.25x of the smallest.
     Skipped, with a line saying so, when ``memaudit finetune --help`` lists no ``--cache-dir``.
 ``throughput``
     Feature extraction from disk against in memory, same extractor, same images (the first ``--throughput-images``):
@@ -573,7 +574,9 @@ def finetune_has_cache_dir() -> bool:
 def part_finetune(ctx: Context) -> dict[str, Any]:
     args = ctx.args
     settings = {"sizes": args.sizes, "steps": args.finetune_steps, "batch_size": FINETUNE_BATCH,
-                "threads": args.threads, "seed": "memaudit's default (0)"}
+                "threads": args.threads, "seed": "memaudit's default (0)",
+                "cache": "one --cache-dir shared by the sizes, built in increasing order (each size's 1-step run "
+                         "encodes the images the smaller sizes did not)"}
     if not finetune_has_cache_dir():
         msg = ("skipped: `memaudit finetune --help` lists no --cache-dir (the on-disk latent cache is not there "
                "yet); without it the fine-tune holds every training image in memory")
@@ -582,11 +585,15 @@ def part_finetune(ctx: Context) -> dict[str, Any]:
         return {"settings": settings, "skipped": msg, "markdown": msg}
     pipe = ctx.pipeline
     runs, builds = {}, {}
-    for n in args.sizes:
+    # One cache for every size, as a search's proxy split shares its set's: the sizes run in increasing order, so each
+    # size's 1-step build encodes only the images the smaller sizes did not (the folders share their first images).
+    latents = ctx.work / "runs" / "finetune-latents"
+    _fresh(latents)
+    for n in sorted(args.sizes):
         base = ctx.work / "runs" / f"finetune-{n}"
         _fresh(base)
         common_cli = ["finetune", str(pipe), "--train", str(captions_file(ctx.data, n)), "--batch-size",
-                      str(FINETUNE_BATCH), "--device", "cpu", "--cache-dir", str(base / "latents")]
+                      str(FINETUNE_BATCH), "--device", "cpu", "--cache-dir", str(latents)]
         builds[n] = measure(f"finetune-{n}-cache-build", [*common_cli, "--steps", "1", "--out", str(base / "build")],
                             ctx.work, args.threads, args.rss_limit_mb)
         runs[n] = measure(f"finetune-{n}", [*common_cli, "--steps", str(args.finetune_steps), "--out",

@@ -73,6 +73,8 @@ class AuditConfig:
                                   "$MEMAUDIT_CACHE_DIR, else ~/.cache/memaudit)", default=None)
     device: str = _help("auto, cpu or cuda", default="auto")
     dtype: str = _help("float32, float16 or bfloat16", default="float32")
+    loras: list = _help("LoRA adapters applied to the model before the audit: [[path, scale], ...]",
+                        default_factory=list)
     mitigation: str = _help("inference-time mitigation during sampling: none, rwa (random words in every prompt) or "
                             "threshold (prompt-embedding optimization before sampling)", default="none")
     rwa_words: int = _help("rwa: random tokens inserted in every prompt", default=2)
@@ -230,7 +232,8 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     # prompt files need no model: a mistake in them stops before it loads
     given_prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else None
     given_reference = read_prompts(reference_prompts) if isinstance(reference_prompts, (str, Path)) else None
-    target = model if isinstance(model, Target) else load_target(model, device=config.device, dtype=config.dtype)
+    target = model if isinstance(model, Target) else load_target(model, device=config.device, dtype=config.dtype,
+                                                                 loras=config.loras)
     dataset, train_source = dataset_for_target(train, target, convert_channels)
     held, heldout_source = dataset_for_target(heldout, target, convert_channels) if heldout is not None else (None, None)
     if given_prompts is not None:
@@ -252,6 +255,10 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     if config.mitigation == "threshold" and config.mitigation_target == "auto" and not reference:
         raise ConfigError("--mitigation threshold with an auto target needs reference prompts (--reference-prompts or "
                           "--heldout), or give a number with --mitigation-target.")
+    if config.mitigation == "threshold" and target.family.black_box:
+        raise ConfigError(f"--mitigation threshold optimizes the prompt embedding against the denoiser, which memaudit "
+                          f"cannot read in a {type(target.pipe).__name__} ({target.family.title}); use --mitigation "
+                          "rwa or none.")
     if config.calibrate_edge and not reference:
         raise ConfigError("calibrating the edge threshold needs reference prompts known not to be memorized.")
     extractor = get_extractor(config.features, device=str(target.device), **config.feature_options)
@@ -276,7 +283,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         index, lookup = _training_indexes(dataset, extractor, config, cache_dir, str(target.device), progress)
 
         sampler = Sampler(target, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
-                          seed=config.seed)
+                          seed=config.seed, score_window=score_window(config, target))
         mitigation, mitigation_info = _mitigation(config, target, sampler, reference, progress)
 
         # -- reference prompts: calibrate the edge threshold and the denoising threshold ----------------------
@@ -365,23 +372,24 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         from memaudit.metrics.detection import calibrate_threshold, summarize
 
         all_norms = torch.cat(norms)
-        scores = prompt_scores(all_norms, torch.cat(p_idx), len(prompt_list), window=config.denoising_window,
+        scores = prompt_scores(all_norms, torch.cat(p_idx), len(prompt_list), window=score_window(config, target),
                                generation=torch.cat(g_idx), max_generations=config.denoising_generations)
         threshold = flagged_by_threshold = None
-        if reference:
+        scored = not target.family.black_box  # a black box has no denoiser memaudit can read: no scores
+        if reference and scored:
             ref_scores = prompt_scores(torch.cat(ref_norms), torch.cat(ref_idx), len(reference),
-                                       window=config.denoising_window, generation=torch.cat(ref_gen),
+                                       window=score_window(config, target), generation=torch.cat(ref_gen),
                                        max_generations=config.denoising_generations)
             threshold = float(calibrate_threshold(ref_scores, fpr=config.fpr))
             flagged_by_threshold = int((scores > threshold).sum())
         labels = np.array([int(verdicts[i].extracted) for i in range(len(prompt_list))])
         det_scores, label_source = scores, "extraction attack verdicts (extracted = memorized)"
-        if reference:
+        if reference and scored:
             det_scores = np.concatenate([scores, ref_scores])
             labels = np.concatenate([labels, np.zeros(len(reference), dtype=int)])
             label_source += "; reference prompts as non-memorized"
         detection = None
-        if 0 < labels.sum() < len(labels):
+        if scored and 0 < labels.sum() < len(labels):
             s = summarize(det_scores, labels)
             detection = {"auc": s.auc, "tpr_at_1pct": s.tpr_at_1pct, "tpr_at_01pct": s.tpr_at_01pct, "n_pos": s.n_pos,
                          "n_neg": s.n_neg, "fpr": list(map(float, s.fpr)), "tpr": list(map(float, s.tpr)),
@@ -425,8 +433,11 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 if not (tmp / train_rel).exists():
                     image = dataset.read([v.nearest_train_index])  # that image only, [-1, 1]
                     atomic_write_bytes(tmp / train_rel, png_bytes((image[0] + 1) / 2, tile=tile_px))
-                    drawn = (target.round_trip(image).float().cpu()[0] + 1) / 2
-                    atomic_write_bytes(tmp / roundtrip_rel, png_bytes(drawn, tile=tile_px))
+                    if target.family.black_box:  # no VAE memaudit can drive
+                        roundtrip_rel = None
+                    else:
+                        drawn = (target.round_trip(image).float().cpu()[0] + 1) / 2
+                        atomic_write_bytes(tmp / roundtrip_rel, png_bytes(drawn, tile=tile_px))
             if v.extracted and v.nearest_train_index is not None:
                 extracted_images.add(v.nearest_train_index)
             prompt_rows.append({
@@ -443,10 +454,13 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         results = {
             "kind": "memaudit.audit", "schema_version": 1,
             "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "model": str(getattr(target, "path", "") or model), "train": train_source, "prompts_source": prompts_source,
+            "model": str(getattr(target, "path", "") or model), "family": target.family.name,
+            "adapters": list(target.loras), "train": train_source, "prompts_source": prompts_source,
             "heldout": heldout_source,
             "machine": _machine(target.device),
             "settings": {**config.to_dict(), "edge_threshold_used": ext_cfg.edge_threshold,
+                         "denoising_window_used": list(score_window(config, target)),
+                         "denoising_extra_calls": sampler.extra_calls,
                          "reference_prompts": len(reference)},
             "seeds": {"seed": config.seed, "image_seed": IMAGE_SEED_FORMULA,
                       "reference_seed": reference_seed(config) if reference else None},
@@ -462,13 +476,14 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 "denoising_mean": float(np.nanmean(scores)), "denoising_threshold": threshold,
                 "denoising_threshold_fpr": config.fpr if threshold is not None else None,
                 "denoising_flagged": flagged_by_threshold, "detection": detection,
+                "denoising_note": denoising_note(target, sampler.extra_calls, score_window(config, target)),
                 "quality": quality, "alignment": alignment, "mitigation": mitigation_info,
                 "wall_time_s": time.perf_counter() - started, "sampling_time_s": sampling_time,
             },
             "prompts": prompt_rows,
             "images": image_rows,
-            "reference_prompts": [{"prompt": p, "denoising_score": float(v)}
-                                  for p, v in zip(reference, ref_scores if reference else [])],
+            "reference_prompts": [{"prompt": p, "denoising_score": float(v)} for p, v in
+                                  zip(reference, ref_scores if reference and scored else [float("nan")] * len(reference))],
         }
         write_results(tmp, results)
         write_report(tmp / "results.json", redact=config.redact)
@@ -546,6 +561,7 @@ def _mitigation(config: AuditConfig, target, sampler, reference: list[str], prog
     if config.mitigation == "threshold":
         from memaudit.baselines.threshold import EmbeddingMitigation
 
+
         norm_target, source = config.mitigation_target, "given"
         if norm_target == "auto":
             progress("mitigation target", 0, 1)
@@ -578,6 +594,33 @@ def _quality(real: torch.Tensor, fake: torch.Tensor, name: str, config: AuditCon
     return {"kid": kid, "kid_std": kid_std, "fid": fid, "n_real": len(real), "n_fake": len(fake),
             "feature_extractor": name, "recommended": recommended, "note": note,
             "compared": f"generations for the held-out captions against the held-out images ({source})"}
+
+
+def denoising_note(target, extra_calls: int, window: tuple) -> str | None:
+    """What the report says about how (or whether) the denoising strength was measured, for models that are not
+    plain classifier-free-guided ones."""
+    cls = type(target.pipe).__name__
+    if target.family.black_box:
+        return (f"No denoising strength: {cls} is audited as a black box (images only); memaudit reads the "
+                f"conditional and unconditional predictions only of the families it knows, so the extraction attack "
+                f"and AMD are the whole audit.")
+    if extra_calls:
+        steps = "the first step" if tuple(window) == (0, 1) else f"steps {window[0]} to {window[1]}"
+        why = ("makes no unconditional prediction (guidance-distilled)" if not target.family.classifier_free_guidance
+               else "sampled without classifier-free guidance (guidance <= 1)")
+        return (f"{cls} {why}: the denoising strength cost one extra denoiser call per image at {steps} "
+                f"({extra_calls} calls in all).")
+    return None
+
+
+def score_window(config: AuditConfig, target) -> tuple[int, int | None]:
+    """The steps the denoising score averages over. A model that makes no unconditional prediction (Flux dev)
+    pays one extra denoiser call per image at every scored step, so there the default window (all steps) becomes
+    the first step only: the score that detects best (RESULTS section 9) at the least cost."""
+    window = tuple(config.denoising_window)
+    if not target.family.classifier_free_guidance and window == (0, None):
+        return (0, 1)
+    return window
 
 
 def versions() -> dict:

@@ -28,6 +28,11 @@ app = typer.Typer(
 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda")]
 OutDir = Annotated[Path, typer.Option("--out", help="folder for results (created; files written atomically)")]
+Lora = Annotated[list[Path], typer.Option(
+    "--lora", help="LoRA adapter applied to the model (a .safetensors file or its folder, as diffusers' "
+                   "load_lora_weights reads it); repeatable")]
+LoraScale = Annotated[list[float], typer.Option(
+    "--lora-scale", help="weight of each --lora (one value for all, or one per --lora; default 1.0)")]
 Redact = Annotated[bool, typer.Option("--redact", help="leave every training-image pixel out of the outputs")]
 Seed = Annotated[int, typer.Option("--seed", help="seed of every random draw")]
 Threads = Annotated[int | None, typer.Option(
@@ -86,30 +91,45 @@ def info(
     model: Annotated[str, typer.Argument(help="diffusers pipeline folder (or a hub id already in the local cache)")],
     device: Device = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
+    lora: Lora = [],  # noqa: B006
+    lora_scale: LoraScale = [],  # noqa: B006
 ) -> None:
-    """Load a Stable-Diffusion-family checkpoint and print what memaudit sees in it."""
+    """Load a checkpoint of any supported family (with LoRA adapters) and print what memaudit sees in it."""
     from rich.table import Table
 
     from memaudit.models import count_parameters
     from memaudit.target import load_target
 
     _quiet_loading()
-    target = load_target(model, device=device, dtype=dtype)
+    target = load_target(model, device=device, dtype=dtype, loras=_loras(lora, lora_scale))
     table = Table(title=f"{model}", show_header=False)
     rows = [
+        ("family", f"{target.family.title} ({type(target.pipe).__name__})"),
         ("prediction type", target.prediction_type),
         ("scheduler", type(target.scheduler).__name__),
         ("resolution", f"{target.resolution} px, {target.image_channels} channel(s)"),
         ("latents", "x".join(map(str, target.latent_shape))),
-        ("UNet parameters", f"{count_parameters(target.unet):,}"),
-        ("text encoder parameters", f"{count_parameters(target.text_encoder):,}"),
+        ("denoiser parameters", f"{count_parameters(target.denoiser):,} ({type(target.denoiser).__name__})"),
+        ("text encoder parameters", ", ".join(f"{count_parameters(m):,}" for m in target.text_encoders)),
         ("VAE parameters", f"{count_parameters(target.vae):,}"),
         ("tokenizer", f"{len(target.tokenizer):,} tokens, {target.tokenizer.model_max_length} max"),
         ("device / dtype", f"{target.device} / {str(target.dtype).replace('torch.', '')}"),
+        *[("LoRA", f"{a['path']} (scale {a['scale']:g}, sha256 {a['sha256'][:12]})") for a in target.loras],
     ]
     for k, v in rows:
         table.add_row(k, v)
     _console().print(table)
+
+
+def _loras(paths: list[Path], scales: list[float]) -> list[list]:
+    """``--lora``/``--lora-scale`` pairs: one scale for every adapter, or one per adapter."""
+    if scales and not paths:
+        raise _user_error("--lora-scale was given without --lora.")
+    if len(scales) > 1 and len(scales) != len(paths):
+        raise _user_error(f"{len(scales)} --lora-scale values for {len(paths)} --lora adapters; give one value for "
+                          "all or one per adapter.")
+    scales = scales * len(paths) if len(scales) == 1 else (scales or [1.0] * len(paths))
+    return [[str(p), float(s)] for p, s in zip(paths, scales)]
 
 
 def _clock(seconds: float) -> str:
@@ -296,6 +316,8 @@ def audit(
     fpr: Annotated[float, typer.Option(help="false-positive rate of the calibrated denoising threshold")] = 0.01,
     convert_channels: Annotated[bool, typer.Option(help="convert training images to the model's channels")] = False,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16")] = "float32",
+    lora: Lora = [],  # noqa: B006
+    lora_scale: LoraScale = [],  # noqa: B006
     seed: Seed = 0,
     device: Device = "auto",
     out: OutDir = Path("memaudit-audit"),
@@ -315,7 +337,7 @@ def audit(
                          edge_threshold=edge_threshold, min_clique=min_clique, delta=delta,
                          calibrate_edge=calibrate_edge, fpr=fpr, redact=redact, device=device, dtype=dtype,
                          mitigation=mitigation, rwa_words=rwa_words, mitigation_target=mitigation_target,
-                         quality_features=quality_features, alignment=alignment,
+                         quality_features=quality_features, alignment=alignment, loras=_loras(lora, lora_scale),
                          cache_dir=str(cache_dir) if cache_dir is not None else None)
     _quiet_loading()
     results = _run_with_progress(run_audit, model=model, train=train, out=out, prompts=prompts,
@@ -348,6 +370,8 @@ def finetune(
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
         help="where training latents are cached for later fine-tunes")] = None,
+    lora: Lora = [],  # noqa: B006
+    lora_scale: LoraScale = [],  # noqa: B006
     threads: Threads = None,
 ) -> None:
     """Fine-tune BASE on --train data, optionally with a training-time mitigation; resumes after a crash."""
@@ -365,7 +389,7 @@ def finetune(
     config = FinetuneConfig(method=method, granularity=granularity, mask=bits, mitigation=mitigation, steps=steps,
                             learning_rate=lr, batch_size=batch_size,
                             seed=seed, rwa_words=rwa_words, rwa_probability=rwa_probability, threshold=threshold,
-                            checkpoint_every=checkpoint_every, save_dtype=save_dtype)
+                            checkpoint_every=checkpoint_every, save_dtype=save_dtype, loras=_loras(lora, lora_scale))
     _quiet_loading()
     with _progress(lambda: _finetune_kept(out)) as bar:
         tasks: dict[str, int] = {}  # each stage's bar starts with its first event, so its time estimate is its own
@@ -471,6 +495,8 @@ def mitigate_search(
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
         help="where training latents are cached for later fine-tunes")] = None,
+    lora: Lora = [],  # noqa: B006
+    lora_scale: LoraScale = [],  # noqa: B006
     threads: Threads = None,
 ) -> None:
     """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash."""
@@ -483,7 +509,8 @@ def mitigate_search(
                           proxy_fraction=proxy_fraction, memorization=memorization,
                           quality=quality, quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
                           max_trainable_percent=max_trainable_percent, batch_size=batch_size, seed=seed, device=device,
-                          preference=_floats(preference, "--preference") if preference else None)
+                          preference=_floats(preference, "--preference") if preference else None,
+                          loras=_loras(lora, lora_scale))
     _quiet_loading()
     doc = _run_with_progress(run_mask_search, kept=lambda: _search_kept(out), base=base, train=train, out=out,
                              config=config, convert_channels=convert_channels, cache_dir=cache_dir)
@@ -557,6 +584,8 @@ def mitigate_finetune(
     cache_dir: Annotated[Path | None, typer.Option(
         "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
         help="where training latents are cached for later fine-tunes")] = None,
+    lora: Lora = [],  # noqa: B006
+    lora_scale: LoraScale = [],  # noqa: B006
     threads: Threads = None,
 ) -> None:
     """Fine-tune BASE on the full data with a searched mask (stage 2); resumable like memaudit finetune."""
@@ -574,7 +603,7 @@ def mitigate_finetune(
 
         settings = finetune_with_mask(base, train, mask, out, steps=steps, batch_size=batch_size, seed=seed,
                                       mitigation=mitigation, device=device, convert_channels=convert_channels,
-                                      overwrite=overwrite, cache_dir=cache_dir,
+                                      overwrite=overwrite, cache_dir=cache_dir, loras=_loras(lora, lora_scale),
                                       progress=lambda s, t, _logs: stage("fine-tuning", s, t),
                                       cache_progress=lambda d, t: stage("latent cache", d, t))
     cache = settings.get("latent_cache")

@@ -31,6 +31,7 @@ from memaudit.io import check_writable
 
 logger = logging.getLogger(__name__)
 
+LORA_DIR = "lora"  # --method lora: the adapter in diffusers' LoRA format (pipe.load_lora_weights(OUT/lora))
 SETTINGS_FILE = "memaudit_finetune.json"
 MITIGATIONS = ("none", "rwa", "threshold")
 ADAPTER_DIR = "adapter"
@@ -65,6 +66,7 @@ class FinetuneConfig:
                                    "(the batch's top decile)", default="auto")
     threshold_quantile: float = _help("threshold: the batch quantile of 'auto'", default=0.9)
     save_dtype: str = _help("dtype of the saved UNet and VAE (the text encoder stays float32)", default="float32")
+    loras: list = _help("LoRA adapters fused into the base before training: [[path, scale], ...]", default_factory=list)
 
     def __post_init__(self):
         from memaudit.baselines.rwa import check_settings as check_rwa
@@ -173,7 +175,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     if out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file() and not overwrite:
         raise ConfigError(f"--out {out} exists and is not a memaudit fine-tune; pass an empty or new folder.")
 
-    target = load_target(base, device=device, dtype="float32")
+    target = load_target(base, device=device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
     data_key = dataset.content_key(captions=True)  # the files' paths, sizes and times (or pixels) and the captions
     identity = _identity(base, source, config, data_key)
@@ -244,6 +246,9 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
             save_adapter(method, tmp / ADAPTER_DIR, base=identity["base"], mask=config.mask, learning_rate=config.learning_rate,
                          steps=result.steps, seed=config.seed, extra={"mitigation": config.mitigation})
             settings["adapter"] = ADAPTER_DIR
+        if config.method == "lora":
+            save_diffusers_lora(target, tmp / LORA_DIR)
+            settings["diffusers_lora"] = LORA_DIR
         method.merge()
         target.save(tmp / "pipeline", dtype=save_dtype)
         for item in list((tmp / "pipeline").iterdir()):
@@ -257,6 +262,19 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
 
 class _Untrained:
     steps, final_loss, losses, skipped_steps, stats = 0, None, [], 0, {}
+
+
+def save_diffusers_lora(target, folder: Path) -> Path:
+    """The LoRA trained on the target's denoiser (before it is merged), written in diffusers' LoRA format by the
+    family's own pipeline class, so ``pipe.load_lora_weights(folder)`` applies it without memaudit."""
+    from peft import get_peft_model_state_dict
+
+    from memaudit.mitigate.methods.lora import ADAPTER_NAME
+
+    layers = get_peft_model_state_dict(target.denoiser, adapter_name=ADAPTER_NAME)
+    kind = "unet" if target.family.denoiser_name == "unet" else "transformer"
+    type(target.pipe).save_lora_weights(str(folder), **{f"{kind}_lora_layers": layers}, safe_serialization=True)
+    return folder
 
 
 def _no_pipeline(target, path: Path) -> None:

@@ -34,7 +34,7 @@ results.json, schema version 1
        "feature_extractor": str, "amd": float | null,
        "reference_amd": float | null (optional: AMD of the reference prompts' generations),
        "denoising_mean": float, "denoising_threshold": float | null, "denoising_threshold_fpr": float | null,
-       "denoising_flagged": int | null,
+       "denoising_flagged": int | null, "denoising_note": str | null (how the score was measured, or why not),
        "detection": null | {"auc": float, "tpr_at_1pct": float, "tpr_at_01pct": float, "n_pos": int, "n_neg": int,
                             "fpr": [float], "tpr": [float], "label_source": str},
        "quality": {...} | null, "alignment": {...} | null, "mitigation": {"kind": "rwa" | "threshold", ...} | null
@@ -827,6 +827,8 @@ def _summary(results: dict) -> list[str]:
     note = detection_note(results)
     if note:
         out.append(f'<p class="explain">{_esc(note)}</p>')
+    if s.get("denoising_note"):
+        out.append(f'<p class="explain">{_esc(s["denoising_note"])}</p>')
     if s.get("denoising_threshold") is None and _reference_count(results) == 0:
         out.append('<p class="explain">No denoising threshold: it is calibrated on reference prompts known not to be '
                    "memorized, and this audit had none; pass --reference-prompts or --heldout.</p>")

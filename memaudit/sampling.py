@@ -1,9 +1,13 @@
-"""Batched, seeded sampling that records the guidance norm at every step, at no extra UNet cost.
+"""Batched, seeded sampling through the model family's own diffusers pipeline, recording the guidance norm at
+every step at no extra denoiser cost.
 
-Classifier-free guidance already evaluates the UNet on the prompt and on the empty prompt at every step (one call
-on a doubled batch, as diffusers does). The sampler keeps, for every image and step, the norm
+Classifier-free guidance already evaluates the denoiser on the prompt and on the unconditional prompt at every step
+(one call on a doubled batch, as diffusers does). A forward hook on the denoiser
+(:func:`memaudit.families.sample`) keeps, for every image and step, the norm
 ``||eps(x_t, prompt) - eps(x_t, empty)||_2`` over the whole latent (in eps space whatever the model predicts): the
-denoising-strength score of Wen et al. comes free with every generation.
+denoising-strength score of Wen et al. comes free with every generation, and the images are plain diffusers' for
+the same seeds. A guidance-distilled model (Flux dev) makes no unconditional prediction: there the score costs one
+extra denoiser call per image at each step of ``score_window`` (default: the first step only), NaN elsewhere.
 
 Image ``j`` of prompt ``i`` starts from latents drawn on the CPU from a generator seeded with
 :func:`image_seed` ``(seed, i, j)``, so an image is the same on CPU and GPU and whatever the batch it falls in
@@ -23,7 +27,7 @@ import numpy as np
 import torch
 
 from memaudit.errors import ConfigError
-from memaudit.target import output_to_eps
+from memaudit.families import Conditioning, sample
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +65,9 @@ class Sampler:
     def __init__(self, target, steps: int = 25, guidance: float = 7.5, batch_size: int = 16, seed: int = 0,
                  conditioner: Callable[[list[str]], torch.Tensor] | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 embedding_hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 prompt_transform: Callable[[str, int], str] | None = None):
+                 embedding_hook: Callable[[Conditioning, torch.Tensor, torch.Tensor], Conditioning] | None = None,
+                 prompt_transform: Callable[[str, int], str] | None = None,
+                 score_window: tuple[int, int | None] = (0, 1)):
         if steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {steps}).")
         if batch_size < 1:
@@ -74,46 +79,44 @@ class Sampler:
         self.embedding_hook = embedding_hook
         self.prompt_transform = prompt_transform
         self.progress = progress
+        #: the steps [start, stop) at which a model without an unconditional prediction (Flux dev) pays one extra
+        #: denoiser call per image for the score: default the first step, the score that detects best
+        self.score_window = score_window
         self.unet_time_s = 0.0
-
-    def _scheduler(self):
-        sched = type(self.target.scheduler).from_config(self.target.scheduler.config)
-        sched.set_timesteps(self.steps, device=self.target.device)
-        return sched
+        self.extra_calls = 0
 
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        shape = self.target.latent_shape
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        """The initial latents of images with these seeds, as the family's pipeline takes them."""
+        target = self.target
+        return target.family.initial_latents(target.pipe, seeds, target.resolution)
+
+    def _conditioning(self, prompts: list[str]) -> Conditioning:
+        cond = self.conditioner(prompts) if self.conditioner else self.target.encode_prompts(prompts)
+        return cond if isinstance(cond, Conditioning) else Conditioning({"prompt_embeds": cond})
 
     @torch.no_grad()
     def sample_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images ``[B, C, H, W]`` in [0, 1], guidance norms ``[B, steps]`` and the timesteps, for one batch."""
         target, n = self.target, len(prompts)
-        sched = self._scheduler()
-        cond = self.conditioner(list(prompts)) if self.conditioner else target.encode_prompts(list(prompts))
-        emb = torch.cat([target.empty_embedding(n), cond.to(target.device)]).to(target.dtype)
-        x = (self.initial_latents(seeds) * sched.init_noise_sigma).to(target.device)
+        family, pipe = target.family, target.pipe
+        if family.black_box:  # images only: no denoiser to read, so no norms (NaN)
+            images = family.generate(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance,
+                                     resolution=target.resolution)
+            return images, torch.full((n, self.steps), float("nan")), torch.full((self.steps,), float("nan"))
+        cond = self._conditioning(list(prompts)).to(target.device)
+        latents = self.initial_latents(seeds)
         if self.embedding_hook is not None:
-            x0 = sched.scale_model_input(x, sched.timesteps[0])
-            emb = torch.cat([emb[:n], self.embedding_hook(emb[n:], x0, sched.timesteps[0]).to(emb.dtype)])
-        step_gen = torch.Generator().manual_seed(int(seeds[0]))  # used only by stochastic schedulers
-        norms = torch.empty(n, len(sched.timesteps), device=target.device)  # copied to the CPU once, after the loop
-        # alpha_bar of every step, computed once on the CPU: no device synchronisation inside the loop
-        alpha_bars = target.alphas_cumprod[sched.timesteps.detach().cpu().long()].to(target.device)
-        for i, t in enumerate(sched.timesteps):
-            x_in = sched.scale_model_input(torch.cat([x, x]), t)
-            out = target.unet(x_in.to(target.dtype), t, encoder_hidden_states=emb).sample.float()
-            out_u, out_c = out.chunk(2)
-            if target.prediction_type == "epsilon":
-                diff = out_c - out_u
-            else:
-                eps = output_to_eps(out, x_in.float(), alpha_bars[i].expand(2 * n), target.prediction_type)
-                diff = eps[n:] - eps[:n]
-            norms[:, i] = diff.flatten(1).norm(dim=1)
-            guided = out_u + self.guidance * (out_c - out_u)
-            x = _step(sched, guided, t, x, step_gen)
-        images = (target.decode_latents(x) + 1) / 2
-        return images.cpu(), norms.cpu(), sched.timesteps.cpu()
+            x0, t0 = family.first_step(pipe, latents, self.steps, target.resolution)
+            cond = self.embedding_hook(cond, x0.to(target.device), t0)
+        run = sample(family, pipe, cond, target.unconditional(n), seeds, steps=self.steps, guidance=self.guidance,
+                     resolution=target.resolution, latents=latents, score_steps=self.score_step)
+        self.extra_calls += run.extra_calls
+        return run.images, run.norms, run.timesteps
+
+    def score_step(self, step: int) -> bool:
+        """Whether a model without an unconditional prediction pays an extra denoiser call at ``step``."""
+        start, stop = self.score_window
+        return start <= step and (stop is None or step < stop)
 
     def _chunks(self, prompts: Sequence[str], generations: int) -> Iterator[tuple[list, list[int], list[str]]]:
         """The batches of a run: (``(prompt, generation)`` pairs, image seeds, the prompts after the transform)."""
@@ -135,15 +138,15 @@ class Sampler:
         """``[len(prompts) * generations]`` guidance norms at the first sampling step only (prompt-major), from the
         same initial latents and prompts as :meth:`run` and without the embedding hook: one UNet call per image."""
         target = self.target
+        if target.family.black_box:
+            raise ConfigError(f"{target.family.title}: memaudit cannot read its denoiser, so it has no guidance norms.")
         out = []
         for chunk, seeds, used in self._chunks(prompts, generations):
-            sched = self._scheduler()
-            t = sched.timesteps[0]
-            x = sched.scale_model_input((self.initial_latents(seeds) * sched.init_noise_sigma).to(target.device), t)
-            cond = self.conditioner(used) if self.conditioner else target.encode_prompts(used)
-            tt = t.reshape(1).expand(len(chunk)).to(target.device)
-            eps_c = target.predict_eps(x, tt, cond.to(target.device))
-            eps_u = target.predict_eps(x, tt, target.empty_embedding(len(chunk)))
+            x, t = target.family.first_step(target.pipe, self.initial_latents(seeds), self.steps, target.resolution)
+            x = x.to(target.device)
+            tt = torch.as_tensor(t).reshape(1).expand(len(chunk)).to(target.device)
+            eps_c = target.predict_score(x, tt, self._conditioning(used), guidance=self.guidance)
+            eps_u = target.predict_score(x, tt, target.unconditional(len(chunk)), guidance=self.guidance)
             out.append((eps_c - eps_u).flatten(1).norm(dim=1).float().cpu())
         return torch.cat(out)
 
@@ -160,19 +163,3 @@ class Sampler:
             yield SampleBatch(prompt_index=torch.tensor([i for i, _ in chunk]), generation=torch.tensor([j for _, j in chunk]),
                               seeds=seeds, images=images, guidance_norms=norms, timesteps=timesteps,
                               prompts=used if self.prompt_transform is not None else None)
-
-def _step(sched, model_output: torch.Tensor, t, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return sched.step(model_output.to(x.dtype), t, x, **_step_kwargs(type(sched), generator)).prev_sample
-
-
-def _step_kwargs(scheduler_class: type, generator: torch.Generator) -> dict:
-    """Stochastic schedulers take a generator; whether one does is looked up once per class."""
-    takes = _TAKES_GENERATOR.get(scheduler_class)
-    if takes is None:
-        import inspect
-
-        takes = _TAKES_GENERATOR[scheduler_class] = "generator" in inspect.signature(scheduler_class.step).parameters
-    return {"generator": generator} if takes else {}
-
-
-_TAKES_GENERATOR: dict[type, bool] = {}

@@ -1,75 +1,37 @@
-"""Load any Stable-Diffusion-family diffusers checkpoint as an audit *target*.
+"""Load a diffusers text-to-image checkpoint of any supported family as an audit *target*.
 
-A :class:`Target` holds the UNet, VAE, CLIP text encoder, tokenizer and scheduler of a Stable Diffusion 1.x or 2.x
-style pipeline (any sizes), and gives the audit what it needs in one place: prompt embeddings (cached), the noise
-prediction *in epsilon space* whatever the model's prediction type (epsilon, v or sample), and the latent
-encode/decode of images.
+A :class:`Target` holds a diffusers pipeline and its :mod:`family <memaudit.families>` (Stable Diffusion 1.x/2.x,
+SDXL, SD3, Flux, PixArt), and gives the audit what it needs in one place: prompt conditioning (cached), the noise
+prediction *in epsilon space* whatever the model predicts (epsilon, v, sample or a flow velocity), noising and
+training targets, and the latent encode/decode of images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from memaudit.errors import TargetError
+from memaudit.families import Conditioning, Family, family_for_class, family_of, supported_text
+from memaudit.families.base import PREDICTION_TYPES, output_to_eps, training_target
+from memaudit.families.blackbox import BlackBox, black_box_refusal
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = (
-    "memaudit supports Stable Diffusion 1.x/2.x-style diffusers pipeline folders: model_index.json with "
-    "unet (UNet2DConditionModel), text_encoder (CLIPTextModel), tokenizer (CLIPTokenizer), a scheduler and "
-    "vae (AutoencoderKL), weights as safetensors"
-)
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+__all__ = ["PREDICTION_TYPES", "Target", "from_pipeline", "load_target", "output_to_eps", "resolve_device",
+           "resolve_dtype", "training_target"]
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_UNSUPPORTED_PIPELINES = {
-    "StableDiffusionXL": "SDXL pipelines (two text encoders) are not supported",
-    "StableDiffusion3": "Stable Diffusion 3 (a transformer, not a UNet) is not supported",
-    "Flux": "Flux (a transformer, not a UNet) is not supported",
-    "PixArt": "PixArt (a transformer, not a UNet) is not supported",
-    "Kandinsky": "Kandinsky pipelines are not supported",
-}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def output_to_eps(output: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Convert a UNet output to a noise (epsilon) prediction.
-
-    With ``x_t = sqrt(a) x0 + sqrt(1-a) eps`` and ``a = alpha_bar_t`` (one value per batch element):
-    epsilon models predict eps; v models predict ``v = sqrt(a) eps - sqrt(1-a) x0``, so
-    ``eps = sqrt(a) v + sqrt(1-a) x_t``; sample models predict x0, so ``eps = (x_t - sqrt(a) x0) / sqrt(1-a)``.
-    """
-    a = alpha_bar.to(device=x_t.device, dtype=torch.float32).reshape(-1, *([1] * (x_t.ndim - 1)))
-    out, x = output.float(), x_t.float()
-    if prediction_type == "epsilon":
-        eps = out
-    elif prediction_type == "v_prediction":
-        eps = a.sqrt() * out + (1 - a).sqrt() * x
-    elif prediction_type == "sample":
-        eps = (x - a.sqrt() * out) / (1 - a).sqrt()
-    else:
-        raise TargetError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}.")
-    return eps
-
-
-def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What the UNet is trained to output for clean latents ``x0`` noised with ``noise`` (the inverse of the above)."""
-    a = alpha_bar.to(device=x0.device, dtype=x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return a.sqrt() * noise - (1 - a).sqrt() * x0
-    if prediction_type == "sample":
-        return x0
-    raise TargetError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}.")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -97,61 +59,122 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 @dataclass(eq=False)
 class Target:
-    """A loaded SD-family pipeline: its parts, where they run, and eps-space noise prediction."""
+    """A loaded text-to-image pipeline of a known :mod:`family <memaudit.families>`: its parts, where they run,
+    cached prompt conditioning, and the family's noise prediction in eps space."""
 
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object
+    pipe: Any
+    family: Family
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     path: str = ""
+    #: LoRA adapters applied to the base: [{"path", "sha256", "scale"}]
+    loras: list = field(default_factory=list)
     _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    # -- parts -----------------------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.family.denoiser(self.pipe)
+
+    @denoiser.setter
+    def denoiser(self, module: torch.nn.Module) -> None:
+        setattr(self.pipe, self.family.denoiser_name, module)
+
+    # the denoiser under its Stable Diffusion name, for code written before the other families
+    unet = denoiser
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipe.vae
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [getattr(self.pipe, n) for n in self.family.text_encoder_names if getattr(self.pipe, n, None) is not None]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.family.text_encoder_names[0])
+
+    @property
+    def tokenizer(self):
+        return getattr(self.pipe, self.family.tokenizer_names[0])
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    def modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """Every torch module of the pipeline, by component name (denoiser first)."""
+        names = self.family.module_names(self.pipe)
+        return [(n, getattr(self.pipe, n)) for n in names if isinstance(getattr(self.pipe, n, None), torch.nn.Module)]
 
     # -- facts about the model -------------------------------------------------------------------------------
     @property
     def prediction_type(self) -> str:
-        return self.scheduler.config.get("prediction_type", "epsilon")
+        """``epsilon``, ``v_prediction`` or ``sample`` (DDPM-type families), or ``flow`` (flow matching)."""
+        return self.family.prediction_type(self.pipe)
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_scale_factor(self.pipe)
 
     @property
     def resolution(self) -> int:
         """Side of the images the model generates by default, in pixels."""
-        size = self.unet.config.sample_size
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * self.vae_scale_factor
+        return self.family.resolution(self.pipe)
 
     @property
     def image_channels(self) -> int:
-        return int(self.vae.config.in_channels)
+        return self.family.image_channels(self.pipe)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        side = self.resolution // self.vae_scale_factor
-        return (int(self.unet.config.in_channels), side, side)
+        return self.family.latent_shape(self.pipe, self.resolution)
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return self.family.latent_scaling(self.pipe)[0]
+
+    @property
+    def shift_factor(self) -> float:
+        return self.family.latent_scaling(self.pipe)[1]
 
     @property
     def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
+        return self.family.num_train_timesteps(self.pipe)
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod.float()
+        """``alpha_bar`` of every training timestep (DDPM-type families only)."""
+        if self.family.flow:
+            raise TargetError(f"{self.family.title} is a flow-matching model: it has no alphas_cumprod.")
+        return self.family.alphas_cumprod(self.pipe)
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        """``alpha_bar_t`` for integer timesteps ``t`` (a tensor), on the CPU in float32."""
-        return self.alphas_cumprod[t.detach().long().cpu()]
+        """``alpha_bar_t`` for timesteps ``t`` (a tensor), on the CPU in float32 (DDPM-type families only)."""
+        if self.family.flow:
+            raise TargetError(f"{self.family.title} is a flow-matching model: it has no alphas_cumprod.")
+        return self.family.alpha_bar(self.pipe, torch.as_tensor(t).detach().cpu().reshape(-1)).cpu()
+
+    # -- noise, in the family's terms ------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Training timesteps for ``n`` samples (scheduler units), drawn from ``generator``."""
+        return self.family.sample_timesteps(self.pipe, n, generator)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t`` of clean scaled latents ``x0`` noised with ``noise`` at timesteps ``t``."""
+        return self.family.add_noise(self.pipe, x0, noise, t)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is trained to output for ``add_noise(x0, noise, t)``."""
+        return self.family.training_target(self.pipe, x0, noise, t)
+
+    def pure_noise_timestep(self) -> torch.Tensor:
+        return self.family.pure_noise_timestep(self.pipe)
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The first tokenizer's ids and attention mask (padded to its maximum length)."""
         tok = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -161,65 +184,100 @@ class Target:
         )
         return {"input_ids": tok.input_ids.to(self.device), "attention_mask": tok.attention_mask.to(self.device)}
 
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states for ``prompts`` (with gradient when enabled; no caching)."""
-        tok = self.tokenize(prompts)
-        mask = tok["attention_mask"] if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        return self.text_encoder(tok["input_ids"], attention_mask=mask)[0]
+    def embed(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of ``prompts`` (with gradient when enabled; no caching)."""
+        return self.family.encode(self.pipe, list(prompts), self.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Embeddings ``[len(prompts), tokens, dim]`` for inference; each distinct prompt is encoded once."""
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Conditioning of batch ``len(prompts)`` for inference; each distinct prompt is encoded once."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
         if missing:
-            was_training = self.text_encoder.training
-            self.text_encoder.eval()
-            emb = self.embed(missing)
-            self.text_encoder.train(was_training)
-            for p, e in zip(missing, emb):
-                self._prompt_cache[p] = e
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+            encoders = self.text_encoders
+            modes = [m.training for m in encoders]
+            for m in encoders:
+                m.eval()
+            cond = self.embed(missing)
+            for m, mode in zip(encoders, modes):
+                m.train(mode)
+            for i, p in enumerate(missing):
+                self._prompt_cache[p] = cond[i].detach()
+        return Conditioning.cat([self._prompt_cache[p] for p in prompts])
 
-    def empty_embedding(self, n: int = 1) -> torch.Tensor:
-        """The unconditional (empty-prompt) embedding, repeated ``n`` times."""
-        return self.encode_prompts([""]).expand(n, -1, -1)
+    @torch.no_grad()
+    def unconditional(self, n: int = 1) -> Conditioning:
+        """The unconditional conditioning the pipeline guides with (the empty prompt; SDXL: zeros), ``n`` times."""
+        if "\0uncond" not in self._prompt_cache:
+            self._prompt_cache["\0uncond"] = self.family.unconditional(self.pipe, self.device).detach()
+        return self._prompt_cache["\0uncond"].repeat(n)
+
+    empty_embedding = unconditional
 
     def clear_prompt_cache(self) -> None:
-        """Forget cached embeddings (call after changing the text encoder)."""
+        """Forget cached conditioning (call after changing a text encoder)."""
         self._prompt_cache.clear()
 
     # -- noise prediction ------------------------------------------------------------------------------------
+    def to_score(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A raw denoiser output in the family's score space (:meth:`Family.score_output`)."""
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
+        return self.family.score_output(self.pipe, output, x_t, t)
+
     def to_eps(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
-        return output_to_eps(output, x_t, self.alpha_bar(t), self.prediction_type)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
+        return self.family.to_eps(self.pipe, output, x_t, t)
 
-    def unet_output(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The raw UNet output (in the model's own prediction type)."""
-        return self.unet(x_t.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | torch.Tensor,
+                guidance: float | None = None) -> torch.Tensor:
+        """The raw denoiser output (in the model's own prediction type) for unpacked latents ``x_t``; ``guidance``
+        reaches denoisers that embed it (Flux dev; None: the family's default)."""
+        cond = _as_conditioning(cond).to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
+        kw = {"guidance": guidance} if guidance is not None and self.family.embedded_guidance else {}
+        return self.family.denoise(self.pipe, x_t.to(self.dtype), t, cond, **kw)
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """Noise prediction in epsilon space (float32), whatever the model's prediction type."""
+    unet_output = denoise
+
+    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | torch.Tensor,
+                    guidance: float | None = None) -> torch.Tensor:
+        """Noise prediction in epsilon space (float32), whatever the model predicts."""
         t = torch.as_tensor(t, device=x_t.device)
-        return self.to_eps(self.unet_output(x_t, t, emb), x_t, t)
+        return self.to_eps(self.denoise(x_t, t, cond, guidance), x_t, t)
+
+    def predict_score(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | torch.Tensor,
+                      guidance: float | None = None) -> torch.Tensor:
+        """The prediction in the family's score space (:meth:`Family.score_output`: eps, or a flow's velocity):
+        the denoising strength is the norm of its conditional minus unconditional difference."""
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        t = t.expand(x_t.shape[0]) if t.numel() == 1 else t
+        return self.family.score_output(self.pipe, self.denoise(x_t, t, cond, guidance), x_t, t)
 
     # -- images <-> latents ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and standard deviation of the VAE posterior, already multiplied by the scaling factor."""
+        """Mean and standard deviation of the VAE posterior as latents: ``(mean - shift) * scaling`` and
+        ``std * scaling``."""
+        scale, shift = self.family.latent_scaling(self.pipe)
         means, stds = [], []
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(self.device, self.dtype)
             dist = self.vae.encode(x).latent_dist
-            means.append(dist.mean.float() * self.scaling_factor)
-            stds.append(dist.std.float() * self.scaling_factor)
+            means.append((dist.mean.float() - shift) * scale if shift else dist.mean.float() * scale)
+            stds.append(dist.std.float() * scale)
         return torch.cat(means), torch.cat(stds)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """Images in [-1, 1], float32, from scaled latents."""
+        scale, shift = self.family.latent_scaling(self.pipe)
         out = []
         for i in range(0, len(latents), batch_size):
-            z = latents[i : i + batch_size].to(self.device, self.dtype) / self.scaling_factor
+            z = latents[i : i + batch_size].to(self.device, self.dtype) / scale
+            if shift:
+                z = z + shift
             out.append(self.vae.decode(z).sample.float().clamp(-1, 1))
         return torch.cat(out)
 
@@ -230,29 +288,25 @@ class Target:
 
     # -- pipelines -------------------------------------------------------------------------------------------
     def pipeline(self):
-        """A plain ``diffusers.StableDiffusionPipeline`` sharing this target's modules."""
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        """The diffusers pipeline (its modules are this target's)."""
+        return self.pipe
 
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """Write a diffusers pipeline folder atomically (safetensors), the UNet and VAE optionally cast to ``dtype``."""
+        """Write a diffusers pipeline folder atomically (safetensors), the denoiser and VAE optionally cast to
+        ``dtype`` (text encoders stay float32: transformers keeps a text encoder's saved dtype, and plain diffusers
+        loads the rest in float32, so a half-precision text encoder would break ``from_pretrained(path)``)."""
         import copy
 
         from memaudit.io import atomic_directory
 
-        pipe = self.pipeline()
+        pipe = self.pipe
         if dtype is not None and dtype != self.dtype:
             pipe = copy.deepcopy(pipe)
-            pipe.unet.to(dtype=dtype)
+            self.family.denoiser(pipe).to(dtype=dtype)
             pipe.vae.to(dtype=dtype)
-            # The text encoder stays float32: plain diffusers loads the UNet and VAE in float32 by default while
-            # transformers keeps a text encoder's saved dtype, so a half-precision text encoder would break
-            # `StableDiffusionPipeline.from_pretrained(path)` with a dtype mismatch.
-            pipe.text_encoder.to(dtype=torch.float32)
+            for name in self.family.text_encoder_names:
+                if getattr(pipe, name, None) is not None:
+                    getattr(pipe, name).to(dtype=torch.float32)
         with atomic_directory(path) as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
         return Path(path)
@@ -262,7 +316,7 @@ class Target:
             self.device = resolve_device(device)
         if dtype is not None:
             self.dtype = resolve_dtype(dtype)
-        for m in (self.unet, self.vae, self.text_encoder):
+        for _, m in self.modules():
             if next(m.parameters()).dtype == self.dtype:
                 m.to(self.device)
             else:
@@ -271,33 +325,42 @@ class Target:
         return self
 
 
+def _as_conditioning(cond: Conditioning | torch.Tensor) -> Conditioning:
+    return cond if isinstance(cond, Conditioning) else Conditioning({"prompt_embeds": cond})
+
+
 def from_pipeline(pipe, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32", path: str = "") -> Target:
-    """Wrap an in-memory diffusers pipeline (or any object with the five components) as a Target."""
-    missing = [c for c in COMPONENTS if getattr(pipe, c, None) is None]
+    """Wrap an in-memory diffusers pipeline of a known family as a Target (its modules frozen, in eval mode)."""
+    family = family_of(pipe)
+    where = path or "the pipeline"
+    if family is None:
+        why = black_box_refusal(type(pipe).__name__, type(pipe))
+        if why:
+            raise TargetError(f"{where}: {why}; {supported_text()}.")
+        family = BlackBox()
+    missing = [c for c in family.components if getattr(pipe, c, None) is None]
     if missing:
-        raise TargetError(f"the pipeline has no {', '.join(missing)}; {SUPPORTED}.")
-    _check_classes(pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler, path or "the pipeline")
-    target = Target(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                    scheduler=pipe.scheduler, path=path)
+        raise TargetError(f"{where} has no {', '.join(missing)}; {supported_text()}.")
+    _check_classes(family, {c: type(getattr(pipe, c)).__name__ for c in family.components}, where)
+    why = family.ready(pipe)
+    if why:
+        raise TargetError(f"{where}: {why}")
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    target = Target(pipe=pipe, family=family, path=path)
     target.to(device, dtype)
-    for m in (target.unet, target.vae, target.text_encoder):
+    for _, m in target.modules():
         m.eval()
         m.requires_grad_(False)
     return target
 
 
-def _check_classes(unet, vae, text_encoder, scheduler, where: str) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    if not isinstance(unet, UNet2DConditionModel):
-        raise TargetError(f"{where}: the unet is a {type(unet).__name__}, not a UNet2DConditionModel; {SUPPORTED}.")
-    if not isinstance(vae, AutoencoderKL):
-        raise TargetError(f"{where}: the vae is a {type(vae).__name__}, not an AutoencoderKL; {SUPPORTED}.")
-    if not hasattr(text_encoder, "config") or "CLIPText" not in type(text_encoder).__name__:
-        raise TargetError(f"{where}: the text encoder is a {type(text_encoder).__name__}, not a CLIP text model; {SUPPORTED}.")
-    pt = scheduler.config.get("prediction_type", "epsilon")
-    if pt not in PREDICTION_TYPES:
-        raise TargetError(f"{where}: scheduler prediction_type {pt!r} is not one of {', '.join(PREDICTION_TYPES)}.")
+def _check_classes(family: Family, classes: dict[str, str], where: str) -> None:
+    for comp, accepted in family.components.items():
+        got = classes.get(comp)
+        if got is not None and not any(str(got).startswith(a) for a in accepted):
+            raise TargetError(f"{where}: {comp} is a {got}, not a {' or '.join(accepted)} as {family.title} needs; "
+                              f"{supported_text()}.")
 
 
 def _resolve_path(model: str | os.PathLike) -> Path:
@@ -342,76 +405,136 @@ def _weights_variant(folder: Path, component: str) -> str | None:
     raise TargetError(f"{folder} has no weights file; the {component} folder must hold safetensors weights.")
 
 
+def _component_class(index: dict, component: str) -> tuple[str | None, str | None]:
+    entry = index.get(component)
+    if isinstance(entry, list) and len(entry) == 2:
+        return entry[0], entry[1]
+    return None, None
+
+
 def load_target(
     model: str | os.PathLike,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "float32",
+    loras: list | tuple = (),
 ) -> Target:
-    """Load a Stable Diffusion 1.x/2.x-style diffusers pipeline folder (or a hub id already in the local cache)."""
+    """Load a diffusers pipeline folder of a supported family (or a hub id already in the local cache), with LoRA
+    adapters ``loras`` (``[(path, scale), ...]``) applied to it."""
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     path = _resolve_path(model)
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise TargetError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder; {SUPPORTED}.")
+        raise TargetError(f"{path} has no model_index.json, so it is not a diffusers pipeline folder; {supported_text()}.")
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TargetError(f"{index_file} is not valid JSON ({e}); re-save the pipeline with diffusers.") from e
     cls = str(index.get("_class_name", ""))
-    for prefix, why in _UNSUPPORTED_PIPELINES.items():
-        if cls.startswith(prefix):
-            raise TargetError(f"{path} is a {cls}: {why}; {SUPPORTED}.")
-    if "transformer" in index and "unet" not in index:
-        raise TargetError(f"{path} is a {cls or 'pipeline'} built on a transformer, not a UNet; {SUPPORTED}.")
-    if "text_encoder_2" in index and index.get("text_encoder_2") not in (None, [None, None]):
-        raise TargetError(f"{path} has two text encoders (SDXL-style), which is not supported; {SUPPORTED}.")
-    missing = [c for c in COMPONENTS if index.get(c) in (None, [None, None]) or not (path / c).is_dir()]
+    family = family_for_class(cls)
+    if family is None:
+        return _load_black_box(path, cls, dev, dt, loras)
+    missing = [c for c in family.components if index.get(c) in (None, [None, None]) or not (path / c).is_dir()]
     if missing:
-        raise TargetError(f"{path} lacks the {', '.join(missing)} component(s); {SUPPORTED}.")
-    expected = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
-    for comp, want in expected.items():
-        got = index[comp][1] if isinstance(index[comp], list) and len(index[comp]) == 2 else None
-        if got is not None and not str(got).startswith(want):
-            raise TargetError(f"{path}: {comp} is a {got}, not a {want}; {SUPPORTED}.")
+        raise TargetError(f"{path} lacks the {', '.join(missing)} component(s) a {cls} needs; {supported_text()}.")
+    _check_classes(family, {c: _component_class(index, c)[1] for c in family.components}, str(path))
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import SchedulerMixin  # noqa: F401  (import check)
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import importlib
 
-    def _load(component: str, loader):
-        variant = _weights_variant(path / component, component)
-        try:
-            return loader.from_pretrained(path, subfolder=component, dtype=dt, use_safetensors=True, variant=variant)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise TargetError(f"{path / component} could not be loaded ({str(e).splitlines()[0]}); {SUPPORTED}.") from e
-
-    unet = _load("unet", UNet2DConditionModel)
-    vae = _load("vae", AutoencoderKL)
-    text_encoder = _load("text_encoder", CLIPTextModel)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    except (OSError, ValueError, TypeError) as e:
-        raise TargetError(f"{path / 'tokenizer'} is not a CLIP tokenizer ({str(e).splitlines()[0]}); {SUPPORTED}.") from e
-    scheduler = _load_scheduler(path, index)
-    logger.info("loaded %s (%s, prediction %s) on %s as %s", path, cls, scheduler.config.get("prediction_type"), dev, dt)
-
-    class _Parts:
-        pass
-
-    parts = _Parts()
-    parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, parts.scheduler = unet, vae, text_encoder, tokenizer, scheduler
-    return from_pipeline(parts, dev, dt, path=str(path))
-
-
-def _load_scheduler(path: Path, index: dict):
     import diffusers
 
-    entry = index.get("scheduler")
-    name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-    cls = getattr(diffusers, str(name), None) if name else None
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise TargetError(f"{path / 'scheduler'}: scheduler class {name!r} is not a diffusers scheduler; {SUPPORTED}.")
+    def _load(component: str):
+        library, name = _component_class(index, component)
+        module = importlib.import_module(library) if library else diffusers
+        loader = getattr(module, str(name), None) or getattr(diffusers, str(name), None)
+        if loader is None or not hasattr(loader, "from_pretrained"):
+            raise TargetError(f"{path / component}: class {library}.{name} is not installed; {supported_text()}.")
+        try:
+            if isinstance(loader, type) and issubclass(loader, torch.nn.Module):
+                variant = _weights_variant(path / component, component)
+                return loader.from_pretrained(path, subfolder=component, dtype=dt, use_safetensors=True,
+                                              variant=variant)
+            return loader.from_pretrained(path, subfolder=component)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise TargetError(f"{path / component} could not be loaded ({str(e).splitlines()[0]}); "
+                              f"{supported_text()}.") from e
+
+    parts = {c: _load(c) for c in family.components}
+    pipe = family.build_pipeline(getattr(diffusers, cls), parts, index=index)
+    logger.info("loaded %s (%s, %s) on %s as %s", path, cls, family.prediction_type(pipe), dev, dt)
+    target = from_pipeline(pipe, dev, dt, path=str(path))
+    for lora_path, scale in loras:
+        apply_lora(target, lora_path, scale)
+    return target
+
+
+def _load_black_box(path: Path, cls: str, device: torch.device, dtype: torch.dtype, loras) -> Target:
+    """A text-to-image pipeline of no known family, loaded by diffusers itself and audited by its images."""
+    import diffusers
+
+    why = black_box_refusal(cls, getattr(diffusers, cls, None)) if cls else "its model_index.json names no class"
+    if why:
+        raise TargetError(f"{path} is a {cls or 'pipeline of unknown class'}, which memaudit cannot audit ({why}); "
+                          f"{supported_text()}.")
+    for component in index_components(path):
+        _weights_variant(path / component, component)  # refuses pickled weights before diffusers reads them
     try:
-        return cls.from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise TargetError(f"{path / 'scheduler'} could not be loaded ({str(e).splitlines()[0]}).") from e
+        pipe = getattr(diffusers, cls).from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise TargetError(f"{path} could not be loaded by diffusers ({str(e).splitlines()[0]}).") from e
+    logger.info("loaded %s (%s) as a black box: images only", path, cls)
+    target = from_pipeline(pipe, device, dtype, path=str(path))
+    for lora_path, scale in loras:
+        apply_lora(target, lora_path, scale)
+    return target
+
+
+def index_components(path: Path) -> list[str]:
+    """The components of a pipeline folder that hold torch weights (subfolders with a config.json and weights)."""
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file()
+                  and any(f.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pth") or f.name.endswith(".json")
+                          and "index" in f.name for f in p.iterdir()))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (sorted relative names and contents)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def apply_lora(target: Target, lora: str | os.PathLike, scale: float = 1.0) -> None:
+    """Apply a LoRA adapter (any file or folder diffusers' ``load_lora_weights`` reads, safetensors only) to the
+    target's denoiser (and text encoders, where the adapter has them), fused at ``scale`` so the audited weights
+    are the base's plus the adapter's."""
+    p = Path(lora).expanduser()
+    if not p.exists():
+        raise TargetError(f"--lora {lora} does not exist; pass a LoRA .safetensors file or the folder holding one.")
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        raise TargetError(f"--lora {lora} holds no .safetensors file; memaudit loads adapters only from safetensors.")
+    if p.is_file() and p.suffix != ".safetensors":
+        raise TargetError(f"--lora {lora} is not a .safetensors file; memaudit never unpickles weights: convert it.")
+    if not hasattr(target.pipe, "load_lora_weights"):
+        raise TargetError(f"{target.family.title} pipelines do not take LoRA adapters in diffusers.")
+    from safetensors import SafetensorError
+
+    name = f"memaudit_{len(target.loras)}"
+    kwargs = {"weight_name": p.name} if p.is_file() else {}
+    where = p.parent if p.is_file() else p
+    try:
+        target.pipe.load_lora_weights(str(where), adapter_name=name, use_safetensors=True, **kwargs)
+        target.pipe.fuse_lora(lora_scale=float(scale), adapter_names=[name])
+        target.pipe.unload_lora_weights()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+        raise TargetError(f"--lora {lora} could not be applied to {target.path or 'the model'} "
+                          f"({str(e).splitlines()[0]}); pass an adapter trained for this base model.") from e
+    for _, m in target.modules():
+        m.eval()
+        m.requires_grad_(False)
+    target.clear_prompt_cache()
+    target.loras.append({"path": str(p.resolve()), "sha256": file_sha256(p), "scale": float(scale)})

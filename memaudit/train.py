@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from memaudit.errors import ConfigError
+from memaudit.families import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class LossContext:
     noise: torch.Tensor
     timesteps: torch.Tensor
     noisy: torch.Tensor
-    embeddings: torch.Tensor
+    embeddings: Conditioning
     output: torch.Tensor
     per_sample_loss: torch.Tensor
 
@@ -222,7 +223,8 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 def _named_trainables(target, params: Sequence[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
     ids = {id(p) for p in params}
     named: dict[str, torch.nn.Parameter] = {}
-    for prefix, module in (("unet", target.unet), ("text_encoder", target.text_encoder), ("vae", target.vae)):
+    modules = [("unet", target.unet)] + [(n, m) for n, m in target.modules() if m is not target.unet]
+    for prefix, module in modules:
         for name, p in module.named_parameters():
             if id(p) in ids:
                 named.setdefault(f"{prefix}.{name}", p)
@@ -363,8 +365,6 @@ def train_unet(
     target.unet.train()
     if config.train_text_encoder:
         target.text_encoder.train()
-    alphas = target.alphas_cumprod
-    n_t = target.num_train_timesteps
     for hook in hooks:
         hook.on_start(state)
 
@@ -382,18 +382,17 @@ def train_unet(
             for hook in hooks:
                 batch = hook.on_batch(batch, state)
             noise = torch.randn(batch.latents.shape, generator=generator)
-            t = torch.randint(0, n_t, (len(batch.captions),), generator=generator)
-            a = alphas[t].reshape(-1, 1, 1, 1)
+            t = target.sample_timesteps(len(batch.captions), generator)
             x0 = batch.latents
-            noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            goal = _training_goal(target.prediction_type, x0, noise, a)
+            noisy = target.add_noise(x0, noise, t)
+            goal = target.training_target(x0, noise, t)
             x0, noise, noisy, goal, t_dev = (v.to(device) for v in (x0, noise, noisy, goal, t))
             with autocast(config, device):
                 if config.train_text_encoder:
                     emb = target.embed(batch.captions)
                 else:
                     emb = target.encode_prompts(batch.captions)
-                output = target.unet(noisy, t_dev, encoder_hidden_states=emb).sample
+                output = target.denoise(noisy, t_dev, emb)
             per_sample = (output.float() - goal).pow(2).flatten(1).mean(1)
             weights = torch.ones_like(per_sample)
             ctx = LossContext(batch=batch, noise=noise, timesteps=t_dev, noisy=noisy, embeddings=emb,
@@ -442,7 +441,8 @@ def train_unet(
             save_checkpoint(state, optimizer, scaler, hooks, checkpoint_dir, losses, save_pipeline)
 
     target.unet.eval()
-    target.text_encoder.eval()
+    for encoder in target.text_encoders:
+        encoder.eval()
     for p in chosen:
         p.requires_grad_(False)
     target.clear_prompt_cache()
@@ -452,13 +452,6 @@ def train_unet(
                        config=config.to_dict(), stats=stats, latent_cache=dict(latents.report))
 
 
-def _training_goal(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    from memaudit.target import training_target
-
-    return training_target(x0, noise, a.reshape(-1), prediction_type)
-
-
-# -- autoencoder --------------------------------------------------------------------------------------------------
 @dataclass
 class VAEConfig:
     """Settings of :func:`train_vae`."""

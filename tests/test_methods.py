@@ -38,7 +38,7 @@ def _inputs(target, n: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *target.latent_shape), generator=g)
     t = torch.tensor([37, 611][:n])
-    emb = target.encode_prompts([f"a photo of item {i}" for i in range(n)])
+    emb = target.encode_prompts([f"a photo of item {i}" for i in range(n)]).embeds
     return x, t, emb
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memaudit.errors import TargetError
+from memaudit.families import Conditioning
 from memaudit.target import load_target, output_to_eps, training_target
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -74,7 +75,7 @@ def test_encode_prompts_matches_diffusers_and_caches(which, target_eps, target_v
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir_eps if which == "eps" else tiny_dir_v)
     target.clear_prompt_cache()
     prompts = ["a photo of a cat", "", "a photo of a cat", "a red car"]
-    emb = target.encode_prompts(prompts)
+    emb = target.encode_prompts(prompts).embeds
     with torch.no_grad():
         ref = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
     assert emb.shape == ref.shape == (4, 16, 8)
@@ -83,15 +84,15 @@ def test_encode_prompts_matches_diffusers_and_caches(which, target_eps, target_v
     assert not torch.allclose(emb[0], emb[3])
     # each distinct prompt is encoded and stored once
     assert sorted(target._prompt_cache) == sorted(["a photo of a cat", "", "a red car"])
-    again = target.encode_prompts(prompts)
+    again = target.encode_prompts(prompts).embeds
     assert torch.equal(again, emb)
     assert len(target._prompt_cache) == 3
     # the cache is what is returned: poisoning it shows the second call does not re-encode
-    target._prompt_cache["a red car"] = torch.zeros_like(emb[3])
-    assert torch.equal(target.encode_prompts(["a red car"])[0], torch.zeros_like(emb[3]))
+    target._prompt_cache["a red car"] = Conditioning({"prompt_embeds": torch.zeros_like(emb[3:4])})
+    assert torch.equal(target.encode_prompts(["a red car"]).embeds[0], torch.zeros_like(emb[3]))
     target.clear_prompt_cache()
-    assert torch.equal(target.encode_prompts(["a red car"])[0], emb[3])
-    assert torch.equal(target.empty_embedding(3), emb[1:2].expand(3, -1, -1))
+    assert torch.equal(target.encode_prompts(["a red car"]).embeds[0], emb[3])
+    assert torch.equal(target.unconditional(3).embeds, emb[1:2].expand(3, -1, -1))
 
 
 @pytest.mark.parametrize("dtype, torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
@@ -150,7 +151,7 @@ def test_unknown_prediction_type():
 
 def test_predict_eps_v_model_matches_manual_formula(target_v):
     x, t = _inputs(target_v, 3)
-    emb = target_v.encode_prompts(["a", "b", "c"])
+    emb = target_v.encode_prompts(["a", "b", "c"]).embeds
     with torch.no_grad():
         v = target_v.unet(x, t, encoder_hidden_states=emb).sample
         got = target_v.predict_eps(x, t, emb)
@@ -167,7 +168,7 @@ def test_predict_eps_v_model_matches_manual_formula(target_v):
 
 def test_predict_eps_epsilon_model_is_raw_output(target_eps):
     x, t = _inputs(target_eps, 2)
-    emb = target_eps.encode_prompts(["a", "b"])
+    emb = target_eps.encode_prompts(["a", "b"]).embeds
     with torch.no_grad():
         raw = target_eps.unet(x, t, encoder_hidden_states=emb).sample
         got = target_eps.predict_eps(x, t, emb)
@@ -201,9 +202,11 @@ def test_error_no_model_index(tmp_path):
     _target_error("model_index.json", load_target, tmp_path / "empty", device="cpu")
 
 
-def test_error_sdxl(tmp_path):
-    folder = _index_only(tmp_path / "sdxl", {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]})
-    _target_error("SDXL", load_target, folder, device="cpu")
+@pytest.mark.parametrize("cls", ["StableDiffusionImg2ImgPipeline", "StableVideoDiffusionPipeline", "DDPMPipeline"])
+def test_error_unsupported_pipeline_names_what_is_supported(tmp_path, cls):
+    folder = _index_only(tmp_path / "other", {"_class_name": cls, "unet": ["diffusers", "UNet2DConditionModel"]})
+    _target_error([f"is a {cls}, which memaudit cannot audit", "StableDiffusionPipeline"], load_target, folder,
+                  device="cpu")
 
 
 def test_error_transformer(tmp_path):
@@ -275,7 +278,7 @@ def test_save_round_trips_through_diffusers(tmp_path, target_v):
     pipe = StableDiffusionPipeline.from_pretrained(out)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     x, t = _inputs(target_v, 2)
-    emb = target_v.encode_prompts(["a", "b"])
+    emb = target_v.encode_prompts(["a", "b"]).embeds
     with torch.no_grad():
         ref = target_v.unet(x, t, encoder_hidden_states=emb).sample
         got = pipe.unet(x, t, encoder_hidden_states=emb).sample

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from memaudit.errors import ConfigError
+from memaudit.families import Conditioning
 
 
 def step_window(n_steps: int, window: tuple[int, int | None] = (0, None)) -> slice:
@@ -37,7 +38,7 @@ def prompt_scores(norms: torch.Tensor, prompt_index: torch.Tensor, n_prompts: in
     """Per-prompt denoising strength: mean over the step window, then over (the first ``max_generations``)
     generations of each prompt. ``norms`` is ``[N_images, steps]``; prompts without images get NaN."""
     norms = torch.as_tensor(norms, dtype=torch.float64)
-    per_image = norms[:, step_window(norms.shape[1], window)].mean(1)
+    per_image = norms[:, step_window(norms.shape[1], window)].nanmean(1)
     idx = torch.as_tensor(prompt_index).long()
     keep = torch.ones(len(idx), dtype=torch.bool)
     if max_generations is not None and generation is not None:
@@ -59,7 +60,7 @@ def training_strength(target, latents: torch.Tensor, captions: Sequence[str], ti
         raise ConfigError(f"{len(captions)} captions for {n} latents.")
     generator = generator or torch.Generator().manual_seed(0)
     if timesteps is None:
-        timesteps = torch.randint(0, target.num_train_timesteps, (n,), generator=generator)
+        timesteps = target.sample_timesteps(n, generator)
     noise = torch.randn(latents.shape, generator=generator)
     out = torch.empty(n)
     for k in range(0, n, batch_size):
@@ -69,19 +70,19 @@ def training_strength(target, latents: torch.Tensor, captions: Sequence[str], ti
 
 
 def noised_strength(target, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, captions: list[str],
-                    cond: torch.Tensor | None = None) -> torch.Tensor:
+                    cond=None) -> torch.Tensor:
     """``||eps(x_t, c) - eps(x_t, empty)||`` for clean latents ``x0`` noised with ``noise`` at ``t`` (CPU tensors).
 
-    ``cond`` (optional) gives the caption embeddings directly. No gradient is taken unless the caller enables it.
+    ``cond`` (optional) gives the captions' conditioning directly. No gradient is taken unless the caller enables
+    it.
     """
     b = len(x0)
-    a = target.alpha_bar(t).reshape(-1, 1, 1, 1)
-    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(target.device)
+    x_t = target.add_noise(x0, noise, t).to(target.device)
     cond = target.encode_prompts(captions) if cond is None else cond
-    emb = torch.cat([target.empty_embedding(b), cond.to(target.device)])
+    emb = Conditioning.cat([target.unconditional(b), cond.to(target.device)])
     tt = torch.cat([t, t]).to(target.device)
-    eps = target.predict_eps(torch.cat([x_t, x_t]), tt, emb)
-    return (eps[b:] - eps[:b]).flatten(1).norm(dim=1).cpu()
+    score = target.predict_score(torch.cat([x_t, x_t]), tt, emb)
+    return (score[b:] - score[:b]).flatten(1).norm(dim=1).cpu()
 
 
 def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None = None) -> list[tuple[str, float]]:
@@ -102,10 +103,10 @@ def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None =
             captured["emb"] = output
         return output
 
-    target.empty_embedding(1)  # cache the empty prompt before hooking the embedding layer
+    target.unconditional(1)  # cache the empty prompt before hooking the embedding layer
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, *target.latent_shape), generator=gen)
-    t = torch.tensor([target.num_train_timesteps - 1 if timestep is None else timestep])
+    t = target.pure_noise_timestep() if timestep is None else torch.tensor([timestep])
     handle = embedding.register_forward_hook(hook)
     was = embedding.weight.requires_grad
     try:

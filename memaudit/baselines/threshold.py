@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from memaudit.errors import ConfigError
+from memaudit.families import Conditioning
 from memaudit.train import LossContext, TrainHook, TrainState
 
 StrengthFn = Callable[[LossContext, TrainState], torch.Tensor]
@@ -26,9 +27,8 @@ def batch_strength(ctx: LossContext, state: TrainState) -> torch.Tensor:
     target = state.target
     with torch.no_grad():
         t = ctx.timesteps
-        eps_c = target.to_eps(ctx.output.detach(), ctx.noisy, t)
-        out_u = target.unet(ctx.noisy.to(target.dtype), t, encoder_hidden_states=target.empty_embedding(len(t))).sample
-        eps_u = target.to_eps(out_u, ctx.noisy, t)
+        eps_c = target.to_score(ctx.output.detach(), ctx.noisy, t)
+        eps_u = target.predict_score(ctx.noisy, t, target.unconditional(len(t)))
     return (eps_c - eps_u).flatten(1).norm(dim=1).float().cpu()
 
 
@@ -62,16 +62,16 @@ class ThresholdHook(TrainHook):
 
 
 # -- inference time --------------------------------------------------------------------------------------------
-def mitigate_embeddings(target, cond: torch.Tensor, x: torch.Tensor, t, norm_target: float, lr: float = 0.05,
-                        max_steps: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Wen et al.'s inference-time mitigation: before sampling, optimize the prompt embeddings ``cond``
-    ``[B, L, D]`` with AdamW so that the first step's ``||eps(x_T, cond) - eps(x_T, empty)||`` falls under
+def mitigate_embeddings(target, cond: Conditioning, x: torch.Tensor, t, norm_target: float, lr: float = 0.05,
+                        max_steps: int = 10) -> tuple[Conditioning, torch.Tensor, torch.Tensor, int]:
+    """Wen et al.'s inference-time mitigation: before sampling, optimize the prompt embeddings
+    (``cond.embeds``, ``[B, L, D]``; any pooled embedding or mask stays as it is) with AdamW so that the first step's ``||eps(x_T, cond) - eps(x_T, empty)||`` falls under
     ``norm_target`` for every image.
 
     The target is per image (the loss is the sum of per-image norms, so one image's gradient does not depend on
     the batch size), and the optimization stops as soon as every image is under it, or after ``max_steps``.
-    ``x`` is the batch's initial latents at timestep ``t``. Returns the optimized embeddings (detached), the
-    norms before and after, and the number of optimizer steps taken.
+    ``x`` is the batch's initial latents at timestep ``t``. Returns the conditioning with the optimized embeddings
+    (detached), the norms before and after, and the number of optimizer steps taken.
     """
     if not norm_target > 0:
         raise ConfigError(f"the mitigation's norm target must be positive (got {norm_target!r}).")
@@ -80,12 +80,13 @@ def mitigate_embeddings(target, cond: torch.Tensor, x: torch.Tensor, t, norm_tar
     b = len(cond)
     tt = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
     with torch.no_grad():
-        eps_u = target.predict_eps(x, tt, target.empty_embedding(b))
-    emb = cond.detach().clone().float().requires_grad_(True)
+        eps_u = target.predict_score(x, tt, target.unconditional(b))
+    cond = cond.detach()
+    emb = cond.embeds.clone().float().requires_grad_(True)
     opt = torch.optim.AdamW([emb], lr=lr)
 
     def norms() -> torch.Tensor:
-        return (target.predict_eps(x, tt, emb) - eps_u).flatten(1).norm(dim=1)
+        return (target.predict_score(x, tt, cond.replace(prompt_embeds=emb)) - eps_u).flatten(1).norm(dim=1)
 
     steps = 0
     with torch.enable_grad():
@@ -97,7 +98,7 @@ def mitigate_embeddings(target, cond: torch.Tensor, x: torch.Tensor, t, norm_tar
             opt.step()
             steps += 1
             current = norms()
-    return emb.detach().to(cond.dtype), before, current.detach().cpu(), steps
+    return cond.replace(prompt_embeds=emb.detach().to(cond.embeds.dtype)), before, current.detach().cpu(), steps
 
 
 class EmbeddingMitigation:
@@ -112,7 +113,7 @@ class EmbeddingMitigation:
         self.after: list[torch.Tensor] = []
         self.steps: list[int] = []
 
-    def __call__(self, cond: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+    def __call__(self, cond: Conditioning, x: torch.Tensor, t) -> Conditioning:
         emb, before, after, steps = mitigate_embeddings(self.target, cond, x, t, self.norm_target, self.lr,
                                                         self.max_steps)
         self.before.append(before)

@@ -41,7 +41,7 @@ def read_mask(path: str | os.PathLike) -> dict:
 def finetune_with_mask(base, train, mask_file, out, *, steps: int, batch_size: int = 32, seed: int | None = None,
                        mitigation: str = "none", device: str = "auto", convert_channels: bool = False,
                        overwrite: bool = False, progress=None, cache_dir: str | os.PathLike | None = None,
-                       cache_progress=None) -> dict:
+                       cache_progress=None, loras: list | tuple = ()) -> dict:
     """Fine-tune ``base`` on ``train`` with the method, mask and learning rate of ``mask_file``; returns the
     fine-tune's settings (as :func:`memaudit.finetune.finetune`, whose ``cache_dir`` and ``cache_progress`` these
     are: the latent cache the search filled is found here when the images are the same)."""
@@ -50,7 +50,8 @@ def finetune_with_mask(base, train, mask_file, out, *, steps: int, batch_size: i
     doc = read_mask(mask_file)
     cfg = FinetuneConfig(method=doc["method"], granularity=doc["granularity"], mask=doc["mask"],
                          learning_rate=float(doc["learning_rate"]), steps=steps, batch_size=batch_size,
-                         seed=int(doc.get("seed", 0) if seed is None else seed), mitigation=mitigation)
+                         seed=int(doc.get("seed", 0) if seed is None else seed), mitigation=mitigation,
+                         loras=[list(x) for x in loras])
     # a mask of the wrong length for this base model's units stops before training, with one line
     return finetune(base, train, out, cfg, device=device, convert_channels=convert_channels, overwrite=overwrite,
                     progress=progress, cache_dir=cache_dir, cache_progress=cache_progress)

@@ -347,6 +347,7 @@ class SearchConfig:
                                 default=None)
     seed: int = _help("seed of the search, the splits, every fine-tune and every sample", default=0)
     device: str = _help("auto, cpu or cuda", default="auto")
+    loras: list = _help("LoRA adapters fused into the base before the search: [[path, scale], ...]", default_factory=list)
 
     def __post_init__(self):
         from memaudit.mitigate.methods import GRANULARITIES, available_methods
@@ -558,7 +559,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     config = config or SearchConfig()
     out = check_writable(out, "--out")
     check_writable(latent_cache_root(cache_dir), "--cache-dir")
-    target = load_target(base, device=config.device, dtype="float32")
+    target = load_target(base, device=config.device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
     if len(dataset) < 4:
         raise ConfigError(f"the training set {source} has {len(dataset)} images; the search needs at least 4.")
