@@ -11,7 +11,9 @@ part in this order):
     channels 8, 16, cross-attention at 32x32 only) against the first N images, for each N of ``--sizes``: 2 prompts
     x 2 generations x 2 steps, batch 4, on the CPU, with a fresh ``--cache-dir`` so that the training features are
     computed, not read back. Each run is a fresh process started with ``MEMAUDIT_THREADS=--threads``; it reports
-    its own peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, the number the targets judge), the number of DataLoader
+    its own peak RSS (``VmHWM`` of /proc/self/status, the number the targets judge: the kernel's high-water mark of
+    the process image; ``getrusage(RUSAGE_SELF).ru_maxrss`` is recorded too, but it survives ``exec`` and so carries
+    the launching process's peak), the number of DataLoader
     workers it forked and its largest finished child's (``RUSAGE_CHILDREN``: forks count the pages they share with
     the main process, so the two do not add up), and the wall time of the command. Its process tree is also
     sampled from /proc every 0.5 s: the workers' private memory and the PSS of the whole tree. Targets: peak RSS at
@@ -109,7 +111,7 @@ def _count(event, args):
 sys.addaudithook(_count)
 import torch
 import memaudit.cli
-floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+floor = next((int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")), None)
 sys.argv = ["memaudit", *sys.argv[1:]]
 t0 = time.perf_counter()
 rc = 0
@@ -122,7 +124,8 @@ except Exception:  # a bug, not a user error: its traceback goes to the log, its
     rc = 1
 wall = time.perf_counter() - t0
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print(MARKER + json.dumps({"rc": rc, "wall_s": wall, "maxrss_kb": me.ru_maxrss, "import_maxrss_kb": floor,
+hwm = next((int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")), None)
+print(MARKER + json.dumps({"rc": rc, "wall_s": wall, "maxrss_kb": me.ru_maxrss, "hwm_kb": hwm, "import_maxrss_kb": floor,
       "children_maxrss_kb": kids.ru_maxrss, "forks": spawned["forks"], "helpers": spawned["helpers"],
       "cpu_s": me.ru_utime + me.ru_stime, "children_cpu_s": kids.ru_utime + kids.ru_stime}), flush=True)
 sys.exit(rc)
@@ -403,7 +406,10 @@ def measure(name: str, cli: list[str], work: Path, threads: int, rss_limit_mb: f
     rec: dict[str, Any] = {"name": name, "command": command, "env": {"MEMAUDIT_THREADS": threads}, "log": str(log),
                            "exit_code": proc.returncode, "process_wall_s": process_wall, **sampler.record()}
     if usage is not None:
-        rec.update(wall_s=usage["wall_s"], peak_rss_mb=usage["maxrss_kb"] * 1024 / 1e6, raw_rusage=usage,
+        # VmHWM, the peak RSS of this process image: getrusage's ru_maxrss survives exec, so a child of a large
+        # parent (this script after the throughput part holds its images) would report the parent's peak
+        peak_kb = usage.get("hwm_kb") or usage["maxrss_kb"]
+        rec.update(wall_s=usage["wall_s"], peak_rss_mb=peak_kb * 1024 / 1e6, raw_rusage=usage,
                    import_rss_mb=usage["import_maxrss_kb"] * 1024 / 1e6, cpu_s=usage["cpu_s"],
                    workers_cpu_s=usage["children_cpu_s"])
         rec["workers_started"] = usage["forks"]
@@ -498,7 +504,7 @@ def detail_table(records: list[dict]) -> str:
     return markdown_table(records, cols)
 
 
-DETAIL_NOTE = ("peak RSS: getrusage(RUSAGE_SELF).ru_maxrss of the command's process; workers started: its forks (the "
+DETAIL_NOTE = ("peak RSS: VmHWM of the command's process (/proc/self/status at its end); workers started: its forks (the "
                "DataLoader workers); workers' peak RSS: RUSAGE_CHILDREN, the largest finished child, a worker or a "
                "helper such as the `ldconfig -p` that imports run, each counting the pages a fork shares with the "
                "main process (— without workers); sampled every "

@@ -266,14 +266,24 @@ class _Untrained:
 
 def save_diffusers_lora(target, folder: Path) -> Path:
     """The LoRA trained on the target's denoiser (before it is merged), written in diffusers' LoRA format by the
-    family's own pipeline class, so ``pipe.load_lora_weights(folder)`` applies it without memaudit."""
+    family's own pipeline class, so ``pipe.load_lora_weights(folder)`` applies it without memaudit. A family whose
+    diffusers pipeline has no LoRA loader (PixArt) gets a peft adapter folder instead (``adapter_config.json`` +
+    ``adapter_model.safetensors``: ``peft.PeftModel.from_pretrained(pipe.transformer, folder)``, or ``--lora``)."""
     from peft import get_peft_model_state_dict
 
     from memaudit.mitigate.methods.lora import ADAPTER_NAME
 
     layers = get_peft_model_state_dict(target.denoiser, adapter_name=ADAPTER_NAME)
-    kind = "unet" if target.family.denoiser_name == "unet" else "transformer"
-    type(target.pipe).save_lora_weights(str(folder), **{f"{kind}_lora_layers": layers}, safe_serialization=True)
+    folder.mkdir(parents=True, exist_ok=True)  # inside the fine-tune's atomic output folder
+    if hasattr(type(target.pipe), "save_lora_weights"):
+        kind = "unet" if target.family.denoiser_name == "unet" else "transformer"
+        type(target.pipe).save_lora_weights(str(folder), **{f"{kind}_lora_layers": layers}, safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        target.denoiser.peft_config[ADAPTER_NAME].save_pretrained(str(folder))
+        save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in layers.items()},
+                  str(folder / "adapter_model.safetensors"))
     return folder
 
 

@@ -495,6 +495,35 @@ def index_components(path: Path) -> list[str]:
                           and "index" in f.name for f in p.iterdir()))
 
 
+def _apply_peft_adapter(target: Target, path: Path, given, scale: float) -> None:
+    """For families whose diffusers pipeline has no LoRA loader (PixArt): a peft adapter folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``, what ``memaudit finetune --method lora`` writes for them),
+    merged into the denoiser at ``scale``."""
+    from safetensors import SafetensorError
+
+    if not (path.is_dir() and (path / "adapter_config.json").is_file()
+            and (path / "adapter_model.safetensors").is_file()):
+        raise TargetError(f"--lora {given}: diffusers has no LoRA loader for {target.family.title} pipelines; pass a "
+                          "peft adapter folder (adapter_config.json + adapter_model.safetensors), as memaudit finetune "
+                          "--method lora writes for this family.")
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(target.denoiser, str(path), adapter_name="memaudit", use_safetensors=True)
+        if float(scale) != 1.0:
+            for module in model.modules():
+                if hasattr(module, "scale_layer") and hasattr(module, "lora_A"):
+                    module.scale_layer(float(scale))
+        target.denoiser = model.merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
+        raise TargetError(f"--lora {given} could not be applied to {target.path or 'the model'} "
+                          f"({str(e).splitlines()[0]}); pass an adapter trained for this base model.") from e
+    for _, m in target.modules():
+        m.eval()
+        m.requires_grad_(False)
+    target.loras.append({"path": str(path.resolve()), "sha256": file_sha256(path), "scale": float(scale)})
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, or of a folder's files (sorted relative names and contents)."""
     h = hashlib.sha256()
@@ -520,7 +549,8 @@ def apply_lora(target: Target, lora: str | os.PathLike, scale: float = 1.0) -> N
     if p.is_file() and p.suffix != ".safetensors":
         raise TargetError(f"--lora {lora} is not a .safetensors file; memaudit never unpickles weights: convert it.")
     if not hasattr(target.pipe, "load_lora_weights"):
-        raise TargetError(f"{target.family.title} pipelines do not take LoRA adapters in diffusers.")
+        _apply_peft_adapter(target, p, lora, scale)
+        return
     from safetensors import SafetensorError
 
     name = f"memaudit_{len(target.loras)}"
