@@ -4,8 +4,8 @@ An adapter folder holds ``adapter.safetensors`` (every trainable tensor of the m
 biases, SV-DIFF's spectral shifts, LoRA's factors, ...) and ``adapter.json`` (method, granularity, the mask and the
 learning rate it was trained with, the unit names, steps, seed, base model, sizes and library versions). All
 trainable tensors are saved even when a mask switched units off (those hold their initial values), so loading
-rebuilds the trained UNet exactly. Files are written atomically; tensors are read with safetensors only, never
-unpickled.
+rebuilds the trained denoiser (UNet or transformer, of any family) exactly. Files are written atomically; tensors are
+read with safetensors only, never unpickled.
 
 :func:`export_merged` turns base + adapter into a plain diffusers pipeline folder.
 """
@@ -123,15 +123,17 @@ def read_adapter_info(path: str | os.PathLike) -> dict:
 
 
 def load_adapter(path: str | os.PathLike, unet) -> PEFTMethod:
-    """Build the saved method on ``unet`` (in place, with the saved granularity), load its tensors and return it.
+    """Build the saved method on the denoiser ``unet`` (in place, with the saved granularity), load its tensors and
+    return it.
 
-    The units must be those the adapter was saved with; otherwise, or when the tensors do not fit, the UNet is put
+    The units must be those the adapter was saved with; otherwise, or when the tensors do not fit, the denoiser is put
     back as it was and a ConfigError says so.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from memaudit.mitigate.methods import get_method
+    from memaudit.mitigate.methods.base import is_unet
 
     meta = read_adapter_info(path)
     folder = Path(path)
@@ -147,12 +149,13 @@ def load_adapter(path: str | os.PathLike, unet) -> PEFTMethod:
                                                                                                   len(meta["units"])))
             saved = meta["units"][first] if first < len(meta["units"]) else "(none)"
             here = units[first] if first < len(units) else "(none)"
-            raise ConfigError(f"adapter {folder} does not fit this UNet: unit {first} is {saved} in the adapter but "
+            kind = "UNet" if is_unet(unet) else type(unet).__name__
+            raise ConfigError(f"adapter {folder} does not fit this {kind}: unit {first} is {saved} in the adapter but "
                               f"{here} here ({len(meta['units'])} vs {len(units)} units); load it onto its base "
                               f"model ({meta.get('base', 'unknown')}).")
         method.load_adapter_state(state)
     except ConfigError:
-        method.merge()  # nothing was loaded yet: merging the freshly installed method restores the UNet exactly
+        method.unload()  # nothing was loaded yet: taking the freshly installed method out restores the denoiser
         raise
     logger.info("loaded %s adapter from %s", meta["method"], folder)
     return method
@@ -162,8 +165,10 @@ def export_merged(adapter_path: str | os.PathLike, base_pipeline_dir: str | os.P
                   dtype: str | torch.dtype | None = None) -> Path:
     """Base pipeline + adapter, merged, written as a plain diffusers pipeline folder (atomically).
 
-    ``StableDiffusionPipeline.from_pretrained(out_dir)`` loads it without memaudit. The UNet and VAE are cast to
-    ``dtype`` when given; ``memaudit_adapter.json`` beside the components records the adapter and base.
+    The base's own pipeline class (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``StableDiffusion3Pipeline``, ``FluxPipeline``, ``PixArtSigmaPipeline``, ...) loads it with ``from_pretrained``
+    without memaudit. The denoiser and VAE are cast to ``dtype`` when given; ``memaudit_adapter.json`` beside the
+    components records the adapter and base.
     """
     from memaudit.io import atomic_directory
     from memaudit.target import load_target, resolve_dtype
@@ -171,7 +176,7 @@ def export_merged(adapter_path: str | os.PathLike, base_pipeline_dir: str | os.P
     meta = read_adapter_info(adapter_path)
     out = check_writable(out_dir, "--out")
     target = load_target(base_pipeline_dir, device="cpu")
-    method = load_adapter(adapter_path, target.unet)
+    method = load_adapter(adapter_path, target.denoiser)
     method.merge()
     out = Path(out_dir)
     with atomic_directory(out) as tmp:

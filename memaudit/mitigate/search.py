@@ -335,7 +335,7 @@ class SearchConfig:
     sample_steps: int = _help("denoising steps when an objective samples", default=25)
     guidance: float = _help("guidance scale when an objective samples", default=4.0)
     min_clique: int = _help("extraction objective: clique size that flags a caption", default=3)
-    max_trainable_percent: float | None = _help("constraint: at most this share of the UNet trains", default=None)
+    max_trainable_percent: float | None = _help("constraint: at most this share of the denoiser trains", default=None)
     preference: tuple | None = _help("weights (memorization, quality) for the pick; None: the knee point", default=None)
     schedule: str = _help("plain: every evaluation fine-tunes inner_steps; screen: NSGA-II runs on short screening "
                           "fine-tunes (screen_steps), then only the screening front is fine-tuned for inner_steps, "
@@ -393,7 +393,18 @@ OBJECTIVES = ("memorization", "quality")
 
 
 class MaskEvaluator:
-    """Fine-tunes a fresh copy of the base UNet with a mask on the proxy split and scores it (the inner loop).
+    """Fine-tunes the base denoiser with a mask on the proxy split and scores it (the inner loop).
+
+    Every evaluation works on the target's own denoiser, never on a copy (a copy of SDXL's UNet is 10 GB, Flux's
+    transformer 48 GB in float32): the method is installed on it, trained and scored, then taken out again without
+    merging (:meth:`memaudit.mitigate.methods.PEFTMethod.unload`), so what it installed (spectral shifts, scales, LoRA
+    factors) is dropped and the plain layers come back with their own parameters. The base parameters the mask
+    trains directly (``full``, ``attention``, ``bias``, ``norm``, DiffFit's biases and norms;
+    :meth:`~memaudit.mitigate.methods.PEFTMethod.base_parameters`) are copied to the CPU before training and copied
+    back afterwards: only those tensors, and only for the evaluation's duration. SV-DIFF and LoRA copy nothing; full
+    fine-tuning (the reference evaluation) is the one case that copies every denoiser parameter. After each
+    evaluation the denoiser is bit-for-bit the base again (same tensors, ``requires_grad`` flags, no gradients, eval
+    mode), so every evaluation starts from the same base, as with a fresh copy.
 
     Images are streamed: the proxy images' latents come from the latent cache in ``cache_dir`` (default: memaudit's
     cache folder; :mod:`memaudit.latents`), filled at the first evaluation and found by every later one (and by later
@@ -403,20 +414,18 @@ class MaskEvaluator:
 
     def __init__(self, target, proxy, val, config: SearchConfig, progress: Progress | None = None,
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 64):
-        import copy
-
         from memaudit.features import get_extractor
-        from memaudit.mitigate.methods import get_method
 
         self.target, self.proxy, self.val, self.config = target, proxy, val, config
         self.cache_dir, self.batch_size = cache_dir, batch_size
-        self.pristine = copy.deepcopy(target.unet).cpu()
         self.progress = progress or (lambda *_: None)
-        # the units are read off the method built in place on target.unet: fresh() replaces that UNet with a copy of
-        # the pristine one before every fine-tune, so this costs no second copy of the model
-        probe = get_method(config.method, target.unet, config.granularity, base=target.path or None)
-        self.units = probe.units()
-        self.summary = probe.summary()
+        # the units are read off the method built on the denoiser, which is then taken out again
+        probe = self.fresh()
+        try:
+            self.units = probe.units()
+            self.summary = probe.summary()
+        finally:
+            probe.unload()
         self.extractor = get_extractor(config.quality_features, device=str(target.device))
         # the features of the validation and proxy images are computed at the first evaluation (never, when every
         # evaluation comes from the logs)
@@ -453,32 +462,46 @@ class MaskEvaluator:
         return self.latents.means()
 
     def fresh(self, method: str | None = None):
-        """A fresh copy of the base UNet in the target, with ``method`` (default: the searched one) installed."""
-        import copy
-
+        """``method`` (default: the searched one) installed on the target's denoiser, in place; the caller takes it
+        out again with ``unload()`` (as :meth:`__call__` does)."""
         from memaudit.mitigate.methods import get_method
 
-        self.target.unet = copy.deepcopy(self.pristine).to(self.target.device)
-        return get_method(method or self.config.method, self.target.unet, self.config.granularity,
+        return get_method(method or self.config.method, self.target.denoiser, self.config.granularity,
                           base=self.target.path or None)
 
     def __call__(self, mask: list[int] | None, lr: float, method: str | None = None, steps: int | None = None) -> dict:
         """Fine-tune with ``mask`` (None: every unit) at ``lr`` for ``steps`` (default: the inner steps) and score;
-        ``method`` overrides the searched one."""
+        ``method`` overrides the searched one. The denoiser is the base again afterwards (see the class docstring),
+        also when training or scoring fails."""
+        import torch
+
         from memaudit.train import TrainConfig, train_unet
 
         cfg = self.config
         steps = cfg.inner_steps if steps is None else steps
+        denoiser = self.target.denoiser
+        was_training = denoiser.training
         peft = self.fresh(method)
-        params = peft.parameters_for(mask if mask is not None else [1] * len(peft.units()))
-        n = sum(p.numel() for p in params)
-        if params:
-            train_unet(self.target, self.proxy, TrainConfig(steps=steps, batch_size=cfg.batch_size,
-                                                            learning_rate=lr, seed=cfg.seed, log_every=0),
-                       params=params, progress=lambda s, t, _logs: self.progress("step", s, t), latents=self.latents)
-        self.target.unet.eval()
-        mem, details = self.memorization()
-        quality = self.quality()
+        saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        try:
+            params = peft.parameters_for(mask if mask is not None else [1] * len(peft.units()))
+            n = sum(p.numel() for p in params)
+            # the base tensors training will change in place, kept on the CPU until the evaluation ends
+            saved = [(p, p.detach().to("cpu", copy=True)) for p in peft.base_parameters(params)]
+            if params:
+                train_unet(self.target, self.proxy, TrainConfig(steps=steps, batch_size=cfg.batch_size,
+                                                                learning_rate=lr, seed=cfg.seed, log_every=0),
+                           params=params, progress=lambda s, t, _logs: self.progress("step", s, t),
+                           latents=self.latents)
+            denoiser.eval()
+            mem, details = self.memorization()
+            quality = self.quality()
+        finally:
+            with torch.no_grad():
+                for p, copy in saved:
+                    p.copy_(copy)
+            peft.unload()
+            denoiser.train(was_training)
         return {"objectives": {"memorization": mem, "quality": quality}, "trainable_parameters": n,
                 "trainable_percent": 100.0 * n / self.summary["unet_parameters"], "details": details,
                 "inner_steps": steps if params else 0}
@@ -567,8 +590,12 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     rest, val = splits["train"], splits["val"]
     n_proxy = max(1, round(config.proxy_fraction * len(rest)))
     proxy = rest.subset(torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:n_proxy].sort().values)
-    # copies the base UNet and lists the method's units; nothing is written yet
+    # lists the method's units (built on the denoiser and taken out again); nothing is written yet
     evaluator = MaskEvaluator(target, proxy, val, config, progress, cache_dir=cache_dir)
+    if not evaluator.units:
+        raise ConfigError(f"--method {config.method} has nothing to train on {base} (its "
+                          f"{type(target.denoiser).__name__} has no {config.method} parameters), so there is no mask "
+                          "to search; choose another --method.")
     check_population(config.population, len(evaluator.units), config.lr_choices,
                      f"{config.method} at {config.granularity} granularity")
     settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base), "train": source,

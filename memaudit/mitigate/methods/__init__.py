@@ -1,7 +1,7 @@
 """PEFT methods with maskable units, by name.
 
-``get_method(name, unet, granularity)`` builds one on a diffusers UNet (changing it in place, see
-:mod:`memaudit.mitigate.methods.base`). Adding a method takes one new file with a :class:`PEFTMethod` subclass and
+``get_method(name, unet, granularity)`` builds one on a diffusers denoiser, UNet or transformer (changing it in place,
+see :mod:`memaudit.mitigate.methods.base`). Adding a method takes one new file with a :class:`PEFTMethod` subclass and
 one ``register_method`` line below; a ``"module:Class"`` string registers it without importing it until it is used.
 
 ``list_units(base, name, granularity)`` (``memaudit mitigate units``) says what the bits of a mask stand for.
@@ -59,7 +59,7 @@ def method_class(name: str) -> type[PEFTMethod]:
 
 def get_method(name: str, unet, granularity: str = "block", *, base: str | os.PathLike | None = None) -> PEFTMethod:
     """Build the method ``name`` on ``unet`` (in place) with ``block`` or ``layer`` units; ``base``, the model the
-    UNet was loaded from, is only used to name it in messages (a mask of the wrong length)."""
+    denoiser was loaded from, is only used to name it in messages (a mask of the wrong length)."""
     cls = method_class(name)
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}; "
@@ -71,7 +71,7 @@ def get_method(name: str, unet, granularity: str = "block", *, base: str | os.Pa
 
 @dataclass(frozen=True)
 class UnitInfo:
-    """One bit of a method's mask, described: its position, name, size and share of the whole UNet."""
+    """One bit of a method's mask, described: its position, name, size and share of the whole denoiser."""
 
     index: int
     name: str
@@ -87,7 +87,7 @@ def unit_table(method: PEFTMethod) -> list[UnitInfo]:
 
 
 def list_units(base: str | os.PathLike, name: str, granularity: str = "block", device: str = "cpu") -> list[UnitInfo]:
-    """The units of method ``name`` at ``granularity`` on the UNet of the pipeline ``base`` (loaded with
+    """The units of method ``name`` at ``granularity`` on the denoiser of the pipeline ``base`` (loaded with
     :func:`memaudit.target.load_target`), in mask order."""
     from memaudit.target import load_target
 

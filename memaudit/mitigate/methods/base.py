@@ -1,22 +1,32 @@
 """The shared machinery of every PEFT method: what trains, how it splits into maskable units, adapter state, merging.
 
-A method is built on a diffusers ``UNet2DConditionModel`` and changes it in place: it installs its extra modules
-(SV-DIFF's spectral shifts, DiffFit's scales, LoRA's low-rank factors), then freezes every UNet parameter that is not
-its own. Its trainable parameters are partitioned into *units*, the bits of a MemControl mask:
+A method is built on a diffusers denoiser -- a ``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL) or a
+transformer (DiT: ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, ``PixArtTransformer2DModel``) -- and changes it
+in place: it installs its extra modules (SV-DIFF's spectral shifts, DiffFit's scales, LoRA's low-rank factors), then
+freezes every denoiser parameter that is not its own. (Names such as ``unet`` below are historical: they hold any
+denoiser.) Its trainable parameters are partitioned into *units*, the bits of a MemControl mask:
 
-- ``granularity="block"``: one unit per transformer block (each ``Transformer2DModel``: ``down_blocks.i.attentions.j``,
-  ``mid_block.attentions.0``, ``up_blocks.i.attentions.j``), as in the reference implementation, plus what the
-  reference leaves out so that every trainable parameter has a bit: one ``<block>.rest`` unit per top-level block
-  (``down_blocks.i``, ``mid_block``, ``up_blocks.i``: its resnets, down- and upsamplers) and one ``stem`` unit for
-  the parameters outside those blocks (``conv_in``, ``time_embedding``, ``conv_norm_out``, ``conv_out``). Order:
-  ``stem``, then the down blocks, the mid block and the up blocks in the order data flows through them, each block's
-  transformers before its ``.rest``.
+- ``granularity="block"`` on a UNet: one unit per transformer block (each ``Transformer2DModel``:
+  ``down_blocks.i.attentions.j``, ``mid_block.attentions.0``, ``up_blocks.i.attentions.j``), as in the reference
+  implementation, plus what the reference leaves out so that every trainable parameter has a bit: one
+  ``<block>.rest`` unit per top-level block (``down_blocks.i``, ``mid_block``, ``up_blocks.i``: its resnets, down-
+  and upsamplers) and one ``stem`` unit for the parameters outside those blocks (``conv_in``, ``time_embedding``,
+  ``conv_norm_out``, ``conv_out``). Order: ``stem``, then the down blocks, the mid block and the up blocks in the
+  order data flows through them, each block's transformers before its ``.rest``.
+- ``granularity="block"`` on a DiT: one unit per transformer block -- every element of the denoiser's top-level
+  ``ModuleList``s, in forward order (SD3 and PixArt: ``transformer_blocks.i``; Flux: ``transformer_blocks.i``, then
+  ``single_transformer_blocks.i``), found by structure (:func:`dit_blocks`; it agrees with each family's
+  :meth:`memaudit.families.Family.blocks`) -- plus one ``stem`` unit, first, for everything else (patch/position
+  embedding, time and text embedders, context embedder, ``norm_out``, ``proj_out``, PixArt's ``adaln_single``,
+  ``caption_projection`` and top-level ``scale_shift_table``).
 - ``granularity="layer"``: one unit per layer (a module owning parameters directly; for LoRA, the adapted layer)
-  that holds trainable parameters, grouped in the block order above and in module order within a block.
+  that holds trainable parameters, grouped in the block order above and in module order within a block. A parameter
+  owned by the denoiser itself (PixArt's ``scale_shift_table``) is a unit of its own, named after it.
 
 Units without trainable parameters are omitted. :meth:`PEFTMethod.merge` bakes the adaptation into the plain
-weights and removes every installed module, so the UNet is again a plain ``UNet2DConditionModel`` with its
-original ``state_dict`` keys, loadable by diffusers without memaudit.
+weights and removes every installed module, so the denoiser is again a plain diffusers model with its original
+``state_dict`` keys, loadable by diffusers without memaudit. :meth:`PEFTMethod.unload` removes the installed modules
+*without* baking anything in (the mask search uses it to give the live denoiser back after an evaluation).
 
 A new method subclasses :class:`PEFTMethod` in its own file, overrides :meth:`PEFTMethod._install` (if it adds
 modules), :meth:`PEFTMethod._trainable_names` and :meth:`PEFTMethod._merge`, and is registered with one line in
@@ -30,6 +40,7 @@ import logging
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -40,7 +51,9 @@ logger = logging.getLogger(__name__)
 GRANULARITIES = ("block", "layer")
 STEM = "stem"
 REST = "rest"
-NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+#: the torch normalization layers whose affine parameters the norm-based methods train (see :func:`norm_types` for
+#: the full set, which adds diffusers' own ``RMSNorm``)
+NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
 
 
 @dataclass
@@ -58,16 +71,72 @@ def units_command(method: str, granularity: str, base: str | None = None) -> str
     return f"memaudit mitigate units {where} --method {method} --granularity {granularity}"
 
 
-# -- UNet structure ---------------------------------------------------------------------------------------------
+# -- layer kinds ----------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def norm_types() -> tuple[type, ...]:
+    """Normalization layers with (optional) affine parameters: torch's ``GroupNorm``, ``LayerNorm`` (and subclasses
+    such as diffusers' ``FP32LayerNorm``), ``RMSNorm`` (Flux's query/key norms), and diffusers' own ``RMSNorm`` (SD3.5's
+    query/key norms). Adaptive norms (``AdaLayerNorm*``) are a plain norm without affine parameters plus ``Linear``
+    layers, which count as ``Linear`` layers."""
+    try:
+        from diffusers.models.normalization import RMSNorm
+    except ImportError:  # pragma: no cover - every supported diffusers has it
+        return NORM_TYPES
+    return (*NORM_TYPES, RMSNorm)
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a normalization layer of :func:`norm_types` (with or without affine parameters)."""
+    return isinstance(module, norm_types())
+
+
+@lru_cache(maxsize=1)
+def attention_types() -> tuple[type, ...]:
+    """diffusers' attention modules: ``Attention`` (UNets, SD3, PixArt) and every ``AttentionModuleMixin`` class
+    (``FluxAttention`` and the other attention classes of newer transformers)."""
+    from diffusers.models.attention_processor import Attention
+
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except ImportError:  # pragma: no cover - older diffusers
+        return (Attention,)
+    return (Attention, AttentionModuleMixin)
+
+
+def is_attention(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a diffusers attention module (see :func:`attention_types`)."""
+    return isinstance(module, attention_types())
+
+
+# -- denoiser structure -------------------------------------------------------------------------------------------
+def is_unet(denoiser: torch.nn.Module) -> bool:
+    """Whether the denoiser has a UNet's layout (``down_blocks`` and ``up_blocks``) rather than a DiT's."""
+    return hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")
+
+
+def dit_blocks(denoiser: torch.nn.Module) -> list[str]:
+    """A transformer denoiser's blocks in forward order: the elements of its top-level ``ModuleList``s, in
+    registration order (SD3, PixArt: ``transformer_blocks.i``; Flux: ``transformer_blocks.i`` then
+    ``single_transformer_blocks.i``)."""
+    return [f"{name}.{i}" for name, child in denoiser.named_children() if isinstance(child, torch.nn.ModuleList)
+            for i in range(len(child))]
+
+
 def transformer_names(unet: torch.nn.Module) -> list[str]:
-    """Qualified names of the UNet's transformer blocks (``Transformer2DModel`` modules), in module order."""
+    """Qualified names of the denoiser's transformer blocks, in module order: on a UNet its ``Transformer2DModel``
+    modules, on a DiT :func:`dit_blocks`."""
+    if not is_unet(unet):
+        return dit_blocks(unet)
     from diffusers import Transformer2DModel
 
-    return [name for name, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+    return [name for name, m in unet.named_modules() if name and isinstance(m, Transformer2DModel)]
 
 
 def top_level_blocks(unet: torch.nn.Module) -> list[str]:
-    """``down_blocks.i``, ``mid_block``, ``up_blocks.i``: the UNet's top-level blocks in data-flow order."""
+    """``down_blocks.i``, ``mid_block``, ``up_blocks.i``: a UNet's top-level blocks in data-flow order (none on a DiT,
+    whose transformer blocks are top-level themselves)."""
+    if not is_unet(unet):
+        return []
     names = [f"down_blocks.{i}" for i in range(len(getattr(unet, "down_blocks", ())))]
     if getattr(unet, "mid_block", None) is not None:
         names.append("mid_block")
@@ -79,6 +148,8 @@ def block_unit_names(unet: torch.nn.Module) -> list[str]:
     """Every possible block-granularity unit name, in mask order (before omitting empty units)."""
     transformers = transformer_names(unet)
     names = [STEM]
+    if not is_unet(unet):
+        return names + transformers
     for block in top_level_blocks(unet):
         names += [t for t in transformers if t.startswith(block + ".")]
         names.append(f"{block}.{REST}")
@@ -97,17 +168,29 @@ class Wrapper(torch.nn.Module, abc.ABC):
 
     The wrapper re-registers the layer's own parameters under their original names (so ``state_dict`` keys of the
     plain model stay valid) and keeps the layer object itself, stripped of its tensors and out of the module tree,
-    to put back on :meth:`restore`.
+    to put back on :meth:`restore` (with the adaptation merged) or :meth:`unwrap` (without).
     """
 
     def __init__(self, layer: torch.nn.Module):
         super().__init__()
         self.weight = layer.weight
-        self.bias = layer.bias
+        self.bias = getattr(layer, "bias", None)  # torch's RMSNorm has no bias attribute at all
         layer.weight = None
-        layer.bias = None
+        if hasattr(layer, "bias"):
+            layer.bias = None
         object.__setattr__(self, "_plain", layer)  # not a child: invisible to state_dict, parameters() and .to()
         self.train(layer.training)
+
+    def __getattr__(self, name: str):
+        # the plain layer's other attributes (in_features, kernel_size, eps, ...) read through the wrapper: pipelines
+        # read them (SDXL's reads add_embedding.linear_1.in_features)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            plain = self.__dict__.get("_plain")
+            if plain is None or name in ("weight", "bias"):
+                raise
+            return getattr(plain, name)
 
     @property
     def plain_type(self) -> str:
@@ -128,8 +211,15 @@ class Wrapper(torch.nn.Module, abc.ABC):
             self.weight.copy_(weight)
         if bias is not None and bias is not self.bias:
             self.bias.copy_(bias)
+        return self.unwrap()
+
+    def unwrap(self) -> torch.nn.Module:
+        """The plain layer with its own weight and bias (the same ``Parameter`` objects, not merged: the adaptation
+        is dropped)."""
         layer = self._plain
-        layer.weight, layer.bias = self.weight, self.bias
+        layer.weight = self.weight
+        if hasattr(layer, "bias"):
+            layer.bias = self.bias
         layer.train(self.training)
         return layer
 
@@ -143,15 +233,16 @@ def _is_peft_layer(module: torch.nn.Module) -> bool:
 
 # -- the base class -----------------------------------------------------------------------------------------------
 class PEFTMethod(abc.ABC):
-    """A parameter-efficient fine-tuning method on a diffusers UNet, with maskable units.
+    """A parameter-efficient fine-tuning method on a diffusers denoiser (UNet or DiT), with maskable units.
 
-    Building it changes ``unet`` in place (see the module docstring); :meth:`merge` undoes the structural change.
+    Building it changes ``unet`` (the denoiser) in place (see the module docstring); :meth:`merge` undoes the
+    structural change keeping the adaptation, :meth:`unload` undoes it dropping the adaptation.
     """
 
     name: str = ""
     default_lr: float = 1e-4
     description: str = ""
-    #: the base model the UNet was loaded from, when the caller knows it (:func:`get_method`'s ``base``); only used
+    #: the base model the denoiser was loaded from, when the caller knows it (:func:`get_method`'s ``base``); only used
     #: to name it in messages
     base: str | None = None
 
@@ -161,11 +252,14 @@ class PEFTMethod(abc.ABC):
                               "use block (one unit per transformer block) or layer (one unit per layer).")
         installed = [n for n, m in unet.named_modules() if isinstance(m, Wrapper) or _is_peft_layer(m)]
         if installed:
-            raise ConfigError(f"this UNet already carries a PEFT method (at {installed[0]}); merge it first "
+            raise ConfigError(f"this denoiser already carries a PEFT method (at {installed[0]}); merge it first "
                               "(method.merge()) or load a fresh base model.")
         self.unet = unet
         self.granularity = granularity
         self._merged = False
+        # the base's own parameters (the same objects stay in the model through install, merge and unload) and
+        # whether each required gradients, for unload()
+        self._base = [(p, p.requires_grad) for p in unet.parameters()]
         self._unet_parameters = sum(p.numel() for p in unet.parameters())
         self._block_names = block_unit_names(unet)
         self._transformers = transformer_names(unet)
@@ -175,7 +269,8 @@ class PEFTMethod(abc.ABC):
         self._names = [n for n, _ in unet.named_parameters() if n in chosen]
         unknown = chosen - set(self._names)
         if unknown:  # a bug in a method, not a user mistake
-            raise RuntimeError(f"method {self.name} selected parameters the UNet does not have: {sorted(unknown)[:3]}")
+            raise RuntimeError(f"method {self.name} selected parameters the denoiser does not have: "
+                               f"{sorted(unknown)[:3]}")
         for n, p in unet.named_parameters():
             p.requires_grad_(n in chosen)
         self._units = self._build_units()
@@ -193,9 +288,21 @@ class PEFTMethod(abc.ABC):
     def _merge(self) -> None:  # noqa: B027 (optional hook: nothing to merge when nothing was installed)
         """Bake the adaptation into plain weights and remove installed modules (default: nothing installed)."""
 
+    def _unload(self) -> None:
+        """Remove every installed module without merging: each :class:`Wrapper` gives back its plain layer and each
+        ``peft`` layer its base layer, with their own (unchanged) parameters. Subclasses that install something else
+        extend it."""
+        wrapped = [(n, m) for n, m in self.unet.named_modules() if isinstance(m, Wrapper)]
+        for name, m in wrapped:
+            replace_module(self.unet, name, m.unwrap())
+        from_peft = [(n, m) for n, m in self.unet.named_modules() if _is_peft_layer(m) and hasattr(m, "get_base_layer")]
+        for name, m in from_peft:
+            replace_module(self.unet, name, m.get_base_layer())
+
     def _layer_of(self, param_name: str) -> str:
-        """The layer unit of a trainable parameter: by default the module owning it."""
-        return param_name.rpartition(".")[0] or "unet"
+        """The layer unit of a trainable parameter: by default the module owning it (a parameter of the denoiser
+        itself, such as PixArt's ``scale_shift_table``, is its own unit)."""
+        return param_name.rpartition(".")[0] or param_name
 
     # -- helpers for subclasses -----------------------------------------------------------------------------
     def _names_where(self, predicate) -> list[str]:
@@ -237,7 +344,8 @@ class PEFTMethod(abc.ABC):
     # -- the public interface -------------------------------------------------------------------------------
     def _check_live(self) -> None:
         if self._merged:
-            raise ConfigError(f"the {self.name} method was merged into the UNet; build a new method to train again.")
+            raise ConfigError(f"the {self.name} method was merged into (or unloaded from) the denoiser; build a new "
+                              "method to train again.")
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
         """Every trainable parameter of the method, by qualified name, in ``unet.named_parameters()`` order."""
@@ -274,7 +382,7 @@ class PEFTMethod(abc.ABC):
     def parameters_for(self, mask: Sequence) -> list[torch.nn.Parameter]:
         """The parameters of the units whose bit is 1, in unit order.
 
-        They become the only parameters of the UNet that require gradients (the method's other parameters are
+        They become the only parameters of the denoiser that require gradients (the method's other parameters are
         frozen), so the switched-off units cost no gradient computation. An all-zero mask gives ``[]``: nothing to
         train, and the caller should skip training.
         """
@@ -287,7 +395,7 @@ class PEFTMethod(abc.ABC):
         return [params[n] for n in chosen]
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        """What training changed, enough to rebuild the adapted UNet on its base: every trainable tensor (CPU)."""
+        """What training changed, enough to rebuild the adapted denoiser on its base: every trainable tensor (CPU)."""
         return {n: p.detach().to("cpu").contiguous().clone() for n, p in self.trainable().items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -305,17 +413,18 @@ class PEFTMethod(abc.ABC):
             t = state[n]
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ConfigError(f"adapter tensor {n} has shape {got} but this UNet needs {tuple(p.shape)}; "
+                raise ConfigError(f"adapter tensor {n} has shape {got} but this denoiser needs {tuple(p.shape)}; "
                                   "load the adapter onto the base model it was trained from.")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(state[n].to(device=p.device, dtype=p.dtype))
 
     def merge(self) -> None:
-        """Bake the adaptation into plain UNet weights and remove every installed module.
+        """Bake the adaptation into plain denoiser weights and remove every installed module.
 
-        Afterwards the UNet is a plain ``UNet2DConditionModel`` with its original ``state_dict`` keys and every
-        parameter frozen; the method is spent (build a new one to train again).
+        Afterwards the denoiser is a plain diffusers model (``UNet2DConditionModel``, ``SD3Transformer2DModel``, ...)
+        with its original ``state_dict`` keys and every parameter frozen; the method is spent (build a new one to
+        train again).
         """
         self._check_live()
         with torch.no_grad():
@@ -324,12 +433,38 @@ class PEFTMethod(abc.ABC):
             p.requires_grad_(False)
         self._merged = True
 
+    def unload(self) -> None:
+        """Remove every installed module *without* merging, and give every parameter back the ``requires_grad`` it
+        had before the method was built; the method is spent.
+
+        What the method installed (spectral shifts, scales, LoRA factors) is dropped, so a method that trains only
+        its own modules (``svdiff``, ``lora``) leaves the denoiser bit-for-bit the base, however it was trained. A
+        method that trains base parameters directly (``full``, ``attention``, ``bias``, ``norm``, DiffFit's biases
+        and norms) changed them in place: :meth:`base_parameters` says which, and a caller that wants the base back
+        keeps a copy of those beforehand (as :class:`memaudit.mitigate.search.MaskEvaluator` does).
+        """
+        self._check_live()
+        with torch.no_grad():
+            self._unload()
+        for p, flag in self._base:
+            p.grad = None
+            p.requires_grad_(flag)
+        self._merged = True
+
+    def base_parameters(self, params: Sequence[torch.nn.Parameter] | None = None) -> list[torch.nn.Parameter]:
+        """Those of ``params`` (default: every trainable parameter) that belong to the base denoiser itself rather than
+        to a module the method installed: the tensors that training changes in place in the base model."""
+        params = list(self.trainable().values()) if params is None else list(params)
+        base = {id(p) for p, _ in self._base}
+        return [p for p in params if id(p) in base]
+
     @property
     def merged(self) -> bool:
         return self._merged
 
     def summary(self) -> dict:
-        """Method, granularity, units with their sizes, and the trainable share of the (original) UNet."""
+        """Method, granularity, units with their sizes, and the trainable share of the (original) denoiser
+        (under the historical key ``unet_parameters``)."""
         n = self.trainable_count()
         return {
             "method": self.name,

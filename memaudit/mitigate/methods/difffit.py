@@ -1,17 +1,26 @@
 """DiffFit (Xie et al., "DiffFit: Unlocking Transferability of Large Diffusion Models via Simple Parameter-Efficient
-Fine-Tuning", ICCV 2023), on a Stable Diffusion UNet.
+Fine-Tuning", ICCV 2023), on a diffusion denoiser (a Stable Diffusion UNet or a DiT).
 
-Trainable: every bias, the affine parameters (weight and bias) of every ``GroupNorm`` and ``LayerNorm``, and learned
-scale factors, initialized to 1, on the outputs of the attention and feed-forward branches of each transformer block.
-The paper (on DiT) scales each block's branches by a learned factor gamma; we learn one factor per output channel,
-``scale`` of shape ``[dim]``, which contains the single-factor version as a special case.
+Trainable: every bias, the affine parameters (weight and bias) of every normalization layer that has them
+(``GroupNorm``, ``LayerNorm``, ``RMSNorm``; a DiT's adaptive norms have none: their modulation comes from ``Linear``
+layers, whose biases train), and learned scale factors, initialized to 1, on the outputs of the attention and
+feed-forward branches of each transformer block. The paper (on DiT) scales each block's branches by a learned factor
+gamma; we learn one factor per output channel, ``scale`` of shape ``[dim]``, which contains the single-factor version
+as a special case.
 
-Implementation: the branch's output projection (``attn*.to_out.0`` of every attention module and the last ``Linear``
-of every feed-forward, ``ff.net.2``) is replaced by :class:`ScaledLinear`, which keeps the layer's own ``weight`` and
-``bias`` under their original names and multiplies its output by ``scale``. :meth:`merge` folds the scale into that
-layer (``W <- diag(s) W``, ``b <- s * b``) and puts the plain ``Linear`` back, so the keys are the original ones.
-The scales are part of the adapter state: a reloaded adapter keeps them (the reference code drops them). Learning rate
-1e-3 (our choice: small parameter sets need a larger rate than full fine-tuning).
+Implementation: the branch's output projection is replaced by :class:`ScaledLinear`, which keeps the layer's own
+``weight`` and ``bias`` under their original names and multiplies its output by ``scale``. The projections are:
+
+- ``to_out.0`` of every attention module (``attn1``/``attn2`` in a UNet or PixArt, ``attn`` in SD3 and Flux) and, in
+  the joint blocks of SD3 and Flux, the context stream's ``to_add_out``;
+- the last ``Linear`` of every feed-forward (``ff.net.2``; ``ff_context.net.2`` in the joint blocks);
+- in a block whose attention has no output projection of its own (Flux's single-stream blocks, where one
+  ``proj_out`` maps the concatenated attention and MLP outputs back to the residual stream), that ``proj_out``.
+
+:meth:`merge` folds the scale into that layer (``W <- diag(s) W``, ``b <- s * b``) and puts the plain ``Linear``
+back, so the keys are the original ones. The scales are part of the adapter state: a reloaded adapter keeps them (the
+reference code drops them). Learning rate 1e-3 (our choice: small parameter sets need a larger rate than full
+fine-tuning).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memaudit.mitigate.methods.base import NORM_TYPES, PEFTMethod, Wrapper, replace_module
+from memaudit.mitigate.methods.base import PEFTMethod, Wrapper, is_attention, is_norm, replace_module
 
 
 class ScaledLinear(Wrapper):
@@ -40,21 +49,35 @@ class ScaledLinear(Wrapper):
         return None if self.bias is None else self.bias * self.scale.to(self.bias.dtype)
 
 
+def _output_projection(attention: torch.nn.Module) -> torch.nn.Module | None:
+    to_out = getattr(attention, "to_out", None)
+    return to_out[0] if isinstance(to_out, torch.nn.ModuleList) and len(to_out) else None
+
+
 def scaled_output_layers(unet: torch.nn.Module, transformers: list[str]) -> list[str]:
-    """Names of the output projections of the attention and feed-forward branches inside the transformer blocks."""
+    """Names of the output projections of the attention and feed-forward branches inside the transformer blocks
+    ``transformers`` of the denoiser ``unet`` (see the module docstring), in module order."""
     from diffusers.models.attention import FeedForward
-    from diffusers.models.attention_processor import Attention
 
     out = []
+    inside = tuple(t + "." for t in transformers)
     for name, m in unet.named_modules():
-        if not any(name.startswith(t + ".") for t in transformers):
+        if not name.startswith(inside):
             continue
-        if isinstance(m, Attention) and isinstance(m.to_out[0], torch.nn.Linear):
-            out.append(f"{name}.to_out.0")
+        if is_attention(m):
+            if isinstance(_output_projection(m), torch.nn.Linear):
+                out.append(f"{name}.to_out.0")
+            if isinstance(getattr(m, "to_add_out", None), torch.nn.Linear):
+                out.append(f"{name}.to_add_out")
         elif isinstance(m, FeedForward):
             linears = [i for i, sub in enumerate(m.net) if isinstance(sub, torch.nn.Linear)]
             if linears:
                 out.append(f"{name}.net.{linears[-1]}")
+    for t in transformers:  # blocks whose attention has no output projection (Flux's single-stream blocks)
+        block = unet.get_submodule(t)
+        bare = [m for m in block.modules() if is_attention(m) and _output_projection(m) is None]
+        if bare and isinstance(getattr(block, "proj_out", None), torch.nn.Linear):
+            out.append(f"{t}.proj_out")
     return out
 
 
@@ -71,7 +94,7 @@ class DiffFit(PEFTMethod):
 
     def _trainable_names(self) -> list[str]:
         biases = [n for n, _ in self.unet.named_parameters() if n.rpartition(".")[2] == "bias"]
-        norms = self._names_where(lambda _, m: isinstance(m, NORM_TYPES))
+        norms = self._names_where(lambda _, m: is_norm(m))
         scales = [f"{n}.scale" for n, m in self.unet.named_modules() if isinstance(m, ScaledLinear)]
         return biases + norms + scales
 

@@ -4,9 +4,11 @@ Every weight matrix is decomposed once, ``W = U diag(S) V^T`` (a convolution ker
 matrix ``[out, in*k*k]``), and only a shift of its singular values trains:
 ``W' = U diag(relu(S + delta)) V^T``, ``delta`` initialized to 0 (one scalar per singular value). Biases stay frozen.
 
-Here it covers every ``Conv2d`` and ``Linear`` of the UNet and also the weight vector of every ``GroupNorm`` and
-``LayerNorm``, treated as a diagonal matrix whose shift is added directly (``w' = w + delta``; no ReLU, since
-norm weights may be negative).
+Here it covers every ``Conv2d`` and ``Linear`` of the denoiser (a UNet's convolutions and attention projections; a
+DiT's patch embedding, attention and feed-forward projections, embedders and the ``Linear`` layers of its adaptive
+norms) and also the weight vector of every normalization layer that has one (``GroupNorm``, ``LayerNorm``, torch's and
+diffusers' ``RMSNorm``: Flux's and SD3.5's query/key norms), treated as a diagonal matrix whose shift is added directly
+(``w' = w + delta``; no ReLU, since norm weights may be negative).
 
 Implementation: the layer is replaced by a wrapper that keeps ``U``, ``S`` and ``V^T`` as float32 buffers (not saved
 in the ``state_dict``) and the original weight as a frozen parameter, and computes
@@ -21,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memaudit.mitigate.methods.base import NORM_TYPES, PEFTMethod, Wrapper, replace_module
+from memaudit.mitigate.methods.base import PEFTMethod, Wrapper, is_norm, replace_module
 
 
 class SpectralShift(Wrapper):
@@ -64,7 +66,8 @@ class SpectralShift(Wrapper):
 
 
 class NormShift(Wrapper):
-    """A ``GroupNorm`` or ``LayerNorm`` whose weight (a diagonal) is shifted by the trainable ``delta``."""
+    """A normalization layer (``GroupNorm``, ``LayerNorm``, ``RMSNorm``) whose weight (a diagonal) is shifted by the
+    trainable ``delta``."""
 
     def __init__(self, layer: torch.nn.Module):
         super().__init__(layer)
@@ -77,11 +80,18 @@ class NormShift(Wrapper):
         layer, weight = self._plain, self.merged_weight()
         if isinstance(layer, torch.nn.GroupNorm):
             return F.group_norm(x, layer.num_groups, weight, self.bias, layer.eps)
-        return F.layer_norm(x, layer.normalized_shape, weight, self.bias, layer.eps)
+        if isinstance(layer, torch.nn.LayerNorm):
+            return F.layer_norm(x, layer.normalized_shape, weight, self.bias, layer.eps)
+        if isinstance(layer, torch.nn.RMSNorm):
+            return F.rms_norm(x, layer.normalized_shape, weight, layer.eps)
+        # any other norm (diffusers' RMSNorm): its own forward, with the shifted weight in place of its own
+        tensors = {"weight": weight} if self.bias is None else {"weight": weight, "bias": self.bias}
+        return torch.func.functional_call(layer, tensors, (x,))
 
 
 class SVDiff(PEFTMethod):
-    """SV-DIFF spectral shifts on every Conv2d and Linear (and norm weight) of the UNet; see the module docstring."""
+    """SV-DIFF spectral shifts on every Conv2d and Linear (and norm weight) of the denoiser; see the module
+    docstring."""
 
     name = "svdiff"
     default_lr = 1e-3
@@ -92,7 +102,7 @@ class SVDiff(PEFTMethod):
         for name, m in self.unet.named_modules():
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight is not None:
                 targets.append((name, SpectralShift))
-            elif isinstance(m, NORM_TYPES) and getattr(m, "weight", None) is not None:
+            elif is_norm(m) and getattr(m, "weight", None) is not None:
                 targets.append((name, NormShift))
         for name, cls in targets:
             replace_module(self.unet, name, cls(self.unet.get_submodule(name)))
