@@ -582,7 +582,7 @@ def part_finetune(ctx: Context) -> dict[str, Any]:
     settings = {"sizes": args.sizes, "steps": args.finetune_steps, "batch_size": FINETUNE_BATCH,
                 "threads": args.threads, "seed": "memaudit's default (0)",
                 "cache": "one --cache-dir shared by the sizes, built in increasing order (each size's 1-step run "
-                         "encodes the images the smaller sizes did not)"}
+                         "encodes the images the smaller sizes did not)", "reuse_latents": args.reuse_latents}
     if not finetune_has_cache_dir():
         msg = ("skipped: `memaudit finetune --help` lists no --cache-dir (the on-disk latent cache is not there "
                "yet); without it the fine-tune holds every training image in memory")
@@ -594,7 +594,8 @@ def part_finetune(ctx: Context) -> dict[str, Any]:
     # One cache for every size, as a search's proxy split shares its set's: the sizes run in increasing order, so each
     # size's 1-step build encodes only the images the smaller sizes did not (the folders share their first images).
     latents = ctx.work / "runs" / "finetune-latents"
-    _fresh(latents)
+    if not args.reuse_latents:
+        _fresh(latents)
     for n in sorted(args.sizes):
         base = ctx.work / "runs" / f"finetune-{n}"
         _fresh(base)
@@ -757,6 +758,9 @@ def _parser() -> argparse.ArgumentParser:
                                                            "threads of the throughput part (default 2)")
     ap.add_argument("--finetune-steps", type=int, default=50, help="steps of the measured fine-tune (default 50)")
     ap.add_argument("--repeats", type=int, default=2, help="passes per side of the throughput part; the best counts")
+    ap.add_argument("--reuse-latents", action="store_true",
+                    help="finetune part: keep the latent cache of an earlier run (its builds then encode only the images "
+                         "it lacks); default: start from an empty cache")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic images (default 0)")
     ap.add_argument("--gen-workers", type=int, default=2, help="processes writing the synthetic images (default 2)")
     ap.add_argument("--rss-limit-mb", type=float, default=16000,
