@@ -30,6 +30,13 @@ Parts (``--part``, repeatable or comma-separated; ``all`` runs every part, in th
     (NSGA-II on short screening fine-tunes, then the ``--search-promote`` masks that spread best along their front
     fine-tuned for the full inner steps, the front's two ends first). Target: the
     plain search's final hypervolume at a third of its steps. Plot: ``search_hypervolume.png``.
+``workers``
+    ``memaudit audit --workers N`` on this machine, the bundled full fine-tune on ``--workers-prompts`` training
+    captions: wall time of one worker in this process with one torch thread, of two Ray workers with one thread each
+    (a local Ray instance started by the audit, included), and of one worker with two threads; the fixed cost of Ray
+    (``ray.init`` of a local instance, and the workers loading their models); and whether each results.json equals
+    the one-thread run's. The feature cache is filled by an untimed warm-up first. On two cores this cannot show
+    what workers are for (one model replica per GPU or per machine): it measures their overhead.
 
 Other parts are added by putting a function ``part(args) -> dict`` into ``PARTS`` (and its options, named
 ``--<part>-...``, into ``_parser``). A part's record is JSON-able, holds its raw numbers and settings and a
@@ -41,6 +48,7 @@ one at a time accumulates one file.
         [--audit-prompts 20 --audit-generations 10 --repeats 2]
         [--nn-sizes 1e4,1e5,1e6 --nn-dim 64 --nn-queries 1000 --nn-nprobe-high 64 --seed 0]
         [--triage-generations 4 --triage-short-steps 5 --triage-fractions 0.05,0.1,0.15,0.2]
+        [--workers-prompts 16 --workers-generations 4 --workers-steps 25 --workers-batch-size 16 --workers-repeats 1]
 """
 
 from __future__ import annotations
@@ -450,6 +458,145 @@ def part_triage(args: argparse.Namespace) -> dict[str, Any]:
             "scoring": scoring, "rows": rows, "met": bool(ok), "markdown": "\n".join(lines)}
 
 
+# -- part: workers -------------------------------------------------------------------------------------------------
+
+
+def _audit_json(out: Path) -> str:
+    """results.json without what may differ between runs of one audit (wall times, the workers' count, Ray)."""
+    drop = {"created_utc", "wall_time_s", "sampling_time_s", "workers", "ray_address", "ray"}
+
+    def clean(d):
+        if isinstance(d, dict):
+            return {k: clean(v) for k, v in d.items() if k not in drop}
+        if isinstance(d, list):
+            return [clean(v) for v in d]
+        return d
+
+    return json.dumps(clean(json.loads((out / "results.json").read_text())), sort_keys=True)
+
+
+def part_workers(args: argparse.Namespace) -> dict[str, Any]:
+    """Audit wall time with 1 and 2 workers (one thread each) against 1 worker with 2 threads, and Ray's fixed cost."""
+    import os
+    import tempfile
+
+    import diffusers
+    import ray
+
+    from memaudit import demo
+    from memaudit.audit import AuditConfig, run_audit
+    from memaudit.demo.run import DEMO_SETTINGS
+
+    diffusers.utils.logging.disable_progress_bar()
+    train = demo.faces_dataset("train")
+    prompts = train.captions[: args.workers_prompts]
+    settings = {**DEMO_SETTINGS, "generations": args.workers_generations, "steps": args.workers_steps,
+                "min_clique": min(DEMO_SETTINGS["min_clique"], args.workers_generations),
+                "batch_size": args.workers_batch_size, "quality_features": None, "alignment": None, "device": "cpu"}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tmp = Path(tempfile.mkdtemp())
+    before_threads = torch.get_num_threads()
+    runs = [("1 worker, 1 thread (in this process)", 1, 1), ("2 Ray workers, 1 thread each", 2, 2),
+            ("1 worker, 2 threads (in this process)", 1, 2)]
+    rows, first_json, load = [], None, []
+    try:
+        # untimed warm-up: the training-feature index in the cache, the model files in the page cache
+        torch.set_num_threads(1)
+        run_audit(str(args.audit_model), train, tmp / "warm", prompts=prompts[:1],
+                  config=AuditConfig(**{**settings, "generations": 2, "min_clique": 2, "steps": 1,
+                                        "cache_dir": str(tmp / "cache")}))
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ray.shutdown()
+        shutdown_s = time.perf_counter() - t0
+        load = [os.getloadavg()[0]] if hasattr(os, "getloadavg") else []
+        measured = {label: {"wall_s": [], "ready_s": [], "same": True} for label, _, _ in runs}
+        for r in range(args.workers_repeats):  # the setups alternate, so a busy spell of the machine hits them alike
+            for label, workers, threads in runs:
+                torch.set_num_threads(threads)  # what --threads sets; Ray workers get threads // workers each
+                out = tmp / f"w{workers}t{threads}r{r}"
+                marks: dict[str, float] = {}
+
+                def progress(stage, done, total, marks=marks):
+                    if stage == "starting workers":
+                        marks.setdefault("start", time.perf_counter())
+                        if done == total:
+                            marks["ready"] = time.perf_counter()
+
+                t0 = time.perf_counter()
+                run_audit(str(args.audit_model), train, out, prompts=prompts, progress=progress,
+                          config=AuditConfig(**{**settings, "workers": workers, "cache_dir": str(tmp / "cache")}))
+                measured[label]["wall_s"].append(time.perf_counter() - t0)
+                if "ready" in marks:
+                    measured[label]["ready_s"].append(marks["ready"] - marks["start"])
+                text = _audit_json(out)
+                first_json = first_json or text
+                measured[label]["same"] &= text == first_json
+                shutil.rmtree(out, ignore_errors=True)
+                if hasattr(os, "getloadavg"):
+                    load.append(os.getloadavg()[0])
+        for label, workers, threads in runs:
+            m = measured[label]
+            rows.append({"run": label, "workers": workers, "threads_per_worker": 1 if workers > 1 else threads,
+                         "wall_s": m["wall_s"], "best_s": min(m["wall_s"]),
+                         "workers_ready_s": min(m["ready_s"]) if m["ready_s"] else None,
+                         "same_results_as_first": m["same"]})
+    finally:
+        torch.set_num_threads(before_threads)
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    record = {"settings": {**settings, "prompts": len(prompts), "repeats": args.workers_repeats, "cores": cores},
+              "extra_versions": {"ray": ray.__version__, "diffusers": diffusers.__version__}, "ray_init_s": init_s,
+              "ray_shutdown_s": shutdown_s, "load_average_1min": load, "rows": rows}
+    record["markdown"] = workers_markdown(record)
+    return record
+
+
+def workers_markdown(record: dict[str, Any]) -> str:
+    """The table and the plain statement of a ``workers`` record (rebuilt from its numbers alone)."""
+    from memaudit import demo
+
+    st, rows, load = record["settings"], record["rows"], record["load_average_1min"]
+    one, two_workers, two_threads = rows
+    base = one["best_s"]
+    lines = [f"{st['prompts']} prompts x {st['generations']} generations = {st['prompts'] * st['generations']} images, "
+             f"{st['steps']} steps, batches of {st['batch_size']}, bundled full fine-tune ({demo.RESOLUTION} px), "
+             f"{st['cores']} cores; best of {st['repeats']}, the setups alternating. A local Ray instance: `ray.init` "
+             f"{record['ray_init_s']:.1f} s (and {record['ray_shutdown_s']:.1f} s to shut down)."
+             + (f" The cores were shared with other jobs: 1-minute load average {min(load):.1f} to {max(load):.1f} "
+                "during the runs." if load else ""), "",
+             "| run | wall s (best) | all runs | vs 1 worker, 1 thread | workers' model loading s | same results.json |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ready = f"{r['workers_ready_s']:.1f}" if r["workers_ready_s"] is not None else "-"
+        lines.append(f"| {r['run']} | {r['best_s']:.1f} | {_runs(r['wall_s'])} | {r['best_s'] / base:.2f} | {ready} | "
+                     f"{'yes' if r['same_results_as_first'] else 'no'} |")
+    fixed = record["ray_init_s"] + (two_workers["workers_ready_s"] or 0.0)
+    sampled = max(0.0, two_workers["best_s"] - fixed)
+    lines += ["", f"Fixed cost of Ray here: about {fixed:.0f} s (`ray.init`, then each worker importing torch and "
+              "diffusers and loading its replica, on the cores the audit wants too). Without it, the two workers "
+              f"took about {sampled:.0f} s, against {base:.0f} s for one worker with one thread and "
+              f"{two_threads['best_s']:.0f} s for one worker with two threads. Two workers "
+              f"{'gave' if two_workers['same_results_as_first'] else 'did NOT give'} the one-thread results.json bit "
+              "for bit; two threads in one process "
+              + ("gave it too." if two_threads["same_results_as_first"] else
+                 "did not (CPU kernels round differently with another thread count)."),
+              "", "Two cores cannot show a cluster's gain: the workers share the cores one process already has, and "
+              "each pays its own start."
+              + (" Here two threads in one process were slower than one (threads wait for each other whenever another "
+                 "job holds a core)"
+                 + (", so even with the fixed cost two workers of one thread each beat it" if two_workers["best_s"] <
+                    two_threads["best_s"] else "")
+                 + "; on idle cores two threads would be the fair rival, and at best a tie for the workers."
+                 if two_threads["best_s"] > base else "")
+              + " Workers pay off with a GPU (or a machine) each and an audit long enough to hide the start: the "
+              "sampling time divides by the number of workers, the fixed cost does not grow with the prompts."]
+    return "\n".join(lines)
+
+
 # -- part: search --------------------------------------------------------------------------------------------------
 
 
@@ -565,6 +712,7 @@ PARTS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "nn": part_nn,
     "triage": part_triage,
     "search": part_search,
+    "workers": part_workers,
 }
 
 
@@ -634,6 +782,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--search-promote", type=int, default=5,
                    help="screening-front masks trained for the full inner steps, spread along the front (default 5: "
                         "40 screening fine-tunes of 30 steps plus 5 of 150 is 1,950 steps, under a third of 6,000)")
+    g = ap.add_argument_group("workers")
+    g.add_argument("--workers-prompts", type=int, default=16, help="training captions audited (default 16)")
+    g.add_argument("--workers-generations", type=int, default=4, help="generations per prompt (default 4)")
+    g.add_argument("--workers-steps", type=int, default=25, help="denoising steps (default 25)")
+    g.add_argument("--workers-batch-size", type=int, default=16,
+                   help="images per batch (default 16: work units of 4 prompts at 4 generations)")
+    g.add_argument("--workers-repeats", type=int, default=1, help="runs of each setup; the best counts (default 1)")
     return ap
 
 
@@ -682,7 +837,11 @@ def main(argv: list[str] | None = None) -> int:
                                 ("--triage-generations", args.triage_generations, 2),  # the consistency needs pairs
                                 ("--triage-short-steps", args.triage_short_steps, 1),
                                 ("--search-screen-steps", args.search_screen_steps, 1),
-                                ("--search-promote", args.search_promote, 1)):
+                                ("--search-promote", args.search_promote, 1),
+                                ("--workers-prompts", args.workers_prompts, 1),
+                                ("--workers-generations", args.workers_generations, 2),
+                                ("--workers-steps", args.workers_steps, 1), ("--workers-repeats", args.workers_repeats, 1),
+                                ("--workers-batch-size", args.workers_batch_size, 1)):
         if value is not None and value < least:
             ap.error(f"{label} must be at least {least}")
     if args.nn_nprobe_high < 0:

@@ -306,7 +306,7 @@ def audit(
     generations: Annotated[int, typer.Option(help="images per prompt")] = 16,
     steps: Annotated[int, typer.Option(help="denoising steps")] = 25,
     guidance: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 7.5,
-    batch_size: Annotated[int, typer.Option(help="images per UNet batch")] = 16,
+    batch_size: Annotated[int, typer.Option(help="images per denoiser batch")] = 16,
     features: Annotated[str, typer.Option(help="AMD feature space: pixels, open_clip, torchscript, inception")] = "pixels",
     feature_option: Annotated[list[str], typer.Option(help="feature extractor option KEY=VALUE (repeatable), e.g. weights=PATH")] = [],  # noqa: B006
     edge_threshold: Annotated[float, typer.Option(help="tiled L2 under which two generations are joined")] = 0.10,
@@ -326,9 +326,16 @@ def audit(
         "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",
         help="where the training-feature index is cached for later audits; never inside --out")] = None,
     threads: Threads = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="sample on N Ray workers, one model replica each (a GPU each when there are GPUs); 1 runs "
+                          "in this process, without Ray. Same results either way")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); default: a "
+                              "local Ray instance")] = None,
 ) -> None:
-    """Audit MODEL for training images it reproduces: extraction attack, AMD and denoising strength."""
-    from memaudit.audit import AuditConfig, run_audit
+    """Audit MODEL for training images it reproduces: extraction attack, AMD and denoising strength. Finished
+    prompts are journaled in OUT.partial/: the same command after a crash or Ctrl-C goes on from there."""
+    from memaudit.audit import AuditConfig, journal_kept, run_audit
 
     _use_threads(threads)
 
@@ -338,11 +345,12 @@ def audit(
                          calibrate_edge=calibrate_edge, fpr=fpr, redact=redact, device=device, dtype=dtype,
                          mitigation=mitigation, rwa_words=rwa_words, mitigation_target=mitigation_target,
                          quality_features=quality_features, alignment=alignment, loras=_loras(lora, lora_scale),
-                         cache_dir=str(cache_dir) if cache_dir is not None else None)
+                         cache_dir=str(cache_dir) if cache_dir is not None else None, workers=workers,
+                         ray_address=ray_address)
     _quiet_loading()
-    results = _run_with_progress(run_audit, model=model, train=train, out=out, prompts=prompts,
-                                 reference_prompts=reference_prompts, config=config, convert_channels=convert_channels,
-                                 heldout=heldout)
+    results = _run_with_progress(run_audit, kept=lambda: journal_kept(out), model=model, train=train, out=out,
+                                 prompts=prompts, reference_prompts=reference_prompts, config=config,
+                                 convert_channels=convert_channels, heldout=heldout)
     _print_summary(results, out)
 
 
@@ -362,7 +370,7 @@ def finetune(
     rwa_probability: Annotated[float, typer.Option(help="rwa: probability a caption is perturbed at a step")] = 0.5,
     threshold: Annotated[str, typer.Option(help="threshold: strength at/above which samples drop, or auto (top decile)")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(help="write a resumable checkpoint every N steps")] = 100,
-    save_dtype: Annotated[str, typer.Option(help="dtype of the saved UNet and VAE: float32, float16, bfloat16")] = "float32",
+    save_dtype: Annotated[str, typer.Option(help="dtype of the saved denoiser and VAE: float32, float16, bfloat16")] = "float32",
     convert_channels: Annotated[bool, typer.Option(help="convert training images to the model's channels")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace a finished fine-tune in --out")] = False,
     seed: Seed = 0,
@@ -416,7 +424,7 @@ def finetune(
         console.print(f"latent cache: {cache['encoded']} image(s) encoded now, {cache['found']} found ({cache['path']})")
     loss = r["mean_loss_last_100"]
     console.print(f"fine-tuned {settings['trainable_parameters']:,} parameters ({settings['trainable_percent']:.2f}% of "
-                  f"the UNet) for {r['steps']} steps in {r['wall_time_s']:.0f} s"
+                  f"the denoiser) for {r['steps']} steps in {r['wall_time_s']:.0f} s"
                   + (f"; mean loss of the last 100 steps {loss:.4f}" if loss is not None else ""))
     stats = r["stats"]
     if "threshold_seen" in stats:
@@ -485,7 +493,7 @@ def mitigate_search(
     objectives: Annotated[str, typer.Option(help="MEM,QUALITY: denoising|extraction|amd , kid|fid")] = "denoising,kid",
     quality_features: Annotated[str, typer.Option(help="feature space of the quality objective")] = "pixels",
     lr_choices: Annotated[str, typer.Option(help="comma-separated learning rates the search chooses from")] = "3e-4,1e-3,3e-3,1e-2",
-    max_trainable_percent: Annotated[float | None, typer.Option(help="constraint: at most this % of the UNet trains")] = None,
+    max_trainable_percent: Annotated[float | None, typer.Option(help="constraint: at most this % of the denoiser trains")] = None,
     preference: Annotated[str | None, typer.Option(help="weights MEM,QUALITY for the pick (default: knee point)")] = None,
     batch_size: Annotated[int, typer.Option(help="images per fine-tuning step")] = 32,
     convert_channels: Annotated[bool, typer.Option(help="convert training images to the model's channels")] = False,
@@ -541,7 +549,7 @@ def mitigate_search(
     console.print(f"{plural(len(doc['front']), 'mask')} on the front")
     if chosen:
         console.print(f"chosen mask {''.join(map(str, chosen['mask']))} at lr {chosen['learning_rate']:g}: "
-                      f"{chosen['trainable_percent']:.3f}% of the UNet, memorization "
+                      f"{chosen['trainable_percent']:.3f}% of the denoiser, memorization "
                       f"{chosen['objectives']['memorization']:.4f}, quality {chosen['objectives']['quality']:.4f}")
     only = "the chosen mask is the best of the masks only."
     status = verdict["status"]
@@ -608,7 +616,7 @@ def mitigate_finetune(
                                       cache_progress=lambda d, t: stage("latent cache", d, t))
     cache = settings.get("latent_cache")
     _console().print(f"fine-tuned {settings['trainable_parameters']:,} parameters "
-                     f"({settings['trainable_percent']:.3f}% of the UNet); pipeline: {out}"
+                     f"({settings['trainable_percent']:.3f}% of the denoiser); pipeline: {out}"
                      + (f"; latent cache: {cache['encoded']} image(s) encoded now, {cache['found']} found "
                         f"({cache['path']})" if cache else ""))
 
@@ -638,7 +646,7 @@ def mitigate_units(
     granularity: Annotated[str, typer.Option(help="block (one unit per transformer block, plus the rest) or layer")] = "block",
     device: Device = "cpu",
 ) -> None:
-    """List the mask units of --method on BASE in mask order: index, name, parameters, % of the UNet."""
+    """List the mask units of --method on BASE in mask order: index, name, parameters, % of the denoiser (UNet or transformer)."""
     from rich.table import Table
 
     from memaudit.mitigate.methods import list_units
@@ -653,13 +661,13 @@ def mitigate_units(
     table.add_column("#", justify="right")
     table.add_column("unit", overflow="fold")
     table.add_column("parameters", justify="right")
-    table.add_column("% of UNet", justify="right")
+    table.add_column("% of denoiser", justify="right")
     for r in rows:
         table.add_row(str(r.index), r.name, f"{r.parameters:,}", f"{r.percent_of_unet:.4f}")
     console.print(table)
     total = sum(r.parameters for r in rows)
     console.print(f"{len(rows)} units, {total:,} trainable parameters ({sum(r.percent_of_unet for r in rows):.4f}% of "
-                  f"the UNet); a mask (memaudit finetune --mask) is {len(rows)} 0/1 values, one per unit in this order")
+                  f"the denoiser); a mask (memaudit finetune --mask) is {len(rows)} 0/1 values, one per unit in this order")
 
 
 def _finetune_kept(out: Path) -> str | None:
