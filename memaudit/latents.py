@@ -1,4 +1,4 @@
-"""The latent cache: every training image's VAE posterior, encoded once and kept on disk, memory-mapped.
+"""The latent cache: every training image's VAE posterior, encoded once and kept on disk.
 
 Training a latent diffusion model needs, at every step, a latent drawn from the VAE posterior of each image of the
 batch. Encoding a whole training set in memory does not scale, and encoding it again for every fine-tune, search
@@ -12,7 +12,7 @@ modification time, or a hash of in-memory pixels; the resolution and channels ar
 folder per VAE and device::
 
     CACHE_DIR/latents/<vae>-<resolution>px-<device>/
-        chunk-<utc time>-<id>.npy     float32 [n, 2, c, h, w]: mean and std of n entries (numpy format, memory-mapped)
+        chunk-<utc time>-<id>.npy     float32 [n, 2, c, h, w]: mean and std of n entries (numpy format)
         chunk-<utc time>-<id>.json    the n keys, in row order, and the shape
 
 ``<vae>`` is a hash of the VAE's configuration and every tensor of its state dict (names, dtypes, shapes, bytes).
@@ -29,8 +29,10 @@ the remaining images in the very batches an uninterrupted build would have used.
 Encoding runs over :meth:`~memaudit.data.ImageCaptionDataset.batches` (worker processes decode while the VAE
 encodes) in batches of ``batch_size`` in dataset order. The VAE's result for an image depends in the last bits on
 the batch it was encoded in, so an entry found in the cache may differ by a rounding error from encoding the same
-image in another batch; the first encoding is kept. Training reads entries from the memory maps a batch at a time
-(:meth:`DatasetLatents.sample`): the set is never in memory at once.
+image in another batch; the first encoding is kept. Training reads a batch's entries with positional reads of the
+chunk files (:meth:`DatasetLatents.sample`), not through memory maps, whose touched pages would count in the
+process's memory: the set is never in memory at once, and a long run's memory does not grow with the cache. (A build
+writes its chunk through a memory map: up to ``chunk_bytes`` of dirty pages while it is filled.)
 """
 
 from __future__ import annotations
@@ -247,7 +249,7 @@ class _ChunkWriter:
 
 
 class DatasetLatents:
-    """The cached posteriors of one dataset's images, in dataset order, read from the cache's memory maps."""
+    """The cached posteriors of one dataset's images, in dataset order, read from the cache's chunk files."""
 
     def __init__(self, store: LatentStore, keys: Sequence[str], report: dict):
         missing = [k for k in keys if k not in store.index]
@@ -262,24 +264,43 @@ class DatasetLatents:
         self.folder = store.folder
         self.memory_format = MEMORY_FORMATS[store.memory_format]
         self.report = report
-        self._maps: dict[int, np.memmap] = {}
+        self._files: dict[int, tuple[int, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self.chunk_of)
 
-    def _map(self, c: int) -> np.ndarray:
-        if c not in self._maps:
-            self._maps[c] = np.load(self.chunks[c], mmap_mode="r")
-        return self._maps[c]
+    def _file(self, c: int) -> tuple[int, int, int]:
+        """Chunk ``c`` opened for positional reads: file descriptor, offset of its first row, bytes per row."""
+        if c not in self._files:
+            fd = os.open(self.chunks[c], os.O_RDONLY)
+            with open(self.chunks[c], "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+            if fortran or dtype != np.dtype(np.float32) or tuple(shape[1:]) != tuple(self.shape):
+                os.close(fd)
+                raise ConfigError(f"latent cache chunk {self.chunks[c]} has shape {shape} ({dtype}); delete "
+                                  f"{self.folder} to rebuild the cache.")
+            self._files[c] = (fd, offset, int(np.prod(shape[1:])) * 4)
+        return self._files[c]
 
     def entries(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Mean and std of the images at ``indices``: float32 ``[k, 2, c, h, w]``, read from disk now."""
+        """Mean and std of the images at ``indices``: float32 ``[k, 2, c, h, w]``, read from disk now.
+
+        Rows are read with ``os.pread``, not through a memory map: a mapped file's pages count in the process's
+        resident memory once touched (with the kernel's fault-around, more than the rows read), so a long run over a
+        large cache grew with the cache; read pages stay in the page cache, which the kernel reclaims."""
         idx = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx), *self.shape), dtype=np.float32)
-        chunk, row = self.chunk_of[idx], self.row_of[idx]
-        for c in np.unique(chunk).tolist():
-            sel = np.nonzero(chunk == c)[0]
-            out[sel] = self._map(c)[row[sel]]
+        flat = out.reshape(len(idx), -1)
+        for k, (c, r) in enumerate(zip(self.chunk_of[idx].tolist(), self.row_of[idx].tolist())):
+            fd, offset, row_bytes = self._file(c)
+            data = os.pread(fd, row_bytes, offset + r * row_bytes)
+            if len(data) != row_bytes:
+                raise ConfigError(f"latent cache chunk {self.chunks[c]} is truncated; delete {self.folder} to rebuild "
+                                  "the cache.")
+            flat[k] = np.frombuffer(data, dtype=np.float32)
         return torch.from_numpy(out)
 
     def mean_std(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +323,9 @@ class DatasetLatents:
         return mean + std * noise
 
     def close(self) -> None:
-        self._maps.clear()
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def encode_batch_size(resolution: int) -> int:
