@@ -506,8 +506,15 @@ def mitigate_search(
     lora: Lora = [],  # noqa: B006
     lora_scale: LoraScale = [],  # noqa: B006
     threads: Threads = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="run each generation's evaluations on N Ray workers, one model replica each (a GPU each when "
+                          "there are GPUs); 1 runs in this process, without Ray. Same results either way")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); default: a "
+                              "local Ray instance")] = None,
 ) -> None:
-    """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash."""
+    """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash (with any
+    --workers)."""
     from memaudit.mitigate.search import SearchConfig, parse_objectives, run_mask_search
 
     _use_threads(threads)
@@ -518,7 +525,7 @@ def mitigate_search(
                           quality=quality, quality_features=quality_features, lr_choices=_floats(lr_choices, "--lr-choices"),
                           max_trainable_percent=max_trainable_percent, batch_size=batch_size, seed=seed, device=device,
                           preference=_floats(preference, "--preference") if preference else None,
-                          loras=_loras(lora, lora_scale))
+                          loras=_loras(lora, lora_scale), workers=workers, ray_address=ray_address)
     _quiet_loading()
     doc = _run_with_progress(run_mask_search, kept=lambda: _search_kept(out), base=base, train=train, out=out,
                              config=config, convert_channels=convert_channels, cache_dir=cache_dir)

@@ -1,4 +1,5 @@
-"""``memaudit audit --workers N``: the audit's prompts sampled on N Ray actors, one model replica each.
+"""``--workers N``: the audit's prompts sampled, or the mask search's evaluations run, on N Ray actors, one model
+replica each.
 
 The only module of memaudit that imports Ray (an extra: ``pip install 'memaudit[ray]'``). The driver (the process
 that runs :func:`memaudit.audit.run_audit`) connects to Ray (a local instance, or the cluster at ``--ray-address``),
@@ -13,6 +14,14 @@ Lost workers: an actor whose process dies is restarted by Ray (``max_restarts``)
 stops the audit with one line naming its prompts and the error; the journal keeps every unit finished before.
 
 Actors are named ``memaudit-audit-<run>-<k>`` in the driver's Ray namespace (``ray.util.list_named_actors()``).
+
+The mask search (``memaudit mitigate search --workers N``, :func:`memaudit.mitigate.search.run_mask_search`) uses the
+same connection, checks and restarts through :class:`SearchWorkers`: each actor (``memaudit-search-<run>-<k>``)
+holds a :class:`~memaudit.mitigate.search.SearchWorker` (the base model, the proxy and validation splits, its own
+:class:`~memaudit.mitigate.search.MaskEvaluator`) and runs one evaluation (a fine-tune and its scores) per task,
+one task at a time; the driver keeps NSGA-II, the logs and every file, and writes the evaluations in the order
+NSGA-II asked for them. Before the first evaluation, worker 0 fills the latent cache of the proxy images and the
+others then find it there (:meth:`SearchWorkers.prepare`), so no two workers encode the same images.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ MAX_TASK_RETRIES = 2
 #: times a unit is submitted before the audit stops (each submission includes Ray's own retries)
 MAX_TRIES = 3
 ACTOR_PREFIX = "memaudit-audit-"
+SEARCH_PREFIX = "memaudit-search-"
 
 
 class WorkerError(MemauditError):
@@ -44,12 +54,13 @@ class WorkerError(MemauditError):
     exit_code = 1
 
 
-def require_ray():
-    """The ``ray`` module, or a one-line error naming the extra that installs it."""
+def require_ray(what: str = "the audit"):
+    """The ``ray`` module, or a one-line error naming the extra that installs it (``what``: the command's work, as
+    the message names it)."""
     try:
         import ray
     except ImportError:
-        raise ConfigError(f"--workers > 1 runs the audit on Ray, which is not installed; install it with "
+        raise ConfigError(f"--workers > 1 runs {what} on Ray, which is not installed; install it with "
                           f"{INSTALL_HINT} (or run with --workers 1).") from None
     return ray
 
@@ -76,19 +87,21 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
-class _AuditActor:
-    """A Ray actor around one :class:`~memaudit.audit.AuditWorker` (created with ``ray.remote`` by
-    :class:`RayWorkers`). An error while loading is kept and raised by every call, so that it reaches the driver
-    as the exception it is (a creation error would only say that the actor died)."""
+class _WorkerActor:
+    """A Ray actor around one worker object (created with ``ray.remote`` by :class:`RayWorkers`), loaded by
+    :meth:`load`. An error while loading is kept and raised by every call, so that it reaches the driver as the
+    exception it is (a creation error would only say that the actor died)."""
 
     def __init__(self, spec):
-        from memaudit.audit import AuditWorker
-
         self.worker, self.error = None, None
         try:
-            self.worker = AuditWorker.load(spec)
+            self.worker = self.load(spec)
         except Exception as e:  # noqa: BLE001 - reported by ready()
             self.error = e
+
+    @staticmethod
+    def load(spec):
+        raise NotImplementedError
 
     def _check(self):
         if self.error is not None:
@@ -101,6 +114,16 @@ class _AuditActor:
     def pid(self) -> int:
         return os.getpid()
 
+
+class _AuditActor(_WorkerActor):
+    """An actor around one :class:`~memaudit.audit.AuditWorker`."""
+
+    @staticmethod
+    def load(spec):
+        from memaudit.audit import AuditWorker
+
+        return AuditWorker.load(spec)
+
     def run_unit(self, task: dict) -> dict:
         return self._check().run_unit(**task)
 
@@ -111,6 +134,22 @@ class _AuditActor:
         return self._check().round_trip(images)
 
 
+class _SearchActor(_WorkerActor):
+    """An actor around one :class:`~memaudit.mitigate.search.SearchWorker`."""
+
+    @staticmethod
+    def load(spec):
+        from memaudit.mitigate.search import SearchWorker
+
+        return SearchWorker.load(spec)
+
+    def prepare(self) -> dict:
+        return self._check().prepare()
+
+    def run_unit(self, task: dict) -> dict:
+        return self._check().run_unit(task)
+
+
 class RayWorkers:
     """The driver's side: connect to Ray and check it can hold ``n`` workers (:meth:`__init__`, one-line errors),
     start the actors (:meth:`start`), wait for them (:meth:`ready`), run units (:meth:`run`), and :meth:`close`.
@@ -118,8 +157,11 @@ class RayWorkers:
     ``device``: the audit's ``--device``; ``auto`` gives GPU workers (one GPU each) when the cluster has GPUs, else
     CPU workers. CPU workers get ``threads // n`` torch threads each (``threads``: this process's)."""
 
+    #: the command's work, as messages name it
+    what = "the audit"
+
     def __init__(self, n: int, address: str | None = None, device: str = "auto", threads: int = 1):
-        ray = require_ray()
+        ray = require_ray(self.what)
         self.ray, self.n, self.actors, self.machine = ray, n, [], ""
         self.ray_version = ray.__version__
         self.started_ray = False
@@ -158,9 +200,12 @@ class RayWorkers:
     # -- actors ----------------------------------------------------------------------------------------------------
     def start(self, spec) -> None:
         """Start the actors (each loads its replica while the driver goes on)."""
-        actor_class = self.ray.remote(_AuditActor)
+        self._launch(_AuditActor, ACTOR_PREFIX, spec)
+
+    def _launch(self, actor: type, prefix: str, spec) -> None:
+        actor_class = self.ray.remote(actor)
         for k in range(self.n):
-            self.actors.append(actor_class.options(name=f"{ACTOR_PREFIX}{self.tag}-{k}", max_restarts=MAX_RESTARTS,
+            self.actors.append(actor_class.options(name=f"{prefix}{self.tag}-{k}", max_restarts=MAX_RESTARTS,
                                                    max_task_retries=MAX_TASK_RETRIES, **self.options).remote(spec))
         logger.info("started %d Ray workers (%s, %s)", self.n, self.device_type, self.options)
 
@@ -211,8 +256,8 @@ class RayWorkers:
         return self._get(self.actors[0].round_trip.remote(images), "the VAE round trip of a training image")
 
     def run(self, tasks: list[dict], on_output: Callable[[dict], None], on_batch=None,
-            describe: Callable[[dict], str] = str) -> None:
-        """Run every unit of ``tasks``, :data:`IN_FLIGHT` per actor, calling ``on_output`` with each result as it
+            describe: Callable[[dict], str] = str, in_flight: int = IN_FLIGHT) -> None:
+        """Run every unit of ``tasks``, ``in_flight`` per actor, calling ``on_output`` with each result as it
         arrives (in any order). A unit that fails :data:`MAX_TRIES` times (or a memaudit error in a worker) stops
         the run: the units in flight are finished and handed over first, then the error is raised."""
         ray = self.ray
@@ -227,7 +272,7 @@ class RayWorkers:
             load[k] += 1
 
         def fill() -> None:
-            while pending and alive and min(load[a] for a in alive) < IN_FLIGHT:
+            while pending and alive and min(load[a] for a in alive) < in_flight:
                 submit(pending.pop(), 0)
 
         failure: MemauditError | None = None  # once set, the units in flight finish (and are kept), no new one starts
@@ -267,3 +312,31 @@ class RayWorkers:
             submit(task, tries)
         if failure is not None:
             raise failure
+
+
+class SearchWorkers(RayWorkers):
+    """The mask search's workers: :class:`RayWorkers` (connection, checks, restarts and retries) with actors that
+    each hold a :class:`~memaudit.mitigate.search.SearchWorker` and run one evaluation per task."""
+
+    what = "the search"
+
+    def start(self, spec) -> None:
+        """Start the actors (each loads the base model and the splits of ``spec`` while the driver goes on)."""
+        self._launch(_SearchActor, SEARCH_PREFIX, spec)
+
+    def prepare(self) -> dict | None:
+        """The latent cache of the proxy images: filled by worker 0 (its report is returned), then found by the
+        others; so no two workers encode the same images at once."""
+        first = self._get(self.actors[0].prepare.remote(), "filling the latent cache")
+        for ref in [actor.prepare.remote() for actor in self.actors[1:]]:
+            self._get(ref, "reading the latent cache")
+        return first
+
+    def evaluate(self, jobs: list[dict], on_result: Callable[[int, dict, float], None],
+                 describe: Callable[[dict], str] = str) -> None:
+        """Run the evaluations ``jobs``, one at a time per worker, all dispatched at once; ``on_result(position,
+        result, seconds)`` is called with each as it arrives, in any order (``position``: its index in ``jobs``).
+        An evaluation whose worker died runs again (see :meth:`RayWorkers.run`)."""
+        tasks = [{**job, "position": k} for k, job in enumerate(jobs)]
+        self.run(tasks, lambda out: on_result(int(out["position"]), out["result"], float(out["wall_time_s"])),
+                 describe=describe, in_flight=1)

@@ -156,7 +156,8 @@ def test_a_killed_worker_is_replaced_and_the_results_stay(tmp_path, ray_log, tin
         os.kill(killed[0], 0)  # that process is gone
     assert comparable(out) == comparable(in_process) and files(out) == files(in_process)
     pids = {pid for pid, _, _ in sampled_in_workers(ray_log)}
-    assert killed[0] in pids and len(pids) == 3  # the killed worker, the other, and the restarted one
+    # the killed worker and the other; the restarted one samples too unless the other finished every unit first
+    assert killed[0] in pids and len(pids) in (2, 3)
 
 
 def test_an_in_process_journal_is_finished_by_two_workers(tmp_path, monkeypatch, ray_log, tiny_dir_eps, train,

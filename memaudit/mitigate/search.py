@@ -28,6 +28,17 @@ on *screening* evaluations that fine-tune only ``screen_steps``; its front among
 it that spread along it best, its two ends first) is then fine-tuned for the full ``inner_steps`` and scored again
 (``promoted.jsonl``, cached and resumable like the log), and the front and the pick are made among those full
 evaluations only, so the chosen mask's scores are always full-fidelity ones.
+
+Workers (``SearchConfig.workers > 1``, ``--workers N``): the evaluations of one NSGA-II generation, the promoted masks
+of the screen schedule and the two references run concurrently on N Ray workers (:class:`SearchWorker`,
+:class:`memaudit.distributed.SearchWorkers`), one evaluation per worker at a time. Each worker loads the base model
+once and holds its own :class:`MaskEvaluator` on the same proxy and validation splits; an evaluation depends only on
+its mask, learning rate, steps, the seed and the settings (never on what ran before it in that process), so it does
+not matter which worker runs it. Only this process (the driver) writes: it keeps NSGA-II, answers cached masks from
+the logs (they are never sent to a worker), and logs each evaluation as soon as every one asked before it is logged,
+so the logs, the front and the chosen mask are those of a search in one process with the same seed (CPU workers:
+with the same torch threads per process), and killing and resuming works as above, with any number of workers. A
+worker that dies is restarted and its evaluation runs again (:mod:`memaudit.distributed`).
 """
 
 from __future__ import annotations
@@ -54,6 +65,14 @@ SETTINGS_FILE = "search.json"
 
 #: evaluate(mask, learning_rate) -> {"objectives": {name: value}, "trainable_parameters": int, ...extra fields}
 Evaluate = Callable[[list[int], float], dict]
+#: on_result(k, output, seconds): the output of job ``k`` of a batch of jobs, and the seconds it took
+OnResult = Callable[[int, dict, float], None]
+#: evaluate_many(jobs, on_result): evaluate every ``(mask, learning_rate)`` of ``jobs`` (in any order, at once or one
+#: by one), calling ``on_result`` once per job as each finishes
+EvaluateMany = Callable[[list[tuple[list[int], float]], OnResult], None]
+#: run(jobs, on_result): the same for the jobs of :class:`MaskEvaluator` (dicts with ``mask`` (None: every unit),
+#: ``learning_rate`` and optionally ``method`` and ``steps``); :meth:`MaskEvaluator.run` in this process, or workers
+RunJobs = Callable[[list[dict], OnResult], None]
 #: progress(stage, done, total): stage is "generation" or "evaluation"
 Progress = Callable[[str, int, int], None]
 
@@ -170,6 +189,36 @@ class SearchResult:
     history: list[dict] = field(default_factory=list)  # per generation: evaluations so far and the front size
 
 
+class InOrder:
+    """Hands items that arrive in any order (``put(k, item)``, ``k`` in ``0..n-1``) to ``emit(k, item)`` in order of
+    ``k``: each as soon as it and every item before it are in."""
+
+    def __init__(self, n: int, emit: Callable[[int, object], None]):
+        self.n, self.emit, self.waiting, self.next = n, emit, {}, 0
+
+    def put(self, k: int, item=None) -> None:
+        self.waiting[k] = item
+        while self.next in self.waiting:
+            k, self.next = self.next, self.next + 1
+            self.emit(k, self.waiting.pop(k))
+
+    @property
+    def done(self) -> bool:
+        return self.next == self.n
+
+
+def one_at_a_time(evaluate: Evaluate) -> EvaluateMany:
+    """``evaluate`` as an :data:`EvaluateMany` that runs the jobs one after the other, in order, in this process."""
+
+    def evaluate_many(jobs: list[tuple[list[int], float]], on_result: OnResult) -> None:
+        for k, (mask, lr) in enumerate(jobs):
+            t0 = time.perf_counter()
+            out = evaluate(mask, lr)
+            on_result(k, out, time.perf_counter() - t0)
+
+    return evaluate_many
+
+
 def pareto_front(rows: Sequence[dict], objectives: Sequence[str], max_trainable_percent: float | None = None) -> list[dict]:
     """The non-dominated rows (all objectives minimized), among those within the trainable-parameter limit."""
     feasible = [r for r in rows if max_trainable_percent is None or r["trainable_percent"] <= max_trainable_percent]
@@ -209,11 +258,16 @@ def choose(front: Sequence[dict], objectives: Sequence[str], preference: Sequenc
     return front[int(np.argmin(score))]
 
 
-def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, *, objectives: Sequence[str],
+def nsga2_search(n_units: int, evaluate: Evaluate | None, log_path: str | os.PathLike, *, objectives: Sequence[str],
                  lr_choices: Sequence[float] = (1e-3,), population: int = 8, generations: int = 4, seed: int = 0,
                  max_trainable_percent: float | None = None, preference: Sequence[float] | None = None,
-                 progress: Progress | None = None, on_evaluation: Callable[[dict], None] | None = None) -> SearchResult:
-    """Run (or resume) NSGA-II over ``n_units`` mask bits and the learning rate; see the module docstring."""
+                 progress: Progress | None = None, on_evaluation: Callable[[dict], None] | None = None,
+                 evaluate_many: EvaluateMany | None = None) -> SearchResult:
+    """Run (or resume) NSGA-II over ``n_units`` mask bits and the learning rate; see the module docstring.
+
+    ``evaluate_many`` (instead of ``evaluate``, which then may be None) gets the new masks of a generation at once
+    (each distinct ``(mask, lr)`` not in the log, once), e.g. to run them concurrently; each result is logged as soon
+    as every genome asked before it is, so the log is the one ``evaluate`` would write."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.evaluator import Evaluator
     from pymoo.core.problem import Problem
@@ -235,6 +289,10 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
     algorithm = NSGA2(pop_size=population, sampling=BinaryRandomSampling(), crossover=TwoPointCrossover(),
                       mutation=BitflipMutation(), eliminate_duplicates=True)
     algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
+    if evaluate_many is None:
+        if evaluate is None:
+            raise TypeError("nsga2_search needs evaluate or evaluate_many.")
+        evaluate_many = one_at_a_time(evaluate)
     log = EvaluationLog(log_path)
     evaluated, history, generation = 0, [], 0
     progress = progress or (lambda *_: None)
@@ -246,28 +304,9 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
             break
         genomes = pop.get("X")
         progress("generation", generation, generations)
-        rows = []
-        for k, genome in enumerate(genomes):
-            mask, lr = decode(genome, n_units, lr_choices)
-            key = key_of(mask, lr)
-            row = log.get(key)
-            if row is None:
-                t0 = time.perf_counter()
-                out = evaluate(mask, lr)
-                missing = [o for o in objectives if o not in out.get("objectives", {})]
-                if missing:
-                    raise ConfigError(f"the evaluation returned no value for objective(s) {missing}.")
-                row = {**out, "key": key, "mask": mask, "learning_rate": lr, "seed": seed,
-                       "generation": generation, "index": len(log),
-                       "objectives": {o: float(out["objectives"][o]) for o in out["objectives"]},
-                       "wall_time_s": time.perf_counter() - t0}
-                row.setdefault("trainable_percent", 0.0)
-                log.append(row)
-                evaluated += 1
-                if on_evaluation is not None:
-                    on_evaluation(row)
-            rows.append(row)
-            progress("evaluation", k + 1, len(genomes))
+        rows, ran = _evaluate_generation([decode(g, n_units, lr_choices) for g in genomes], evaluate_many, log,
+                                         objectives, seed, generation, progress, on_evaluation)
+        evaluated += ran
         f = np.array([[r["objectives"][o] for o in objectives] for r in rows], dtype=float)
         kwargs = {"F": f}
         if n_constr:
@@ -281,6 +320,50 @@ def nsga2_search(n_units: int, evaluate: Evaluate, log_path: str | os.PathLike, 
     front = pareto_front(log.rows, objectives, max_trainable_percent)
     return SearchResult(rows=list(log.rows), front=front, chosen=choose(front, objectives, preference),
                         objectives=objectives, evaluated=evaluated, history=history)
+
+
+def _evaluate_generation(asked: list[tuple[list[int], float]], evaluate_many: EvaluateMany, log: EvaluationLog,
+                         objectives: Sequence[str], seed: int, generation: int, progress: Progress,
+                         on_evaluation: Callable[[dict], None] | None) -> tuple[list[dict], int]:
+    """The rows of one generation's genomes (``asked``, decoded), in ask order: from the log, or evaluated now (each
+    new key once: two genomes may decode to one mask and learning rate) and logged in ask order. Returns the rows and
+    how many evaluations ran."""
+    keys = [key_of(mask, lr) for mask, lr in asked]
+    todo: list[int] = []  # positions whose key is new, first occurrence only
+    new: set[str] = set()
+    for k, key in enumerate(keys):
+        if log.get(key) is None and key not in new:
+            new.add(key)
+            todo.append(k)
+    rows: list[dict] = []
+
+    def emit(k: int, item) -> None:
+        row = log.get(keys[k])
+        if row is None:  # evaluated now (a later genome with the same key finds this row in the log)
+            out, seconds = item
+            missing = [o for o in objectives if o not in out.get("objectives", {})]
+            if missing:
+                raise ConfigError(f"the evaluation returned no value for objective(s) {missing}.")
+            mask, lr = asked[k]
+            row = {**out, "key": keys[k], "mask": mask, "learning_rate": lr, "seed": seed,
+                   "generation": generation, "index": len(log),
+                   "objectives": {o: float(out["objectives"][o]) for o in out["objectives"]},
+                   "wall_time_s": seconds}
+            row.setdefault("trainable_percent", 0.0)
+            log.append(row)
+            if on_evaluation is not None:
+                on_evaluation(row)
+        rows.append(row)
+        progress("evaluation", k + 1, len(asked))
+
+    ordered = InOrder(len(asked), emit)
+    for k in set(range(len(asked))) - set(todo):
+        ordered.put(k)
+    if todo:
+        evaluate_many([asked[k] for k in todo], lambda j, out, seconds: ordered.put(todo[j], (out, seconds)))
+    if not ordered.done:
+        raise RuntimeError(f"{len(asked) - len(rows)} evaluation(s) of generation {generation} never came back.")
+    return rows, len(todo)
 
 
 # -- MemControl's search on a real model ------------------------------------------------------------------------
@@ -348,10 +431,18 @@ class SearchConfig:
     seed: int = _help("seed of the search, the splits, every fine-tune and every sample", default=0)
     device: str = _help("auto, cpu or cuda", default="auto")
     loras: list = _help("LoRA adapters fused into the base before the search: [[path, scale], ...]", default_factory=list)
+    workers: int = _help("run the evaluations on this many Ray workers, one model replica each (1: in this process, "
+                         "without Ray); the results are the same", default=1)
+    ray_address: str | None = _help("Ray cluster of the workers (as `ray start --head` prints it); None: a local Ray "
+                                    "instance", default=None)
 
     def __post_init__(self):
         from memaudit.mitigate.methods import GRANULARITIES, available_methods
 
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise ConfigError(f"--workers {self.workers} must be at least 1 (1 runs the search in this process).")
+        if self.ray_address is not None and self.workers == 1:
+            raise ConfigError("--ray-address needs --workers 2 or more: one worker runs in this process, without Ray.")
         self.lr_choices = tuple(float(x) for x in self.lr_choices)
         if self.schedule == "screen" and self.screen_steps is None:
             self.screen_steps = max(1, self.inner_steps // 5)
@@ -390,6 +481,20 @@ class SearchConfig:
 
 
 OBJECTIVES = ("memorization", "quality")
+#: settings that do not change a result: a search resumes with any other value of them
+NOT_IN_IDENTITY = ("workers", "ray_address")
+
+
+def method_units(target, config: SearchConfig) -> tuple[list, dict]:
+    """The units of ``config.method`` at ``config.granularity`` on ``target``'s denoiser, and the method's summary
+    (parameter counts): read off the method built on the denoiser, which is then taken out again."""
+    from memaudit.mitigate.methods import get_method
+
+    probe = get_method(config.method, target.denoiser, config.granularity, base=target.path or None)
+    try:
+        return probe.units(), probe.summary()
+    finally:
+        probe.unload()
 
 
 class MaskEvaluator:
@@ -419,13 +524,7 @@ class MaskEvaluator:
         self.target, self.proxy, self.val, self.config = target, proxy, val, config
         self.cache_dir, self.batch_size = cache_dir, batch_size
         self.progress = progress or (lambda *_: None)
-        # the units are read off the method built on the denoiser, which is then taken out again
-        probe = self.fresh()
-        try:
-            self.units = probe.units()
-            self.summary = probe.summary()
-        finally:
-            probe.unload()
+        self.units, self.summary = method_units(target, config)
         self.extractor = get_extractor(config.quality_features, device=str(target.device))
         # the features of the validation and proxy images are computed at the first evaluation (never, when every
         # evaluation comes from the logs)
@@ -506,6 +605,15 @@ class MaskEvaluator:
                 "trainable_percent": 100.0 * n / self.summary["unet_parameters"], "details": details,
                 "inner_steps": steps if params else 0}
 
+    def run(self, jobs: list[dict], on_result: OnResult) -> None:
+        """Evaluate ``jobs`` one after the other in this process (a :data:`RunJobs`): each a dict with ``mask``
+        (None: every unit), ``learning_rate`` and optionally ``method`` and ``steps``, as :meth:`__call__` takes
+        them."""
+        for k, job in enumerate(jobs):
+            t0 = time.perf_counter()
+            out = self(job.get("mask"), job["learning_rate"], method=job.get("method"), steps=job.get("steps"))
+            on_result(k, out, time.perf_counter() - t0)
+
     def _sample(self, captions: list[str], seed: int):
         from memaudit.sampling import Sampler
 
@@ -571,6 +679,13 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     schedule also ``screening`` and ``promoted``) and ``verdict`` (:func:`reference_verdict`: whether a reference
     such as full fine-tuning beats every mask on the front). A population larger than the search space
     (:func:`check_population`) is refused once the units are known, before anything is written.
+
+    ``config.workers > 1`` runs the evaluations on that many Ray workers (see the module docstring; ``base`` must be
+    a folder or hub id every worker can load, and the training images at paths every worker can read). Ray missing,
+    a ``ray_address`` that does not answer or a cluster too small for the workers is one line, before anything is
+    written. The workers start at the first evaluation not in the logs (a search found complete starts none), and
+    ``workers``, ``ray_address`` and the versions (with Ray's) are recorded in the result; the logs and ``search.json``
+    do not depend on them, so a search resumes with any number of workers.
     """
     import torch
 
@@ -580,9 +695,16 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     from memaudit.target import load_target
 
     config = config or SearchConfig()
+    distributed = config.workers > 1
+    if distributed:
+        from memaudit.distributed import check_reachable, require_ray
+
+        require_ray("the search")  # missing, or an address that does not answer: one line, before anything loads
+        check_reachable(config.ray_address)
     out = check_writable(out, "--out")
     check_writable(latent_cache_root(cache_dir), "--cache-dir")
-    target = load_target(base, device=config.device, dtype="float32", loras=config.loras)
+    # with workers, this copy only answers questions about the model (its units, resolution, ...): on the CPU
+    target = load_target(base, device="cpu" if distributed else config.device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
     if len(dataset) < 4:
         raise ConfigError(f"the training set {source} has {len(dataset)} images; the search needs at least 4.")
@@ -591,12 +713,13 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     n_proxy = max(1, round(config.proxy_fraction * len(rest)))
     proxy = rest.subset(torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:n_proxy].sort().values)
     # lists the method's units (built on the denoiser and taken out again); nothing is written yet
-    evaluator = MaskEvaluator(target, proxy, val, config, progress, cache_dir=cache_dir)
-    if not evaluator.units:
+    evaluator = None if distributed else MaskEvaluator(target, proxy, val, config, progress, cache_dir=cache_dir)
+    units = evaluator.units if evaluator is not None else method_units(target, config)[0]
+    if not units:
         raise ConfigError(f"--method {config.method} has nothing to train on {base} (its "
                           f"{type(target.denoiser).__name__} has no {config.method} parameters), so there is no mask "
                           "to search; choose another --method.")
-    check_population(config.population, len(evaluator.units), config.lr_choices,
+    check_population(config.population, len(units), config.lr_choices,
                      f"{config.method} at {config.granularity} granularity")
     settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base), "train": source,
                 "settings": config.to_dict(), "proxy": list(proxy.names), "validation": list(val.names)}
@@ -606,32 +729,43 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
         earlier = json.loads(settings_file.read_text())
         for key, default in (("schedule", "plain"), ("screen_steps", None), ("promote", None)):  # older logs
             earlier.get("settings", {}).setdefault(key, default)
-        if {k: earlier.get(k) for k in settings} != settings:
+        if _identity({k: earlier.get(k) for k in settings}) != _identity(settings):
             raise ConfigError(f"{out} holds a search with other settings, base or data; run the same command to resume "
                               "it, or choose another --out.")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+    pool = None
+    if distributed:
+        from memaudit.distributed import SearchWorkers
+
+        # unreachable, too small for the workers: one line, nothing written
+        pool = SearchWorkers(config.workers, address=config.ray_address, device=config.device,
+                             threads=torch.get_num_threads())
+    try:
         from memaudit.audit import versions
 
-        atomic_write_json(settings_file, {**settings, "versions": versions()})
-    screen = config.schedule == "screen"
-    steps = config.screen_steps if screen else config.inner_steps
-    result = nsga2_search(len(evaluator.units), lambda mask, lr: evaluator(mask, lr, steps=steps), out / LOG_FILE,
-                          objectives=OBJECTIVES, lr_choices=config.lr_choices, population=config.population,
-                          generations=config.generations, seed=config.seed,
-                          max_trainable_percent=config.max_trainable_percent, preference=config.preference,
-                          progress=progress)
-    rows, front, chosen, evaluated = result.rows, result.front, result.chosen, result.evaluated
-    if screen:
-        rows, evaluated_full = _promote(evaluator, result.front, out, config, progress)
-        evaluated += evaluated_full
-        front = pareto_front(rows, OBJECTIVES, config.max_trainable_percent)
-        chosen = choose(front, OBJECTIVES, config.preference)
-    # references: the method's default (every unit, its default learning rate) and full fine-tuning
-    references, references_now = _references(evaluator, out, config)
+        vers = versions()
+        if pool is not None:
+            vers["ray"] = pool.ray_version
+        if not settings_file.is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(settings_file, {**settings, "versions": vers})
+        if pool is None:
+            run: RunJobs = evaluator.run
+        else:
+            model_arg = str(Path(base).resolve()) if Path(str(base)).exists() else str(base)
+            run = _OnWorkers(pool, SearchWorkerSpec(
+                base=model_arg, loras=[[a["path"], a["scale"]] for a in target.loras], config=config.to_dict(),
+                proxy=_absolute(proxy), val=_absolute(val), device=pool.device_type,
+                threads=pool.threads if pool.device_type == "cpu" else None,
+                cache_dir=str(latent_cache_root(cache_dir).parent.resolve())), progress)
+        doc = _search(run, out, config, len(units), progress)
+    finally:
+        if pool is not None:
+            pool.close()
+    cache_report = evaluator.cache_report if evaluator is not None else run.cache_report
+    rows, front, chosen, references = doc["rows"], doc["front"], doc["chosen"], doc["references"]
     mask_doc = {"kind": "memaudit.mask", "schema_version": 1, "method": config.method,
-                "granularity": config.granularity, "units": [u.name for u in evaluator.units],
-                "unit_parameters": [u.count for u in evaluator.units], "base": str(base), "seed": config.seed,
+                "granularity": config.granularity, "units": [u.name for u in units],
+                "unit_parameters": [u.count for u in units], "base": str(base), "seed": config.seed,
                 "inner_steps": config.inner_steps, "schedule": config.schedule,
                 "pick": "knee point" if config.preference is None
                 else f"weighted sum {list(config.preference)}"}
@@ -640,9 +774,10 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                          "objectives": chosen["objectives"], "trainable_parameters": chosen["trainable_parameters"],
                          "trainable_percent": chosen["trainable_percent"]})
         atomic_write_json(out / "mask.json", mask_doc)
+    screen, result, evaluated = config.schedule == "screen", doc["result"], doc["evaluated"]
     all_rows = result.rows + (rows if screen else [])
     fine_tunes = {"total": len(all_rows) + len(references), "mask_evaluations": len(all_rows),
-                  "references": list(references), "run_now": evaluated + references_now,
+                  "references": list(references), "run_now": evaluated + doc["references_now"],
                   "without_training": sum(1 for r in all_rows if row_inner_steps(r, config.inner_steps) == 0)}
     if screen:
         fine_tunes.update(screening=len(result.rows), promoted=len(rows))
@@ -651,7 +786,8 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                  "fine_tunes": fine_tunes, "verdict": reference_verdict(front, references),
                  "memorization": config.memorization, "quality": config.quality, "schedule": config.schedule,
                  "inner_steps_total": sum(row_inner_steps(r, config.inner_steps) for r in all_rows),
-                 "latent_cache": evaluator.cache_report}
+                 "latent_cache": cache_report, "workers": config.workers, "ray_address": config.ray_address,
+                 "versions": vers}
     if screen:
         front_doc["screening"] = {"evaluations": len(result.rows), "steps": config.screen_steps,
                                   "promoted": len(rows), "promote": config.promote,
@@ -659,6 +795,134 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     atomic_write_json(out / "pareto.json", front_doc)
     atomic_write_bytes(out / "pareto.png", pareto_png(rows, front, chosen, references, config))
     return front_doc
+
+
+def _search(run: RunJobs, out: Path, config: SearchConfig, n_units: int, progress: Progress | None) -> dict:
+    """NSGA-II, the screen schedule's promotions and the references, every evaluation through ``run``."""
+    screen = config.schedule == "screen"
+    steps = config.screen_steps if screen else config.inner_steps
+
+    def evaluate_many(jobs: list[tuple[list[int], float]], on_result: OnResult) -> None:
+        run([{"mask": mask, "learning_rate": lr, "steps": steps} for mask, lr in jobs], on_result)
+
+    result = nsga2_search(n_units, None, out / LOG_FILE, objectives=OBJECTIVES, lr_choices=config.lr_choices,
+                          population=config.population, generations=config.generations, seed=config.seed,
+                          max_trainable_percent=config.max_trainable_percent, preference=config.preference,
+                          progress=progress, evaluate_many=evaluate_many)
+    rows, front, chosen, evaluated = result.rows, result.front, result.chosen, result.evaluated
+    if screen:
+        rows, evaluated_full = _promote(run, result.front, out, config, progress)
+        evaluated += evaluated_full
+        front = pareto_front(rows, OBJECTIVES, config.max_trainable_percent)
+        chosen = choose(front, OBJECTIVES, config.preference)
+    # references: the method's default (every unit, its default learning rate) and full fine-tuning
+    references, references_now = _references(run, out, config)
+    return {"result": result, "rows": rows, "front": front, "chosen": chosen, "evaluated": evaluated,
+            "references": references, "references_now": references_now}
+
+
+def _identity(settings: dict) -> dict:
+    """``search.json``'s settings without those that do not change a result (:data:`NOT_IN_IDENTITY`)."""
+    inner = {k: v for k, v in (settings.get("settings") or {}).items() if k not in NOT_IN_IDENTITY}
+    return {**settings, "settings": inner}
+
+
+def _absolute(dataset):
+    """``dataset`` with absolute image paths (a worker's working folder may be another one)."""
+    from memaudit.data import ImageCaptionDataset
+
+    if not dataset.on_disk:
+        return dataset
+    return ImageCaptionDataset(dataset.captions, dataset.names, dataset.source,
+                               files=[f.resolve() for f in dataset.files], resolution=dataset.resolution,
+                               channels=dataset.channels, stamps=dataset.stamps)
+
+
+def describe_job(job: dict) -> str:
+    """An evaluation, as messages name it."""
+    lr = f"lr {float(job['learning_rate']):g}"
+    if job.get("mask") is None:
+        return f"the evaluation of {job.get('method') or 'the method'} with every unit at {lr}"
+    return f"the evaluation of mask {''.join(str(int(b)) for b in job['mask'])} at {lr}"
+
+
+@dataclass
+class SearchWorkerSpec:
+    """What a worker process needs to build its own :class:`MaskEvaluator`: the base model (a folder or hub id it can
+    reach, and adapters ``[[path, scale], ...]``), the search settings, the proxy and validation splits (their image
+    paths, or their pixels for data held in memory), its device and CPU threads, and the cache folder."""
+
+    base: str
+    loras: list
+    config: dict
+    proxy: object
+    val: object
+    device: str
+    threads: int | None = None
+    cache_dir: str | None = None
+
+
+class SearchWorker:
+    """Runs evaluations of the search: the same :class:`MaskEvaluator` as in the driver, in a Ray worker."""
+
+    def __init__(self, evaluator: MaskEvaluator):
+        self.evaluator = evaluator
+
+    @classmethod
+    def load(cls, spec: SearchWorkerSpec) -> SearchWorker:
+        """Load the base model of ``spec`` in this process (a Ray worker) and build the evaluator on its splits."""
+        import torch
+
+        from memaudit.target import load_target
+
+        if spec.threads:
+            torch.set_num_threads(int(spec.threads))
+        config = SearchConfig(**spec.config)
+        target = load_target(spec.base, device=spec.device, dtype="float32", loras=spec.loras)
+        return cls(MaskEvaluator(target, spec.proxy, spec.val, config, cache_dir=spec.cache_dir))
+
+    def machine(self) -> str:
+        import platform
+
+        import torch
+
+        device = torch.device(self.evaluator.target.device)
+        if device.type == "cuda":
+            return torch.cuda.get_device_name(device)
+        return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+    def prepare(self) -> dict:
+        """The proxy images' latents, from the latent cache (encoded into it when it lacks them); what it held."""
+        return self.evaluator.latents.report
+
+    def run_unit(self, task: dict) -> dict:
+        """One evaluation (a job of :meth:`MaskEvaluator.run` with its ``position``): its result and seconds."""
+        t0 = time.perf_counter()
+        result = self.evaluator(task.get("mask"), task["learning_rate"], method=task.get("method"),
+                                steps=task.get("steps"))
+        return {"position": task["position"], "result": result, "wall_time_s": time.perf_counter() - t0}
+
+
+class _OnWorkers:
+    """A :data:`RunJobs` on Ray workers: started at the first jobs (worker 0 fills the latent cache first, then the
+    others find it), then every call's jobs are dispatched at once, one per worker at a time."""
+
+    def __init__(self, pool, spec: SearchWorkerSpec, progress: Progress | None):
+        self.pool, self.spec, self.progress = pool, spec, progress or (lambda *_: None)
+        self.started, self.cache_report = False, None
+
+    def __call__(self, jobs: list[dict], on_result: OnResult) -> None:
+        if not jobs:
+            return
+        if not self.started:
+            self.pool.start(self.spec)
+            self.pool.ready(self.progress)
+            self.started = True
+            self.cache_report = self.pool.prepare()
+            encoded = int(self.cache_report.get("encoded", 0))
+            if encoded:
+                self.progress("latent cache", encoded, encoded)
+        self.pool.evaluate(jobs, on_result, describe_job)
 
 
 def row_inner_steps(row: dict, inner_steps: int) -> int:
@@ -691,46 +955,59 @@ def spread_order(front: Sequence[dict], objectives: Sequence[str] = OBJECTIVES) 
     return [rows[i] for i in taken]
 
 
-def _promote(evaluator: MaskEvaluator, screening_front: Sequence[dict], out: Path, config: SearchConfig,
+def _promote(run: RunJobs, screening_front: Sequence[dict], out: Path, config: SearchConfig,
              progress: Progress | None) -> tuple[list[dict], int]:
     """The screen schedule's second stage: the masks of the screening front (at most ``config.promote`` of them,
     in :func:`spread_order`) fine-tuned for the full inner steps and scored again (cached and resumable in
-    ``promoted.jsonl``). Returns those rows and how many ran now."""
+    ``promoted.jsonl``, written in that order). Returns those rows and how many ran now."""
     screening_front = spread_order(screening_front)[:config.promote]
-    log, ran = EvaluationLog(out / PROMOTED_FILE), 0
-    for k, row in enumerate(screening_front):
-        if log.get(row["key"]) is None:
-            t0 = time.perf_counter()
-            res = evaluator(row["mask"], row["learning_rate"])
+    log = EvaluationLog(out / PROMOTED_FILE)
+    todo = [k for k, row in enumerate(screening_front) if log.get(row["key"]) is None]
+
+    def emit(k: int, item) -> None:
+        row = screening_front[k]
+        if item is not None:
+            res, seconds = item
             log.append({**res, "key": row["key"], "mask": row["mask"], "learning_rate": row["learning_rate"],
                         "seed": config.seed, "index": len(log), "screen_index": row["index"],
-                        "screen_objectives": row["objectives"], "wall_time_s": time.perf_counter() - t0})
-            ran += 1
+                        "screen_objectives": row["objectives"], "wall_time_s": seconds})
         if progress is not None:
             progress("promotion", k + 1, len(screening_front))
+
+    ordered = InOrder(len(screening_front), emit)
+    for k in set(range(len(screening_front))) - set(todo):
+        ordered.put(k)
+    run([{"mask": screening_front[k]["mask"], "learning_rate": screening_front[k]["learning_rate"]} for k in todo],
+        lambda j, res, seconds: ordered.put(todo[j], (res, seconds)))
     keys = {r["key"] for r in screening_front}
-    return [r for r in log.rows if r["key"] in keys], ran
+    return [r for r in log.rows if r["key"] in keys], len(todo)
 
 
-def _references(evaluator: MaskEvaluator, out: Path, config: SearchConfig) -> tuple[dict, int]:
+def _references(run: RunJobs, out: Path, config: SearchConfig) -> tuple[dict, int]:
     """The method's default (every unit at its default learning rate) and full fine-tuning, scored the same way as
-    the search's evaluations (cached in ``references.jsonl``), and how many of them were fine-tuned now."""
+    the search's evaluations (cached in ``references.jsonl``, written in that order), and how many of them were
+    fine-tuned now."""
     from memaudit.mitigate.methods import method_class
 
     log = EvaluationLog(out / "references.jsonl")
-    refs, ran = {}, 0
+    wanted = []
     for name, method in (("method default", config.method), ("full fine-tuning", "full")):
         lr = method_class(method).default_lr
-        key = f"{method}:all-units@{lr:.6g}"
-        row = log.get(key)
-        if row is None:
-            t0 = time.perf_counter()
-            res = evaluator(None, lr, method=method)
-            row = {**res, "key": key, "method": method, "learning_rate": lr, "wall_time_s": time.perf_counter() - t0}
-            log.append(row)
-            ran += 1
-        refs[name] = row
-    return refs, ran
+        wanted.append((name, method, lr, f"{method}:all-units@{lr:.6g}"))
+    todo = [k for k, (_, _, _, key) in enumerate(wanted) if log.get(key) is None]
+
+    def emit(k: int, item) -> None:
+        _, method, lr, key = wanted[k]
+        if item is not None:
+            res, seconds = item
+            log.append({**res, "key": key, "method": method, "learning_rate": lr, "wall_time_s": seconds})
+
+    ordered = InOrder(len(wanted), emit)
+    for k in set(range(len(wanted))) - set(todo):
+        ordered.put(k)
+    run([{"mask": None, "learning_rate": wanted[k][2], "method": wanted[k][1]} for k in todo],
+        lambda j, res, seconds: ordered.put(todo[j], (res, seconds)))
+    return {name: log.get(key) for name, _, _, key in wanted}, len(todo)
 
 
 def reference_verdict(front: Sequence[dict], references: dict[str, dict],
