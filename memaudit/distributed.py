@@ -26,6 +26,7 @@ others then find it there (:meth:`SearchWorkers.prepare`), so no two workers enc
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import socket
@@ -87,7 +88,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
-class _WorkerActor:
+class _WorkerActor(abc.ABC):
     """A Ray actor around one worker object (created with ``ray.remote`` by :class:`RayWorkers`), loaded by
     :meth:`load`. An error while loading is kept and raised by every call, so that it reaches the driver as the
     exception it is (a creation error would only say that the actor died)."""
@@ -100,8 +101,9 @@ class _WorkerActor:
             self.error = e
 
     @staticmethod
+    @abc.abstractmethod
     def load(spec):
-        raise NotImplementedError
+        """The worker object a subclass builds from ``spec`` (in the actor's process)."""
 
     def _check(self):
         if self.error is not None:
