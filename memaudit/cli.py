@@ -33,6 +33,9 @@ Lora = Annotated[list[Path], typer.Option(
                    "load_lora_weights reads it); repeatable")]
 LoraScale = Annotated[list[float], typer.Option(
     "--lora-scale", help="weight of each --lora (one value for all, or one per --lora; default 1.0)")]
+RayAddress = Annotated[str | None, typer.Option(
+    "--ray-address", help="Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); default: a "
+                          "local Ray instance")]
 Redact = Annotated[bool, typer.Option("--redact", help="leave every training-image pixel out of the outputs")]
 Seed = Annotated[int, typer.Option("--seed", help="seed of every random draw")]
 Threads = Annotated[int | None, typer.Option(
@@ -329,9 +332,7 @@ def audit(
     workers: Annotated[int, typer.Option(
         "--workers", help="sample on N Ray workers, one model replica each (a GPU each when there are GPUs); 1 runs "
                           "in this process, without Ray. Same results either way")] = 1,
-    ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", help="Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); default: a "
-                              "local Ray instance")] = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """Audit MODEL for training images it reproduces: extraction attack, AMD and denoising strength. Finished
     prompts are journaled in OUT.partial/: the same command after a crash or Ctrl-C goes on from there."""
@@ -509,9 +510,7 @@ def mitigate_search(
     workers: Annotated[int, typer.Option(
         "--workers", help="run each generation's evaluations on N Ray workers, one model replica each (a GPU each when "
                           "there are GPUs); 1 runs in this process, without Ray. Same results either way")] = 1,
-    ray_address: Annotated[str | None, typer.Option(
-        "--ray-address", help="Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); default: a "
-                              "local Ray instance")] = None,
+    ray_address: RayAddress = None,
 ) -> None:
     """Search masks with NSGA-II; every evaluation is logged, so the same command resumes after a crash (with any
     --workers)."""

@@ -495,12 +495,10 @@ def index_components(path: Path) -> list[str]:
                           and "index" in f.name for f in p.iterdir()))
 
 
-def _apply_peft_adapter(target: Target, path: Path, given, scale: float) -> None:
+def _merge_peft_adapter(target: Target, path: Path, given, scale: float) -> None:
     """For families whose diffusers pipeline has no LoRA loader (PixArt): a peft adapter folder
     (``adapter_config.json`` + ``adapter_model.safetensors``, what ``memaudit finetune --method lora`` writes for them),
     merged into the denoiser at ``scale``."""
-    from safetensors import SafetensorError
-
     if not (path.is_dir() and (path / "adapter_config.json").is_file()
             and (path / "adapter_model.safetensors").is_file()):
         raise TargetError(f"--lora {given}: diffusers has no LoRA loader for {target.family.title} pipelines; pass a "
@@ -508,20 +506,22 @@ def _apply_peft_adapter(target: Target, path: Path, given, scale: float) -> None
                           "--method lora writes for this family.")
     from peft import PeftModel
 
-    try:
-        model = PeftModel.from_pretrained(target.denoiser, str(path), adapter_name="memaudit", use_safetensors=True)
-        if float(scale) != 1.0:
-            for module in model.modules():
-                if hasattr(module, "scale_layer") and hasattr(module, "lora_A"):
-                    module.scale_layer(float(scale))
-        target.denoiser = model.merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
-        raise TargetError(f"--lora {given} could not be applied to {target.path or 'the model'} "
-                          f"({str(e).splitlines()[0]}); pass an adapter trained for this base model.") from e
-    for _, m in target.modules():
-        m.eval()
-        m.requires_grad_(False)
-    target.loras.append({"path": str(path.resolve()), "sha256": file_sha256(path), "scale": float(scale)})
+    model = PeftModel.from_pretrained(target.denoiser, str(path), adapter_name="memaudit", use_safetensors=True)
+    if float(scale) != 1.0:
+        for module in model.modules():
+            if hasattr(module, "scale_layer") and hasattr(module, "lora_A"):
+                module.scale_layer(float(scale))
+    target.denoiser = model.merge_and_unload()
+
+
+def _fuse_diffusers_lora(target: Target, path: Path, given, scale: float) -> None:
+    """diffusers' own loader (its format and the community formats it converts), fused at ``scale``."""
+    name = f"memaudit_{len(target.loras)}"
+    kwargs = {"weight_name": path.name} if path.is_file() else {}
+    target.pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name,
+                                  use_safetensors=True, **kwargs)
+    target.pipe.fuse_lora(lora_scale=float(scale), adapter_names=[name])
+    target.pipe.unload_lora_weights()
 
 
 def file_sha256(path: Path) -> str:
@@ -548,18 +548,11 @@ def apply_lora(target: Target, lora: str | os.PathLike, scale: float = 1.0) -> N
         raise TargetError(f"--lora {lora} holds no .safetensors file; memaudit loads adapters only from safetensors.")
     if p.is_file() and p.suffix != ".safetensors":
         raise TargetError(f"--lora {lora} is not a .safetensors file; memaudit never unpickles weights: convert it.")
-    if not hasattr(target.pipe, "load_lora_weights"):
-        _apply_peft_adapter(target, p, lora, scale)
-        return
     from safetensors import SafetensorError
 
-    name = f"memaudit_{len(target.loras)}"
-    kwargs = {"weight_name": p.name} if p.is_file() else {}
-    where = p.parent if p.is_file() else p
+    apply = _fuse_diffusers_lora if hasattr(target.pipe, "load_lora_weights") else _merge_peft_adapter
     try:
-        target.pipe.load_lora_weights(str(where), adapter_name=name, use_safetensors=True, **kwargs)
-        target.pipe.fuse_lora(lora_scale=float(scale), adapter_names=[name])
-        target.pipe.unload_lora_weights()
+        apply(target, p, lora, scale)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:
         raise TargetError(f"--lora {lora} could not be applied to {target.path or 'the model'} "
                           f"({str(e).splitlines()[0]}); pass an adapter trained for this base model.") from e
