@@ -62,8 +62,9 @@ __all__ = ["CHUNK_BYTES", "DatasetLatents", "LatentStore", "encode_batch_size", 
 KIND = "memaudit.latents"
 SCHEMA_VERSION = 1
 SUBDIR = "latents"
-#: the largest chunk a build writes, in bytes (about 8,000 Stable Diffusion images at 512 px)
-CHUNK_BYTES = 1 << 30
+#: the largest chunk a build writes, in bytes (512 Stable Diffusion images at 512 px: a build killed mid-chunk loses
+#: at most this much encoding, minutes on a CPU; 110,000 images make about 215 chunk files)
+CHUNK_BYTES = 64 << 20
 
 #: progress(done, total) in images encoded
 CacheProgress = Callable[[int, int], None]

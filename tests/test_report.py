@@ -7,6 +7,7 @@ import copy
 import html
 import json
 import re
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -20,8 +21,9 @@ from memaudit.report import (
     SCHEMA_VERSION,
     detection_note,
     histogram_counts,
-    histogram_png,
+    histogram_svg,
     load_results,
+    nice_ticks,
     render_html,
     roc_png,
     verdict,
@@ -94,17 +96,17 @@ def _results():
 
 @pytest.fixture
 def fast_plots(monkeypatch):
-    """Stand-ins for the matplotlib plots (slow on a shared CPU) in tests about the rest of the page."""
+    """Stand-ins for the plots (matplotlib's ROC is slow on a shared CPU) in tests about the rest of the page."""
     calls = []
 
-    def fake(name):
+    def fake(name, svg=False):
         def plot(*args, **kwargs):
             calls.append((name, args, kwargs))
-            return PNG_SIGNATURE + name.encode()
+            return f'<svg class="fake-{name}"></svg>' if svg else PNG_SIGNATURE + name.encode()
 
         return plot
 
-    monkeypatch.setattr(report, "histogram_png", fake("hist"))
+    monkeypatch.setattr(report, "histogram_svg", fake("hist", svg=True))
     monkeypatch.setattr(report, "roc_png", fake("roc"))
     return calls
 
@@ -245,8 +247,9 @@ def test_render_html_content(audit):
     assert REDACTED_BANNER not in page
     # flagged prompts sorted by distance: prompt 0 (0.0421) before prompt 1 (0.3125)
     assert page.index(_b64(grids[0])) < page.index(_b64(grids[1]))
-    # histograms and ROC are embedded as PNG data URIs (2 grids + 2 train + 2 histograms + 1 ROC)
-    assert page.count("data:image/png;base64,") == 7
+    # the ROC is embedded as a PNG data URI (2 grids + 2 train + 1 ROC), both histograms as inline SVG
+    assert page.count("data:image/png;base64,") == 5
+    assert page.count('<svg class="histogram"') == 2
     assert "Detection ROC" in page
     # self-contained: no external references, no JavaScript
     assert not re.search(r'(src|href)="(?!data:)', page)
@@ -333,7 +336,8 @@ def test_render_without_optional_data(audit, fast_plots):
     page = render_html(results, folder)
     assert "Detection ROC" not in page
     assert "No per-image distances" in page
-    assert page.count("data:image/png;base64,") == 5  # 4 images + the denoising histogram
+    assert page.count("data:image/png;base64,") == 4  # 2 grids + 2 train (the histogram is SVG)
+    assert page.count('<svg class="fake-hist"') == 1
     assert [(name, kw) for name, _, kw in fast_plots] == [("hist", {"threshold": 2.875})]
     assert fast_plots[0][1][0] == [3.217, 2.5, 0.75]
 
@@ -367,10 +371,43 @@ def test_write_report(audit, fast_plots, monkeypatch):
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def test_histogram_png():
-    data = histogram_png([0.1, 0.2, None, float("nan"), 0.25, 0.5], "t", "x", threshold=0.3)
-    assert data.startswith(PNG_SIGNATURE)
-    assert histogram_png([], "empty", "x").startswith(PNG_SIGNATURE)
+def _bars(svg):
+    """(series, count, x, width, height) of each bar of a histogram SVG."""
+    return [(int(r.get("data-series")), int(r.get("data-count")), float(r.get("x")), float(r.get("width")),
+             float(r.get("height"))) for r in ET.fromstring(svg).iter("rect") if r.get("class") == "bar"]
+
+
+def test_histogram_svg_draws_the_counts_to_scale():
+    values = [0.1, 0.2, None, float("nan"), 0.3, 0.5, "x"]
+    svg = histogram_svg(values, "Scores <&>", "x", threshold=0.22)
+    root = ET.fromstring(svg)  # well-formed markup
+    assert root.tag == "svg" and "<script" not in svg and "http" not in svg
+    assert root.find("title").text == "Scores <&> (n=4)"  # escaped in the markup, the finite values counted
+    # 4 values: 5 bins over [0.1, 0.5], edges 0.1, 0.18, 0.26, 0.34, 0.42, 0.5: 0.1 | 0.2 | 0.3 | - | 0.5
+    bars = _bars(svg)
+    assert [(s, c) for s, c, *_ in bars] == [(0, 1), (0, 1), (0, 1), (0, 1)]
+    heights = {round(h, 6) for *_, h in bars}
+    assert len(heights) == 1  # equal counts, equal heights
+    x = sorted(b[2] for b in bars)
+    unit = bars[0][3]  # one bin's width in SVG units
+    assert x[1] - x[0] == pytest.approx(unit, abs=0.02) and x[3] - x[2] == pytest.approx(2 * unit, abs=0.02)
+    # the threshold line sits at 0.22: 1.5 bins right of the first bar's left edge
+    line = next(e for e in root.iter("line") if e.get("class") == "threshold")
+    assert float(line.get("data-value")) == 0.22
+    assert float(line.get("x1")) == pytest.approx(x[0] + 1.5 * unit, abs=0.02)
+    assert "threshold 0.22" in svg
+    # a count of 2 is twice as tall as a count of 1
+    tall = {c: h for _, c, _, _, h in _bars(histogram_svg([1.0, 1.0, 2.0, 3.0, 4.0], "t", "x"))}
+    assert tall[2] == pytest.approx(2 * tall[1], abs=0.02)
+    empty = histogram_svg([None, float("nan")], "empty", "x", threshold=1.0)
+    assert _bars(empty) == [] and "no values" in empty and ET.fromstring(empty).find("title").text == "empty (n=0)"
+
+
+def test_nice_ticks():
+    assert nice_ticks(0, 25) == [0, 5, 10, 15, 20, 25]
+    assert nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(-0.013, 0.52) == pytest.approx([0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    assert nice_ticks(3, 3) == [3]
 
 
 def test_roc_png():
@@ -544,15 +581,17 @@ def test_reference_scores_are_drawn_beside_the_audited_ones(audit, fast_plots, m
     (_, args, kwargs), = [c for c in fast_plots if c[1][1] == "Per-prompt denoising score"]
     assert args[0] == [3.217, 2.5, 0.75]
     assert kwargs == {"threshold": 2.875, "reference": [0.5, 1.25, 2.0]}
-    # and the PNG plots both series on shared bins
+    # and the SVG plots both series on shared bins
     monkeypatch.undo()
     seen = []
     real = report.histogram_counts
     monkeypatch.setattr(report, "histogram_counts", lambda series, **kw: seen.append(series) or real(series, **kw))
-    both = histogram_png([3.217, 2.5, 0.75], "t", "x", threshold=2.875, reference=[0.5, 1.25, 2.0])
-    alone = histogram_png([3.217, 2.5, 0.75], "t", "x", threshold=2.875)
+    both = histogram_svg([3.217, 2.5, 0.75], "t", "x", threshold=2.875, reference=[0.5, 1.25, 2.0])
+    alone = histogram_svg([3.217, 2.5, 0.75], "t", "x", threshold=2.875)
     assert seen == [[[3.217, 2.5, 0.75], [0.5, 1.25, 2.0]], [[3.217, 2.5, 0.75]]]
-    assert both.startswith(PNG_SIGNATURE) and both != alone
+    assert {b.get("data-series") for b in ET.fromstring(both).iter("rect") if b.get("class") == "bar"} == {"0", "1"}
+    assert {b.get("data-series") for b in ET.fromstring(alone).iter("rect") if b.get("class") == "bar"} == {"0"}
+    assert "reference prompts (n=3)" in both and "reference prompts" not in alone
 
 
 # ---------------------------------------------------------------------------------------------- flagged cards
