@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from memaudit import plugins
 from memaudit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -168,8 +169,18 @@ def register(name: str, factory: Callable[..., FeatureExtractor]) -> None:
 
 
 def available() -> list[str]:
-    """Names of the registered feature extractors, in registration order."""
-    return list(_REGISTRY)
+    """Names of the registered feature extractors, in registration order, then those installed packages declare as
+    entry points (:mod:`memaudit.plugins`; the bundled demo's ``demo``)."""
+    return list(_REGISTRY) + [n for n in plugins.names(plugins.FEATURE_EXTRACTORS) if n not in _REGISTRY]
+
+
+def _factory(name: str) -> Callable[..., FeatureExtractor] | None:
+    if name not in _REGISTRY:
+        factory = plugins.load(plugins.FEATURE_EXTRACTORS, name)
+        if factory is None:
+            return None
+        register(name, factory)
+    return _REGISTRY[name]
 
 
 def get_extractor(name: str | nn.Module | FeatureExtractor, device: str | torch.device = "cpu", batch_size: int = 64,
@@ -197,10 +208,11 @@ def get_extractor(name: str | nn.Module | FeatureExtractor, device: str | torch.
             raise ConfigError(f"feature options {sorted(options)} do not apply to a custom nn.Module extractor; "
                               "remove them")
         return FeatureExtractor(name, f"custom:{type(name).__name__}", None, device=device, batch_size=batch_size)
-    if not isinstance(name, str) or name not in _REGISTRY:
+    factory = _factory(name) if isinstance(name, str) else None
+    if factory is None:
         raise ConfigError(f"feature extractor {name!r} does not exist; choose one of: {', '.join(available())} "
                           "(or pass an nn.Module)")
-    return _REGISTRY[name](device=device, batch_size=batch_size, **options)
+    return factory(device=device, batch_size=batch_size, **options)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -476,12 +488,3 @@ register("open_clip", _open_clip_factory)
 register("torchscript", _torchscript_factory)
 register("inception", _inception_factory)
 
-
-def _demo_factory(device: str | torch.device = "cpu", batch_size: int = 64, **options: Any) -> FeatureExtractor:
-    """The bundled demo classifier's 64-d features (for the bundled 32x32 models; see memaudit.demo.scorer)."""
-    from memaudit.demo.scorer import feature_factory
-
-    return feature_factory(device=device, batch_size=batch_size, **options)
-
-
-register("demo", _demo_factory)

@@ -124,8 +124,16 @@ class DemoAlignment:
         return out
 
 
+def alignment_factory(device="cpu", **options) -> DemoAlignment:
+    """``get_scorer("demo")`` (an entry point in pyproject.toml): :class:`DemoAlignment` (option ``weights=PATH``)."""
+    unknown = set(options) - {"weights"}
+    if unknown:
+        raise ConfigError(f"alignment scorer 'demo' has no option(s) {sorted(unknown)}; it takes weights=PATH.")
+    return DemoAlignment(device=device, weights=options.get("weights"))
+
+
 def feature_factory(device="cpu", batch_size: int = 64, **options):
-    """``get_extractor("demo")``: the classifier's 64-d penultimate features (option ``weights=PATH``)."""
+    """``get_extractor("demo")`` (an entry point in pyproject.toml): the classifier's 64-d penultimate features (option ``weights=PATH``)."""
     from memaudit.features import FeatureExtractor
 
     unknown = set(options) - {"weights"}

@@ -6,7 +6,7 @@ NaN where the scorer cannot judge a prompt). Which scorer fits depends on the do
 
 Built in:
 
-``demo``
+``demo`` (declared as an entry point of memaudit, :mod:`memaudit.plugins`)
     For the bundled faces model: the probability, under the bundled classifier, of the class the caption names (a
     digit, or a face); see :mod:`memaudit.demo.scorer` for why a classifier stands in for CLIP there.
 
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from memaudit import plugins
 from memaudit.errors import ConfigError
 
 Scorer = Callable[[torch.Tensor, list[str]], np.ndarray]
@@ -38,7 +39,8 @@ def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
 
 
 def available_scorers() -> list[str]:
-    return list(_REGISTRY)
+    """Registered scorers, then those installed packages declare as entry points (the bundled demo's ``demo``)."""
+    return list(_REGISTRY) + [n for n in plugins.names(plugins.ALIGNMENT_SCORERS) if n not in _REGISTRY]
 
 
 @dataclass
@@ -61,6 +63,8 @@ def get_scorer(scorer: str | Scorer, device: str | torch.device = "cpu", **optio
         return scorer
     if callable(scorer) and not isinstance(scorer, str):
         return NamedScorer(getattr(scorer, "name", type(scorer).__name__), scorer)
+    if scorer not in _REGISTRY and (factory := plugins.load(plugins.ALIGNMENT_SCORERS, scorer)) is not None:
+        register_scorer(scorer, factory)
     if scorer not in _REGISTRY:
         raise ConfigError(f"alignment scorer {scorer!r} does not exist; choose one of: {', '.join(available_scorers())} "
                           "(or register your own with memaudit.metrics.alignment.register_scorer).")
@@ -74,14 +78,3 @@ def alignment_score(images: torch.Tensor, prompts: Sequence[str], scorer: str | 
     judged = per_image[~np.isnan(per_image)]
     return (float(judged.mean()) if len(judged) else float("nan")), per_image
 
-
-def _demo_factory(device="cpu", **options) -> Scorer:
-    from memaudit.demo.scorer import DemoAlignment
-
-    unknown = set(options) - {"weights"}
-    if unknown:
-        raise ConfigError(f"alignment scorer 'demo' has no option(s) {sorted(unknown)}; it takes weights=PATH.")
-    return DemoAlignment(device=device, weights=options.get("weights"))
-
-
-register_scorer("demo", _demo_factory)

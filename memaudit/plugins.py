@@ -1,0 +1,43 @@
+"""Factories found by name in installed packages' entry points, so a lower module can offer a higher one's factory.
+
+``memaudit.features`` and ``memaudit.metrics.alignment`` keep registries of factories by name. A factory that lives
+in a higher layer (the bundled demo's classifier, in :mod:`memaudit.demo`) or in another package is declared as an
+entry point instead of being imported::
+
+    [project.entry-points."memaudit.feature_extractors"]
+    demo = "memaudit.demo.scorer:feature_factory"
+
+and loaded the first time its name is asked for. Other packages add extractors or scorers the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from memaudit.errors import ConfigError
+
+#: entry point groups
+FEATURE_EXTRACTORS = "memaudit.feature_extractors"
+ALIGNMENT_SCORERS = "memaudit.alignment_scorers"
+
+
+def names(group: str) -> list[str]:
+    """Names declared in ``group`` by installed packages, sorted."""
+    return sorted({ep.name for ep in metadata.entry_points(group=group)})
+
+
+def load(group: str, name: str) -> Callable[..., Any] | None:
+    """The factory declared as ``name`` in ``group``, imported now; None when no installed package declares it."""
+    found = [ep for ep in metadata.entry_points(group=group) if ep.name == name]
+    if not found:
+        return None
+    try:
+        factory = found[0].load()
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{group} entry point {name!r} ({found[0].value}) cannot be loaded ({e}); reinstall the "
+                          "package that declares it.") from e
+    if not callable(factory):
+        raise ConfigError(f"{group} entry point {name!r} ({found[0].value}) is not callable.")
+    return factory
