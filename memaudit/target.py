@@ -174,15 +174,9 @@ class Target:
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """The first tokenizer's ids and attention mask (padded to its maximum length)."""
-        tok = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return {"input_ids": tok.input_ids.to(self.device), "attention_mask": tok.attention_mask.to(self.device)}
+        """The first text encoder's ids and attention mask, as the family's encoding feeds them to it
+        (:meth:`memaudit.families.base.Family.tokenize`)."""
+        return {k: v.to(self.device) for k, v in self.family.tokenize(self.pipe, list(prompts)).items()}
 
     def embed(self, prompts: list[str]) -> Conditioning:
         """The conditioning of ``prompts`` (with gradient when enabled; no caching)."""

@@ -151,3 +151,24 @@ def test_training_time_mitigations_run(name, folders, dataset, tmp_path):
         if kind == "threshold":
             assert stats["threshold_seen"] == 12 and 0 < stats["threshold_dropped"] < 12  # auto: the top decile
         assert settings["settings"]["mitigation"] == kind
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_token_attribution_reads_the_tokens_the_encoder_gets(name):
+    from memaudit.attacks.denoising import token_attribution
+
+    target = from_pipeline(tiny_family(name), device="cpu")
+    prompt = "A Photo of a CAT"
+    fed = []
+    handle = target.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True)
+    try:
+        target.embed([prompt])
+    finally:
+        handle.remove()
+    # what Target.tokenize gives is what the family's encoding fed to the first text encoder (PixArt: lower-cased,
+    # at its T5 length; the CLIP encoders: at 77)
+    assert torch.equal(target.tokenize([prompt])["input_ids"], fed[0])
+    shares = token_attribution(target, prompt)
+    assert [t for t, _ in shares] == ["a", "photo", "of", "a", "cat"]
+    assert all(s > 0 for _, s in shares) and sum(s for _, s in shares) == pytest.approx(1.0)

@@ -90,7 +90,11 @@ def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None =
 
     The score at the first sampling step (pure noise, ``t`` = the last training timestep by default) is
     differentiated with respect to every token embedding; each real token's share of the gradient norms is
-    returned (shares sum to 1), in prompt order.
+    returned (shares sum to 1), in prompt order, as the tokenizer splits it (word-start marks removed).
+
+    The tokens are the first text encoder's (:meth:`memaudit.target.Target.tokenize`): for SDXL, SD3 and Flux, which
+    also read the prompt with a second CLIP or a T5 encoder, the shares say how the score depends on the first
+    encoder's token embeddings only.
     """
     tok = target.tokenize([prompt])
     ids = tok["input_ids"][0]
@@ -107,7 +111,10 @@ def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None =
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((1, *target.latent_shape), generator=gen)
     t = target.pure_noise_timestep() if timestep is None else torch.tensor([timestep])
-    handle = embedding.register_forward_hook(hook)
+    # every module holding the input embedding's weight: T5's encoder calls its own embed_tokens, which shares the
+    # weight of get_input_embeddings() (``shared``) but is another module
+    tied = [m for m in target.text_encoder.modules() if getattr(m, "weight", None) is embedding.weight]
+    handles = [m.register_forward_hook(hook) for m in tied]
     was = embedding.weight.requires_grad
     try:
         with torch.enable_grad():
@@ -117,7 +124,8 @@ def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None =
             score = noised_strength(target, torch.zeros_like(noise), noise, t, [prompt], cond=cond)
             score.sum().backward()
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         embedding.weight.requires_grad_(was)
         embedding.weight.grad = None
     grads = captured["emb"].grad[0].norm(dim=-1).detach().cpu()
@@ -125,4 +133,4 @@ def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None =
     positions = [i for i, tid in enumerate(ids.tolist()) if tid not in special]
     total = float(grads[positions].sum()) or 1.0
     tokens = target.tokenizer.convert_ids_to_tokens([ids[i].item() for i in positions])
-    return [(tok_.replace("</w>", ""), float(grads[i]) / total) for tok_, i in zip(tokens, positions)]
+    return [(tok_.replace("</w>", "").removeprefix("\u2581"), float(grads[i]) / total) for tok_, i in zip(tokens, positions)]

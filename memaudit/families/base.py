@@ -193,6 +193,16 @@ class Family:
         """*family*: the conditioning of ``prompts`` (gradient flows when enabled)."""
         raise TargetError(f"{type(self).__name__} does not encode prompts")
 
+    def tokenize(self, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The first text encoder's ``input_ids`` and ``attention_mask`` for ``prompts``, exactly as :meth:`encode`
+        feeds them to it (token attribution reads them beside that encoder's input embeddings). Default: the first
+        tokenizer, padded and truncated to its ``model_max_length``, as the CLIP encoders of SD, SDXL, SD3 and Flux
+        are fed; *family* overrides where its pipeline preprocesses the text or uses another length."""
+        tokenizer = getattr(pipe, self.tokenizer_names[0])
+        tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt")
+        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask}
+
     def unconditional(self, pipe, device: torch.device) -> Conditioning:
         """The unconditional conditioning the pipeline uses for guidance, batch of one (*family* may override,
         e.g. SDXL's zeros). Default: the empty prompt."""

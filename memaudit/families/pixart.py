@@ -78,6 +78,14 @@ class PixArt(DDPMFamily):
                                                 max_sequence_length=self.max_sequence_length(pipe))
         return Conditioning({"prompt_embeds": embeds, "prompt_attention_mask": mask})
 
+    def tokenize(self, pipe, prompts):
+        """T5 ids and mask as :meth:`encode` makes them: the pipeline's preprocessing without cleaning (lower case,
+        stripped), padded and truncated to :meth:`max_sequence_length`."""
+        texts = pipe._text_preprocessing(list(prompts), clean_caption=False)
+        tok = pipe.tokenizer(texts, padding="max_length", max_length=self.max_sequence_length(pipe), truncation=True,
+                             add_special_tokens=True, return_tensors="pt")
+        return {"input_ids": tok.input_ids, "attention_mask": tok.attention_mask}
+
     def pipeline_kwargs(self, cond, uncond):
         # the text length the conditioning was encoded with (the pipeline pads its own encodings to it)
         kw = {**super().pipeline_kwargs(cond, uncond), "max_sequence_length": int(cond.embeds.shape[1])}
