@@ -371,8 +371,9 @@ def histogram_svg(values: Iterable[Any], title: str, xlabel: str, threshold: flo
         pad = 0.02 * (hi - lo)
         lo, hi = lo - pad, hi + pad
         top = max(max(c) for c in counts) or 1
+        # headroom above the tallest bar: a little, or room for the legend in the top right when there is one
+        ymax = top * (1.3 if ref is not None or thr is not None else 1.05)
         yticks = [t for t in nice_ticks(0, top) if t == int(t)]
-        ymax = max(top, yticks[-1] if yticks else top)
 
         def sx(v: float) -> float:
             return x0 + (v - lo) / (hi - lo) * (x1 - x0)
