@@ -81,3 +81,23 @@ def data_dir(tmp_path_factory, tiny_dataset):
     from memaudit.testing import save_image_folder
 
     return save_image_folder(tiny_dataset, tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def copying_sampler(monkeypatch):
+    """``copying_sampler(train)``: every audit sampler in this test returns, for each prompt, its training image
+    (an in-memory dataset) plus a little seeded noise, so every prompt's generations are near-copies of its image."""
+    from memaudit.sampling import Sampler
+
+    def install(train):
+        by_caption = {c: (train.images[i] + 1) / 2 for i, c in enumerate(train.captions)}
+
+        def sample_batch(self, prompts, seeds):
+            g = torch.Generator().manual_seed(int(seeds[0]) % 2**31)
+            images = torch.stack([by_caption[p] for p in prompts])
+            images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
+            return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
+
+        monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
+
+    return install

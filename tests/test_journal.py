@@ -230,18 +230,6 @@ def test_ctrl_c_says_what_the_journal_kept_and_the_same_command_resumes(tmp_path
     assert json.loads((out / "results.json").read_text())["settings"]["workers"] == 1
 
 
-def _copying_sampler(monkeypatch, train):
-    by_caption = {c: (train.images[i] + 1) / 2 for i, c in enumerate(train.captions)}
-
-    def sample_batch(self, prompts, seeds):
-        g = torch.Generator().manual_seed(int(seeds[0]) % 2**31)
-        images = torch.stack([by_caption[p] for p in prompts])
-        images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-        return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
-
-    monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
-
-
 def _holds_training_pixels(folder: Path, train) -> list[str]:
     """Files under ``folder`` holding a training image: its uint8 or float32 pixels, or a PNG that shows it."""
     from PIL import Image
@@ -268,8 +256,8 @@ def _holds_training_pixels(folder: Path, train) -> list[str]:
     return found
 
 
-def test_a_redacted_journal_holds_no_training_pixel(tmp_path, monkeypatch, tiny_dir_eps, train):
-    _copying_sampler(monkeypatch, train)
+def test_a_redacted_journal_holds_no_training_pixel(tmp_path, tiny_dir_eps, train, copying_sampler):
+    copying_sampler(train)
     kept = {}
     for redact in (False, True):
         out = tmp_path / f"redact-{redact}"

@@ -19,7 +19,6 @@ from PIL import Image
 from memaudit.audit import AuditConfig, run_audit
 from memaudit.data import from_arrays
 from memaudit.features import get_extractor
-from memaudit.sampling import Sampler
 
 N, RES = 4, 16
 
@@ -30,18 +29,6 @@ def planted():
     g = torch.Generator().manual_seed(7)
     images = (torch.rand(N, 3, RES, RES, generator=g) > 0.5).float() * 0.9 + 0.05
     return from_arrays(images, [f"patient scan {i}" for i in range(N)])
-
-
-def _copying_sampler(monkeypatch, train):
-    by_caption = {c: (train.images[i] + 1) / 2 for i, c in enumerate(train.captions)}
-
-    def sample_batch(self, prompts, seeds):
-        g = torch.Generator().manual_seed(int(seeds[0]) % 2**31)
-        images = torch.stack([by_caption[p] for p in prompts])
-        images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-        return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
-
-    monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
 
 
 def _needles(train) -> list[bytes]:
@@ -96,9 +83,9 @@ def _config(**kw):
     return AuditConfig(**{"generations": 4, "min_clique": 3, "steps": 2, "batch_size": 4, "device": "cpu", **kw})
 
 
-def test_redacted_audit_holds_no_training_pixel(tmp_path, monkeypatch, tiny_dir_eps, planted):
+def test_redacted_audit_holds_no_training_pixel(tmp_path, monkeypatch, tiny_dir_eps, planted, copying_sampler):
     monkeypatch.setenv("MEMAUDIT_CACHE_DIR", str(tmp_path / "cache"))
-    _copying_sampler(monkeypatch, planted)
+    copying_sampler(planted)
     # the search sees them: an unredacted audit shows the training images, and the feature cache holds them
     res = run_audit(str(tiny_dir_eps), planted, tmp_path / "open", config=_config())
     assert res["summary"]["extracted_training_images"] == N
