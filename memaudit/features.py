@@ -171,16 +171,7 @@ def register(name: str, factory: Callable[..., FeatureExtractor]) -> None:
 def available() -> list[str]:
     """Names of the registered feature extractors, in registration order, then those installed packages declare as
     entry points (:mod:`memaudit.plugins`; the bundled demo's ``demo``)."""
-    return list(_REGISTRY) + [n for n in plugins.names(plugins.FEATURE_EXTRACTORS) if n not in _REGISTRY]
-
-
-def _factory(name: str) -> Callable[..., FeatureExtractor] | None:
-    if name not in _REGISTRY:
-        factory = plugins.load(plugins.FEATURE_EXTRACTORS, name)
-        if factory is None:
-            return None
-        register(name, factory)
-    return _REGISTRY[name]
+    return plugins.names_beside(_REGISTRY, plugins.FEATURE_EXTRACTORS)
 
 
 def get_extractor(name: str | nn.Module | FeatureExtractor, device: str | torch.device = "cpu", batch_size: int = 64,
@@ -208,7 +199,7 @@ def get_extractor(name: str | nn.Module | FeatureExtractor, device: str | torch.
             raise ConfigError(f"feature options {sorted(options)} do not apply to a custom nn.Module extractor; "
                               "remove them")
         return FeatureExtractor(name, f"custom:{type(name).__name__}", None, device=device, batch_size=batch_size)
-    factory = _factory(name) if isinstance(name, str) else None
+    factory = plugins.resolve(_REGISTRY, plugins.FEATURE_EXTRACTORS, name, register) if isinstance(name, str) else None
     if factory is None:
         raise ConfigError(f"feature extractor {name!r} does not exist; choose one of: {', '.join(available())} "
                           "(or pass an nn.Module)")

@@ -12,7 +12,7 @@ and loaded the first time its name is asked for. Other packages add extractors o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from importlib import metadata
 from typing import Any
 
@@ -41,3 +41,20 @@ def load(group: str, name: str) -> Callable[..., Any] | None:
     if not callable(factory):
         raise ConfigError(f"{group} entry point {name!r} ({found[0].value}) is not callable.")
     return factory
+
+
+def names_beside(registry: MutableMapping[str, Any], group: str) -> list[str]:
+    """The registry's names in registration order, then the names ``group`` declares that it does not hold yet."""
+    return list(registry) + [n for n in names(group) if n not in registry]
+
+
+def resolve(registry: MutableMapping[str, Any], group: str, name: str,
+            register: Callable[[str, Callable[..., Any]], None]) -> Callable[..., Any] | None:
+    """The factory registered as ``name``; else the one ``group`` declares, loaded and ``register``-ed now; else
+    None."""
+    if name not in registry:
+        factory = load(group, name)
+        if factory is None:
+            return None
+        register(name, factory)
+    return registry[name]

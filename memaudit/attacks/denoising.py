@@ -133,4 +133,5 @@ def token_attribution(target, prompt: str, seed: int = 0, timestep: int | None =
     positions = [i for i, tid in enumerate(ids.tolist()) if tid not in special]
     total = float(grads[positions].sum()) or 1.0
     tokens = target.tokenizer.convert_ids_to_tokens([ids[i].item() for i in positions])
-    return [(tok_.replace("</w>", "").removeprefix("\u2581"), float(grads[i]) / total) for tok_, i in zip(tokens, positions)]
+    return [(tok_.replace("</w>", "").removeprefix("\u2581"), float(grads[i]) / total)
+            for tok_, i in zip(tokens, positions)]

@@ -133,7 +133,8 @@ def alignment_factory(device="cpu", **options) -> DemoAlignment:
 
 
 def feature_factory(device="cpu", batch_size: int = 64, **options):
-    """``get_extractor("demo")`` (an entry point in pyproject.toml): the classifier's 64-d penultimate features (option ``weights=PATH``)."""
+    """``get_extractor("demo")`` (an entry point in pyproject.toml): the classifier's 64-d penultimate features
+    (option ``weights=PATH``)."""
     from memaudit.features import FeatureExtractor
 
     unknown = set(options) - {"weights"}

@@ -40,7 +40,7 @@ def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
 
 def available_scorers() -> list[str]:
     """Registered scorers, then those installed packages declare as entry points (the bundled demo's ``demo``)."""
-    return list(_REGISTRY) + [n for n in plugins.names(plugins.ALIGNMENT_SCORERS) if n not in _REGISTRY]
+    return plugins.names_beside(_REGISTRY, plugins.ALIGNMENT_SCORERS)
 
 
 @dataclass
@@ -63,12 +63,11 @@ def get_scorer(scorer: str | Scorer, device: str | torch.device = "cpu", **optio
         return scorer
     if callable(scorer) and not isinstance(scorer, str):
         return NamedScorer(getattr(scorer, "name", type(scorer).__name__), scorer)
-    if scorer not in _REGISTRY and (factory := plugins.load(plugins.ALIGNMENT_SCORERS, scorer)) is not None:
-        register_scorer(scorer, factory)
-    if scorer not in _REGISTRY:
+    factory = plugins.resolve(_REGISTRY, plugins.ALIGNMENT_SCORERS, scorer, register_scorer)
+    if factory is None:
         raise ConfigError(f"alignment scorer {scorer!r} does not exist; choose one of: {', '.join(available_scorers())} "
                           "(or register your own with memaudit.metrics.alignment.register_scorer).")
-    return NamedScorer(scorer, _REGISTRY[scorer](device=device, **options))
+    return NamedScorer(scorer, factory(device=device, **options))
 
 
 def alignment_score(images: torch.Tensor, prompts: Sequence[str], scorer: str | Scorer = "demo",
