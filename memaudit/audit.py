@@ -47,8 +47,10 @@ import numpy as np
 import torch
 
 from memaudit.attacks.extraction import ExtractionConfig
+from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError, DataError
 from memaudit.io import check_writable, default_cache_dir
+from memaudit.outputs import check_cache, check_clear, check_output, check_partial, dataset_inputs, output_directory
 
 logger = logging.getLogger(__name__)
 
@@ -469,6 +471,21 @@ class AuditJournal:
                                   f"as before to resume it, or delete {self.folder} to start over.")
             self._read()
 
+    @staticmethod
+    def check_resume(folder: Path, known: dict) -> None:
+        """Refuse (one line) to resume a journal in ``folder`` whose identity differs in what is ``known`` before
+        the model loads: the settings and the model folder's content."""
+        try:
+            earlier = json.loads((Path(folder) / "run.json").read_text(encoding="utf-8")).get("identity") or {}
+        except (OSError, ValueError, AttributeError):
+            return  # no journal (or not one of ours: the constructor says so)
+        if earlier.get("settings") != known["settings"]:
+            raise ConfigError(f"{folder} holds an unfinished audit with other {_differences(earlier, known)}; run the "
+                              f"same command as before to resume it, or delete {folder} to start over.")
+        if known["model_sha256"] is not None and earlier.get("model_sha256") != known["model_sha256"]:
+            raise ConfigError(f"{folder} holds an unfinished audit of {earlier.get('model')} as it was before its "
+                              f"files changed; delete {folder} to audit the model as it is now.")
+
     @property
     def exists(self) -> bool:
         return (self.folder / "run.json").is_file()
@@ -483,12 +500,10 @@ class AuditJournal:
             try:
                 item = json.loads(line)
                 if item["type"] == "unit":
-                    with np.load(self.folder / item["arrays"], allow_pickle=False) as f:
-                        item["arrays"] = {k: f[k] for k in f.files}
-                    self.units.setdefault((item["kind"], int(item["start"])), item)
+                    self._read_unit(item)
                 elif item["type"] == "value":
                     self.values.setdefault(item["name"], item["value"])
-            except (ValueError, KeyError, TypeError, OSError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 logger.warning("%s: dropping the journal from a damaged line on (%s); those prompts are sampled again",
                                self.lines_path, e)
                 break
@@ -496,6 +511,30 @@ class AuditJournal:
         if good < len(data):
             logger.info("%s: dropping %d bytes of an unfinished line", self.lines_path, len(data) - good)
         self._good_bytes = good
+
+    def _read_unit(self, item: dict) -> None:
+        """Take a journaled unit whose files are all there and hold what was written (their SHA-256 in its line);
+        one whose files are missing or changed is left out, and its prompts are sampled again."""
+        key = (item["kind"], int(item["start"]))
+        if key in self.units:
+            return
+        files = {item["arrays"]: (item.get("sha256") or {}).get(item["arrays"])}
+        files.update({self.grid_file(i): (item.get("sha256") or {}).get(self.grid_file(i))
+                      for i, g in zip(range(int(item["start"]), int(item["stop"])), item.get("grids") or [])
+                      if g is not None and not g.get("withheld")})
+        try:
+            contents = {rel: (self.folder / rel).read_bytes() for rel in files}
+            bad = [rel for rel, digest in files.items()
+                   if digest is not None and hashlib.sha256(contents[rel]).hexdigest() != digest]
+            if bad:
+                raise ValueError(f"{bad[0]} does not hold what was written")
+            with np.load(io.BytesIO(contents[item["arrays"]]), allow_pickle=False) as f:
+                item["arrays"] = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as e:
+            logger.warning("%s: %s prompts %d to %d are sampled again (%s)", self.folder, item["kind"],
+                           int(item["start"]), int(item["stop"]) - 1, e)
+            return
+        self.units[key] = item
 
     def begin(self) -> None:
         """Create the journal (or cut a torn last line off the one found) before the first unit is added."""
@@ -520,13 +559,16 @@ class AuditJournal:
         resumed audit reads it back."""
         from memaudit.io import atomic_write_bytes
 
+        digests = {}
         for i, png in grids.items():
             atomic_write_bytes(self.folder / self.grid_file(i), png)
+            digests[self.grid_file(i)] = hashlib.sha256(png).hexdigest()
         rel = f"units/{meta['kind']}-{meta['start']:06d}.npz"
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(self.folder / rel, buf.getvalue())
-        line = {"type": "unit", **meta, "arrays": rel}
+        digests[rel] = hashlib.sha256(buf.getvalue()).hexdigest()
+        line = {"type": "unit", **meta, "arrays": rel, "sha256": digests}
         self._append(line)
         record = json.loads(json.dumps(line))
         record["arrays"] = arrays
@@ -557,6 +599,8 @@ def _differences(earlier: dict, now: dict) -> str:
     for key in sorted(set(earlier) | set(now)):
         if earlier.get(key) == now.get(key):
             continue
+        if key not in now:
+            continue  # not known yet (checked before the model loads)
         if key == "settings":
             a, b = earlier.get(key) or {}, now.get(key) or {}
             names += [f"--{k.replace('_', '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -589,6 +633,17 @@ def journal_kept(out: str | Path) -> str | None:
     return text + f" in {folder}; none is sampled again."
 
 
+def audit_inputs(model, train, heldout, prompts, reference_prompts, loras, cache_root) -> list[tuple[str, object]]:
+    """What an audit reads, named as the user gave it, for :func:`memaudit.outputs.check_output`."""
+    named = [("the model", model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)),
+             ("--train", train if isinstance(train, (str, os.PathLike)) else None),
+             ("--heldout", heldout if isinstance(heldout, (str, os.PathLike)) else None),
+             ("--prompts", prompts if isinstance(prompts, (str, os.PathLike)) else None),
+             ("--reference-prompts", reference_prompts if isinstance(reference_prompts, (str, os.PathLike)) else None),
+             ("--cache-dir", cache_root)]
+    return named + [("--lora", lora[0]) for lora in loras]
+
+
 def _digest(items: list[str]) -> dict:
     return {"count": len(items), "sha256": hashlib.sha256(json.dumps(items).encode("utf-8")).hexdigest()}
 
@@ -601,16 +656,28 @@ def _model_id(model) -> str:
     return str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
 
 
-def _identity(model_id: str, target, dataset, held, convert_channels: bool, prompts: list[str],
-              reference: list[str], config: AuditConfig, device_type: str) -> dict:
+def model_digest(model) -> str | None:
+    """The content of a model folder (SHA-256 over its files, :func:`memaudit.digests.tree_digest`): a model
+    re-fine-tuned in place is another model. None for a hub id or an in-memory model."""
+    if not isinstance(model, (str, os.PathLike)) or not str(model) or not Path(model).is_dir():
+        return None
+    return tree_digest(model)
+
+
+def identity_settings(config: AuditConfig) -> dict:
+    """The settings that change a result (not :data:`NOT_IN_IDENTITY`), as they read back from run.json."""
+    return {k: v for k, v in json.loads(json.dumps(config.to_dict(), default=str)).items() if k not in NOT_IN_IDENTITY}
+
+
+def _identity(model_id: str, model_sha256: str | None, target, dataset, held, convert_channels: bool,
+              prompts: list[str], reference: list[str], config: AuditConfig, device_type: str) -> dict:
     """What must match for an audit to resume another's journal."""
-    return {"model": model_id, "family": target.family.name,
+    return {"model": model_id, "model_sha256": model_sha256, "family": target.family.name,
             "adapters": [{"path": a["path"], "sha256": a["sha256"], "scale": a["scale"]} for a in target.loras],
             "train": dataset.content_key(captions=True), "convert_channels": bool(convert_channels),
             "heldout": held.content_key(captions=True) if held is not None else None,
             "prompts": _digest(prompts), "reference_prompts": _digest(reference), "device": device_type,
-            "settings": {k: v for k, v in json.loads(json.dumps(config.to_dict(), default=str)).items()
-                         if k not in NOT_IN_IDENTITY}}
+            "settings": identity_settings(config)}
 
 
 # -- the driver ----------------------------------------------------------------------------------------------------
@@ -643,6 +710,7 @@ class _Units:
     def __init__(self, journal: AuditJournal, index, lookup, config: AuditConfig, own_of: dict, progress: Progress):
         self.journal, self.index, self.lookup, self.config = journal, index, lookup, config
         self.own_of, self.progress = own_of, progress
+        self.resumed: dict[str, int] = {}  # kind -> prompts taken from the journal
 
     def run(self, executor, kind: str, prompts: list[str], stage: str, edge_threshold: float,
             norm_target: float | None) -> list[dict]:
@@ -653,6 +721,7 @@ class _Units:
         done = [sum((b - a) * generations for a, b in units if self.journal.has(kind, a))]
         todo = [{"kind": kind, "start": a, "prompts": prompts[a:b], "edge_threshold": float(edge_threshold),
                  "norm_target": norm_target} for a, b in units if not self.journal.has(kind, a)]
+        self.resumed[kind] = sum(b - a for a, b in units if self.journal.has(kind, a))
         if done[0]:
             logger.info("%s: %d of %d images taken from the journal in %s", stage, done[0], total, self.journal.folder)
         self.progress(stage, done[0], total)
@@ -737,7 +806,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     from memaudit.data import dataset_for_target
     from memaudit.features import get_extractor
     from memaudit.images import png_bytes
-    from memaudit.io import atomic_directory, atomic_write_bytes
+    from memaudit.io import atomic_write_bytes
     from memaudit.metrics.alignment import get_scorer
     from memaudit.metrics.amd import AMDResult
     from memaudit.report import write_report, write_results
@@ -747,10 +816,17 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     config = config or AuditConfig()
     progress = progress or (lambda *_: None)
     started = time.perf_counter()
-    out = check_writable(out, "--out")
     # the training-feature index is kept outside the output folder, which users share
-    cache_dir = check_writable(Path(config.cache_dir) / "features" if config.cache_dir else
-                               default_cache_dir() / "features", "--cache-dir")
+    cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    cache_dir = check_writable(cache_root / "features", "--cache-dir")
+    # nothing the user gave is written over: refused before anything loads
+    inputs = audit_inputs(model, train, heldout, prompts, reference_prompts, config.loras, cache_root)
+    out = check_output(out, "audit", inputs, partial=journal_dir(out))
+    check_cache(cache_root, inputs)
+    check_partial(journal_dir(out), "run.json", "the audit")
+    # a resume with other settings, or of a model whose files changed, stops here, before the model loads
+    model_sha256 = model_digest(model)
+    AuditJournal.check_resume(journal_dir(out), {"settings": identity_settings(config), "model_sha256": model_sha256})
     distributed = config.workers > 1
     if distributed:
         from memaudit.distributed import require_ray
@@ -772,6 +848,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     here = _driver_device(config) if distributed else str(target.device)
     dataset, train_source = dataset_for_target(train, target, convert_channels)
     held, heldout_source = dataset_for_target(heldout, target, convert_channels) if heldout is not None else (None, None)
+    images_in = dataset_inputs(dataset, "the training images") + dataset_inputs(held, "the held-out images")
+    check_clear(out, images_in)  # a captions file can name images anywhere
+    check_clear(journal_dir(out), images_in, "--out's work folder")
     if given_prompts is not None:
         prompt_list, prompts_source = given_prompts, str(prompts)
     elif prompts is None:
@@ -788,6 +867,13 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         reference = list(held.captions)
     if held is not None and len(held) < 2:
         raise DataError(f"the held-out set {heldout_source} has {len(held)} image(s); quality needs at least 2.")
+    heldout_in_train = len(dataset.overlap(held)) if held is not None else 0  # by content, not by name
+    if held is not None and heldout_in_train == len(held):
+        raise DataError(f"every image of --heldout {heldout_source} is also in --train {train_source}; held-out images "
+                        "must be ones the model was not trained on.")
+    if heldout_in_train:
+        logger.warning("%d of the %d held-out images are also training images; the report counts them",
+                       heldout_in_train, len(held))
     if config.mitigation == "threshold" and config.mitigation_target == "auto" and not reference:
         raise ConfigError("--mitigation threshold with an auto target needs reference prompts (--reference-prompts or "
                           "--heldout), or give a number with --mitigation-target.")
@@ -820,8 +906,8 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                           threads=torch.get_num_threads())  # unreachable, too small: one line, nothing written
     try:
         device_type = pool.device_type if pool is not None else torch.device(target.device).type
-        identity = _identity(model_id, target, dataset, held, convert_channels, prompt_list, reference, config,
-                             device_type)
+        identity = _identity(model_id, model_sha256 or model_digest(target.path), target, dataset, held,
+                             convert_channels, prompt_list, reference, config, device_type)
         journal = AuditJournal(journal_dir(out), identity, {"prompts": len(prompt_list),
                                                              "reference_prompts": len(reference)})
         if journal.exists:
@@ -833,7 +919,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                                   threads=pool.threads if device_type == "cpu" else None, quality=held is not None))
 
         # -- training features and image descriptors: one streamed pass over the set, both cached by content ----
-        index, lookup = _training_indexes(dataset, extractor, config, cache_dir, here, progress)
+        index, lookup, reused = _training_indexes(dataset, extractor, config, cache_dir, here, progress)
         if pool is not None:
             executor = pool.ready(progress)
         else:
@@ -966,6 +1052,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                                        progress=lambda d, t: progress("quality", d, t))])
         quality = _quality(real, torch.from_numpy(stacked(ref_records, "q_features")), q_extractor.name, config,
                            heldout_source)
+        quality["heldout_in_train"] = heldout_in_train
     alignment = None
     if config.alignment:
         judged = [r["alignment"] for r in image_rows if r.get("alignment") is not None]
@@ -983,7 +1070,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     if pool is not None:
         vers["ray"] = pool.ray_version
 
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "audit") as tmp:
         tile_px = target.resolution  # generations and training images are enlarged alike in the PNGs
         for i, g in grids.items():
             if g is not None:
@@ -1049,6 +1136,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
                 "denoising_note": denoising_note(target, extra_calls, window),
                 "quality": quality, "alignment": alignment, "mitigation": mitigation_info,
                 "wall_time_s": time.perf_counter() - started, "sampling_time_s": sampling_time,
+                "reused": {**reused, "prompts_resumed": units.resumed.get("audit", 0),
+                           "reference_prompts_resumed": units.resumed.get("reference", 0),
+                           "journal": str(journal.folder)},
             },
             "prompts": prompt_rows,
             "images": image_rows,
@@ -1101,6 +1191,10 @@ def _training_indexes(dataset, extractor, config: AuditConfig, cache_dir: Path, 
     if index is not None and index.ntotal != n:
         index = None
     lookup = ThumbnailLookup.load(cache_dir, thumb_key, read, shape, n=n)
+    reused = {"training_features": "cache" if index is not None else "computed",
+              "training_thumbnails": "cache" if lookup is not None else "computed", "training_images": n}
+    logger.info("training features: %s, thumbnails: %s (%d images, %s)", reused["training_features"],
+                reused["training_thumbnails"], n, cache_dir)
     progress("training features", 0, n)
     if index is None or lookup is None:
         stream = (NeighborIndex(metric="cosine", device=device).stream(n, spill_dir=cache_dir)
@@ -1125,7 +1219,7 @@ def _training_indexes(dataset, extractor, config: AuditConfig, cache_dir: Path, 
             lookup = building
             lookup.save(cache_dir, thumb_key)
     progress("training features", n, n)
-    return index, lookup
+    return index, lookup, reused
 
 
 def reference_seed(config: AuditConfig) -> int:

@@ -24,6 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help, not rich's tables: rich squeezes long option names to fit 80 columns and cuts them
+    rich_markup_mode=None,
 )
 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda")]
@@ -236,6 +238,19 @@ def _run_with_progress(fn, *, kept: Callable[[], str | None] | None = None, **kw
         return fn(progress=progress, **kwargs)
 
 
+def reuse_line(summary: dict) -> str:
+    """What the audit took from earlier work, in a line: resumed prompts, cached training features."""
+    r = summary["reused"]
+    parts = []
+    if r.get("prompts_resumed"):
+        parts.append(f"resumed {r['prompts_resumed']} of {summary['n_prompts']} prompts from {r['journal']}")
+    if r.get("reference_prompts_resumed"):
+        parts.append(f"{r['reference_prompts_resumed']} reference prompts from the same journal")
+    parts.append(f"training features: {r['training_features']}, thumbnails: {r['training_thumbnails']} "
+                 f"({r['training_images']} images)")
+    return "; ".join(parts)[:1].upper() + "; ".join(parts)[1:]
+
+
 def _print_summary(results: dict, out: Path) -> None:
     from rich.table import Table
 
@@ -277,6 +292,8 @@ def _print_summary(results: dict, out: Path) -> None:
     console = _console()
     console.print(verdict(results)[1], soft_wrap=True)
     console.print(table)
+    if s.get("reused"):
+        console.print(reuse_line(s), soft_wrap=True)
     console.print(f"results: {out / 'results.json'}")
     console.print(f"report:  {out / 'report.html'}")
 
@@ -471,7 +488,7 @@ def demo(
 
 
 mitigate_app = typer.Typer(help="MemControl: search for the parameters that can be tuned without memorizing.",
-                           no_args_is_help=True)
+                           no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(mitigate_app, name="mitigate")
 
 

@@ -1,12 +1,19 @@
 """Image-caption datasets: indexes of image files (or in-memory arrays), read in batches.
 
-A dataset on disk is an *index*: file paths, captions, names, and each file's size and modification time (to notice
-a change). Pixels are decoded on demand, in batches, by a :class:`torch.utils.data.DataLoader` whose worker
-processes decode while the caller computes (:meth:`ImageCaptionDataset.batches`), so memory does not grow with the
-number of images. Images of any size are brought to the model's resolution by the rule of diffusers' training
-scripts: the shorter side is resized to the resolution (bicubic) and the centre is cropped. Pixels are float32 in
-``[-1, 1]`` (the range Stable Diffusion's VAE expects). :func:`from_arrays` builds an in-memory dataset (tests, the
-demo); it behaves the same.
+A dataset on disk is an *index*: file paths, captions and names. Each image is known by its content (the SHA-256 of
+its file, :mod:`memaudit.digests`), so an edited image is another image whatever its modification time, and a
+copied or moved dataset keeps its keys. Pixels are decoded on demand, in batches, by a
+:class:`torch.utils.data.DataLoader` whose worker processes decode while the caller computes
+(:meth:`ImageCaptionDataset.batches`), so memory does not grow with the number of images. Images of any size are
+brought to the model's resolution by the rule of diffusers' training scripts: the shorter side is resized to the
+resolution (bicubic) and the centre is cropped. Pixels are float32 in ``[-1, 1]`` (the range Stable Diffusion's VAE
+expects). :func:`from_arrays` builds an in-memory dataset (tests, the demo); it behaves the same.
+
+Every image mode PIL opens decodes to the picture its 8-bit conversion shows (:func:`to_8bit`): 16-bit images
+(``I;16*``, and ``I`` read from a 16-bit file) are scaled so that 65535 is white, 32-bit integers by their type's
+maximum, 32-bit floats are read as ``[0, 1]`` when all their values lie there and as ``[0, 255]`` (PIL's own
+convention) otherwise; transparency is dropped, as for ``RGBA``: the colour channels are kept as stored (palette
+images with transparency, ``PA``, ``LA``; premultiplied ``RGBa``/``La`` are un-premultiplied first).
 
 :func:`load_dataset` reads one of three on-disk layouts, checked in this order:
 
@@ -38,15 +45,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from memaudit.digests import digest_many
 from memaudit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageCaptionDataset", "default_workers", "from_arrays", "large_buffers_from_mmap",
-           "load_dataset", "native_channels"]
+__all__ = ["DECODE_VERSION", "IMAGE_EXTENSIONS", "ImageCaptionDataset", "default_workers", "from_arrays",
+           "large_buffers_from_mmap", "load_dataset", "native_channels", "to_8bit"]
 
 #: File extensions (lower case) treated as images in a folder of images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+#: How a file becomes pixels (:func:`to_8bit` and the resize); part of every file's image key, so that a change of
+#: the decoding (version 2: 16-bit, 32-bit and float images scaled to their range) re-encodes cached entries.
+DECODE_VERSION = 2
 
 _CAPTION_FILES = ("captions.csv", "captions.jsonl")
 _MAX_LISTED = 5
@@ -97,18 +109,21 @@ class ImageCaptionDataset:
         images: the pixels ``[N, C, H, W]`` in ``[-1, 1]`` of an in-memory dataset; ``None`` for one on disk, whose
             pixels are only ever read in batches (:meth:`read`, :meth:`batches`).
         files: the image paths of a dataset on disk (``None`` in memory).
+
+    ``digests`` passes the files' SHA-256 digests when they are known (:meth:`file_digests` of another dataset of the
+    same files), so that a copy sent to another process or machine does not read the files again to know them.
     """
 
     def __init__(self, captions: Sequence[str], names: Sequence[str], source: str = "", *,
                  images: torch.Tensor | None = None, files: Sequence[Path] | None = None,
                  resolution: int | None = None, channels: int | None = None,
-                 stamps: Sequence[tuple[int, int]] | None = None):
+                 digests: Sequence[str] | None = None):
         self.captions = list(captions)
         self.names = [str(n) for n in names]
         self.source = source
         self.images = images
         self.files = [Path(f) for f in files] if files is not None else None
-        self.stamps = [tuple(st) for st in stamps] if stamps is not None else None
+        self._digests: list[str] | None = list(digests) if digests is not None else None
         self._keys: list[str] | None = None
         where = source or ("arrays" if images is not None else "files")
         if (images is None) == (files is None):
@@ -123,8 +138,9 @@ class ImageCaptionDataset:
             n = len(self.files)
             if resolution is None or channels not in (1, 3):
                 raise DataError("a dataset of image files needs the resolution and channels (1 or 3) to read them.")
-            if self.stamps is None or len(self.stamps) != n:
-                raise DataError(f"Dataset from {where} needs one (size, mtime) stamp per file.")
+            if self._digests is not None and (len(self._digests) != n or not all(
+                    isinstance(d, str) and len(d) == 64 for d in self._digests)):
+                raise DataError(f"Dataset from {where} needs one SHA-256 digest (64 hex digits) per file.")
             self._resolution, self._channels = int(resolution), int(channels)
         if len(self.captions) != n or len(self.names) != n:
             raise DataError(
@@ -224,15 +240,29 @@ class ImageCaptionDataset:
         return Image.fromarray(u8.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
     # -- identity ------------------------------------------------------------------------------------------------------
+    def file_digests(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """The SHA-256 of each image file, in order (:func:`memaudit.digests.digest_many`: a full read the first
+        time, then a ``stat`` per file while the file is unchanged); computed once per dataset object."""
+        if self.files is None:
+            raise DataError("an in-memory dataset has no image files to digest; use image_keys().")
+        if self._digests is None:
+            try:
+                self._digests = digest_many(self.files, progress=progress)
+            except OSError as e:
+                raise DataError(f"Cannot read image {e.filename}: {e.strerror or e}; check that the dataset's "
+                                "files are still there.") from e
+        return self._digests
+
     def image_keys(self) -> list[str]:
-        """A key per image that changes when the image does: for a file, its absolute path, size and modification
-        time (the quick check of make and rsync: re-hashing every file of a large set on every run would cost a full
-        read); in memory, a hash of its pixels. The resolution and channels are part of every key."""
+        """A key per image that changes when the image does and only then: for a file, its content digest
+        (:meth:`file_digests`), so that an edited file is another image whatever its modification time and a
+        copied or moved file keeps its key, with :data:`DECODE_VERSION`; in memory, a hash of its pixels. The
+        resolution and channels are part of every key."""
         if self._keys is None:
             shape = f"{self.channels}x{self.resolution}"
             if self.files is not None:
-                raw = (f"{f.resolve()}|{size}|{mtime}|{shape}" for f, (size, mtime) in zip(self.files, self.stamps))
-                self._keys = [hashlib.sha256(r.encode()).hexdigest()[:32] for r in raw]
+                self._keys = [hashlib.sha256(f"{d}|{shape}|decode={DECODE_VERSION}".encode()).hexdigest()[:32]
+                              for d in self.file_digests()]
             else:
                 arr = self.images.numpy()
                 self._keys = [hashlib.sha256(arr[i].tobytes() + shape.encode()).hexdigest()[:32]
@@ -245,6 +275,12 @@ class ImageCaptionDataset:
         if captions:
             h.update(b"\0" + "\n".join(self.captions).encode())
         return h.hexdigest()
+
+    def overlap(self, other: ImageCaptionDataset) -> list[int]:
+        """The indices (ascending) of ``other``'s images that are also images of this set: same image key (the same
+        file bytes, or the same in-memory pixels, read at the same resolution and channels), wherever they are."""
+        mine = set(self.image_keys())
+        return [i for i, key in enumerate(other.image_keys()) if key in mine]
 
     # -- parts ---------------------------------------------------------------------------------------------------------
     def _indices(self, indices) -> list[int]:
@@ -262,8 +298,9 @@ class ImageCaptionDataset:
         common = dict(captions=[self.captions[i] for i in idx], names=[self.names[i] for i in idx], source=self.source)
         if self.images is not None:
             return ImageCaptionDataset(**common, images=self.images.index_select(0, torch.tensor(idx, dtype=torch.long)))
+        digests = [self._digests[i] for i in idx] if self._digests is not None else None
         return ImageCaptionDataset(**common, files=[self.files[i] for i in idx], resolution=self.resolution,
-                                   channels=self.channels, stamps=[self.stamps[i] for i in idx])
+                                   channels=self.channels, digests=digests)
 
     def split(self, seed: int = 0, val: float = 0.1, test: float = 0.1) -> dict[str, ImageCaptionDataset]:
         """Split into disjoint ``"train"``, ``"val"`` and ``"test"`` parts that together cover every item.
@@ -418,16 +455,13 @@ def load_dataset(
     if channels not in (1, 3) or isinstance(channels, bool):
         raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}.")
     paths, files, captions, source = _resolve_files(path, captions_file)
-    stamps = []
     with _strict_image_loading():
         for p in paths:
             _check_header(p)
-            st = p.stat()
-            stamps.append((int(st.st_size), int(st.st_mtime_ns)))
     logger.info("Indexed %d images from %s (read at %dx%d, %d channel(s))", len(paths), source, resolution,
                 resolution, channels)
     return ImageCaptionDataset(captions, files, str(source), files=paths, resolution=int(resolution),
-                               channels=channels, stamps=stamps)
+                               channels=channels)
 
 
 def _check_header(path: Path) -> None:
@@ -483,7 +517,7 @@ def _resolve_files(path: str | os.PathLike[str], captions_file: str | None) -> t
     return paths, files, captions, source
 
 
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 def native_channels(path: str | os.PathLike[str], *, captions_file: str | None = None, sample: int = 16) -> int:
@@ -672,12 +706,69 @@ def _strict_image_loading() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+#: 8-bit modes whose transparency is dropped on the way to ``L`` or ``RGB``, through this straight-alpha mode
+_ALPHA_VIA = {"P": "RGBA", "PA": "RGBA", "RGBa": "RGBA", "La": "LA"}
+
+
+def _integer_full_scale(im: Image.Image) -> int:
+    """The value that is white in a 32-bit integer (``I``) image: the maximum of the file's sample type. PIL reads
+    16-bit PNG, PGM and TIFF samples into ``I`` too: those (and any file that does not declare its sample size)
+    are 16-bit, 65535."""
+    tags = getattr(im, "tag_v2", None)
+    bits = sample_format = None
+    if tags is not None:
+        bits, sample_format = tags.get(258), tags.get(339)  # BitsPerSample, SampleFormat
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    if bits is None or int(bits) <= 16:
+        return 65535
+    return 2 ** (int(bits) - 1) - 1 if sample_format == 2 else 2 ** int(bits) - 1
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """``im`` (any mode PIL opens) as the 8-bit image its proper conversion shows, in a mode that converts to ``L``
+    and ``RGB`` without loss of meaning.
+
+    - ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``: ``round(v / 257)`` (65535 is white).
+    - ``I`` (32-bit integers): scaled by the file's sample maximum (:func:`_integer_full_scale`: 65535 for the
+      16-bit files PIL reads as ``I``), negative values black.
+    - ``F`` (32-bit floats): ``[0, 1]`` to ``[0, 255]`` when every value lies in ``[0, 1]``, else read as
+      ``[0, 255]`` like PIL's own conversion; values outside are clipped. A NaN or infinite value is an error.
+    - palette images (with or without transparency), ``PA``, premultiplied ``RGBa`` and ``La``: through ``RGBA`` /
+      ``LA`` (colours as stored; the alpha is dropped by the final conversion, as for ``RGBA`` files).
+    - every other mode (``1``, ``L``, ``LA``, ``RGB``, ``RGBA``, ``RGBX``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``) is
+      8-bit already and left to PIL's conversion.
+
+    Raises:
+        ValueError: a float image holds NaN or infinite values.
+    """
+    mode = im.mode
+    if mode.startswith("I;16"):
+        arr = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), mode="L")
+    if mode == "I":
+        arr = np.asarray(im).astype(np.float64)
+        scaled = np.clip(arr, 0, None) * (255.0 / _integer_full_scale(im))
+        return Image.fromarray(np.rint(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L")
+    if mode == "F":
+        arr = np.asarray(im).astype(np.float64)
+        if not np.isfinite(arr).all():
+            raise ValueError("a 32-bit float image holds NaN or infinite values")
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.rint(np.clip(arr, 0, 255)).astype(np.uint8), mode="L")
+    if mode in _ALPHA_VIA:
+        return im.convert(_ALPHA_VIA[mode])
+    return im
+
+
 def _load_image(path: Path, mode: str, resolution: int) -> torch.Tensor:
-    """Load one image as float32 ``[C, resolution, resolution]`` in ``[-1, 1]`` (shorter side resized, centre crop)."""
+    """Load one image as float32 ``[C, resolution, resolution]`` in ``[-1, 1]`` (shorter side resized, centre crop):
+    :func:`to_8bit`, then converted to ``mode`` (``L`` or ``RGB``)."""
     try:
         with Image.open(path) as im:
             im.load()
-            img = im.convert(mode)
+            img = to_8bit(im).convert(mode)
     # PIL signals broken files with many exception types (OSError, SyntaxError, ValueError, EOFError,
     # DecompressionBombError, struct.error...); any of them means the file cannot be used.
     except Exception as e:

@@ -19,15 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError
 from memaudit.io import check_writable
+from memaudit.outputs import check_cache, check_clear, check_output, check_partial, dataset_inputs, output_directory
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +142,8 @@ def install_method(config: FinetuneConfig, target, base: str | None = None):
 def partial_dir(out: str | Path) -> Path:
     """Where an unfinished run keeps its settings and checkpoints."""
     out = Path(out)
+    if out.name in ("", ".", ".."):  # "." or "..": the folder it names
+        out = Path(os.path.abspath(out))
     return out.with_name(out.name + ".partial")
 
 
@@ -146,12 +151,15 @@ def _identity(base, dataset_source: str, config: FinetuneConfig, data_key: str) 
     """What must match for a run to resume another: settings, base checkpoint and data content."""
     base_id = str(Path(base).resolve()) if Path(base).exists() else str(base)
     source = str(Path(dataset_source).resolve()) if Path(dataset_source).exists() else dataset_source
-    return {"base": base_id, "train": source, "train_sha256": data_key, "settings": config.to_dict()}
+    base_sha256 = tree_digest(base) if Path(base).is_dir() else None  # a base changed in place is another base
+    return {"base": base_id, "base_sha256": base_sha256, "train": source, "train_sha256": data_key,
+            "settings": config.to_dict()}
 
 
 def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None, *, device: str = "auto",
              convert_channels: bool = False, overwrite: bool = False, progress: Progress | None = None,
-             cache_dir: str | Path | None = None, cache_progress: Callable[[int, int], None] | None = None) -> dict:
+             cache_dir: str | Path | None = None, cache_progress: Callable[[int, int], None] | None = None,
+             reads: Sequence[tuple[str, str | os.PathLike]] = ()) -> dict:
     """Fine-tune ``base`` (a pipeline folder or a hub id in the local cache) on ``train`` (a folder, captions
     file or :class:`~memaudit.data.ImageCaptionDataset`) and write the pipeline folder ``out``.
 
@@ -160,24 +168,32 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     encoded now or found in the latent cache in ``cache_dir`` (default: memaudit's cache folder; see
     :mod:`memaudit.latents`), and where it is. ``cache_progress(done, total)`` counts the images encoded. The cache is
     filled before anything of the run is written, so an unreadable image stops the run with nothing to clean up.
+    ``reads``: other files the run reads (``("--mask", path)``), which ``out`` must stay clear of like the inputs.
     """
     from memaudit.data import dataset_for_target
-    from memaudit.io import atomic_directory, atomic_write_json
+    from memaudit.io import atomic_write_json
     from memaudit.latents import latent_cache_root, latents_for
     from memaudit.target import load_target, resolve_dtype
     from memaudit.train import latest_checkpoint, train_unet
 
     config = config or FinetuneConfig()
-    out = check_writable(out, "--out")
-    check_writable(latent_cache_root(cache_dir), "--cache-dir")
+    cache_root = check_writable(latent_cache_root(cache_dir), "--cache-dir")
+    # nothing the user gave is written over, and only a fine-tune memaudit wrote is replaced (with --overwrite)
+    named = [("the base model", base if isinstance(base, (str, os.PathLike)) else None),
+             ("--train", train if isinstance(train, (str, os.PathLike)) else None), ("--cache-dir", cache_root.parent),
+             *[("--lora", lora[0]) for lora in config.loras], *reads]
+    out = check_output(out, "finetune", named, partial=partial_dir(out))
+    check_cache(cache_root.parent, named)
+    check_partial(partial_dir(out), "run.json", "the fine-tune")
     if (out / SETTINGS_FILE).is_file() and not overwrite:
-        raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite or another --out.")
-    if out.exists() and any(out.iterdir()) and not (out / SETTINGS_FILE).is_file() and not overwrite:
-        raise ConfigError(f"--out {out} exists and is not a memaudit fine-tune; pass an empty or new folder.")
+        raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite to replace it, or another "
+                          "--out.")
 
     target = load_target(base, device=device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
-    data_key = dataset.content_key(captions=True)  # the files' paths, sizes and times (or pixels) and the captions
+    check_clear(out, dataset_inputs(dataset, "the training images"))  # a captions file can name images anywhere
+    check_clear(partial_dir(out), dataset_inputs(dataset, "the training images"), "--out's work folder")
+    data_key = dataset.content_key(captions=True)  # the images' contents and the captions
     identity = _identity(base, source, config, data_key)
 
     hooks = mitigation_hooks(config, target)
@@ -239,7 +255,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         "latent_cache": latents.report if latents is not None else None,
     }
     save_dtype = resolve_dtype(config.save_dtype)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "finetune") as tmp:
         if config.method != "full":
             from memaudit.mitigate.adapter import save_adapter
 

@@ -105,7 +105,8 @@ from typing import Any
 
 from memaudit import __version__
 from memaudit.errors import DataError
-from memaudit.io import atomic_directory, atomic_write_json, atomic_write_text, check_writable
+from memaudit.io import atomic_write_json, atomic_write_text, check_writable
+from memaudit.outputs import check_clear, check_output, output_directory, real
 
 logger = logging.getLogger(__name__)
 
@@ -875,7 +876,9 @@ def _summary(results: dict) -> list[str]:
         rows += [
             _row("KID (held-out)", f"{_fmt(q.get('kid'))} ± {_fmt(q.get('kid_std'))}",
                  f"{_fmt(q.get('feature_extractor'))} features; {_fmt(q.get('n_fake'))} generations for the held-out "
-                 f"captions against {_fmt(q.get('n_real'))} held-out images"),
+                 f"captions against {_fmt(q.get('n_real'))} held-out images"
+                 + (f" ({_fmt(q['heldout_in_train'])} of them also training images: they flatter the score)"
+                    if q.get("heldout_in_train") else "")),
             _row("FID (held-out)", _fmt(q.get("fid")),
                  f"{_fmt(q.get('note'))}"),
         ]
@@ -1159,9 +1162,35 @@ def write_report(results_path: str | os.PathLike, out: str | os.PathLike | None 
     if target.is_dir():
         target = target / REPORT_NAME
     check_writable(target, "--out", folder=False)
+    if out is not None:  # report.html beside results.json is the audit's own; any other file is checked
+        check_report_file(target, file, results)
     path = atomic_write_text(target, render_html(results, folder, redact=redact))
     logger.info("wrote %s", path)
     return path
+
+
+def _is_report(path: Path) -> bool:
+    """A report.html memaudit wrote (its first bytes name it), which a new report may replace."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and b"<h1>memaudit audit report</h1>" in head
+
+
+def check_report_file(target: Path, results_file: Path, results: dict) -> None:
+    """Refuse (one line) to write a report over anything but a report memaudit wrote: the results file it reads, a
+    grid or training image the audit folder holds, or any other file."""
+    if real(target) == real(results_file):
+        raise DataError(f"--out {target} is the results file the report reads; pass another file name, e.g. "
+                        f"{target.with_name(REPORT_NAME)}")
+    check_clear(target, [("an image of the audit", results_file.parent / rel) for prompt in results.get("prompts", [])
+                         if isinstance(prompt, dict) for key in ("grid", *_TRAIN_KEYS)
+                         if isinstance(rel := prompt.get(key), str) and rel.strip()])
+    if target.exists() and not _is_report(target):
+        raise DataError(f"--out {target} exists and is not a report memaudit wrote; memaudit never replaces it: pass "
+                        "a new file name.")
 
 
 def redact_results(results: dict) -> dict:
@@ -1195,19 +1224,14 @@ def write_redacted_report(results_path: str | os.PathLike, out_dir: str | os.Pat
     file = _results_file(results_path)
     results = load_results(file)
     folder = file.parent.resolve()
-    out = Path(out_dir).resolve()
-    if out == folder or out.is_relative_to(folder):
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DataError(f"redacted copy folder {out_dir} is a file; pass a new folder")
+    if real(out_dir) == folder or real(out_dir).is_relative_to(folder):
         raise DataError(f"redacted copy folder {out_dir} is inside the audit folder {folder}; pass a new folder "
                         "outside it (e.g. next to it)")
-    if folder.is_relative_to(out):
+    if folder.is_relative_to(real(out_dir)):
         raise DataError(f"redacted copy folder {out_dir} contains the audit folder {folder}; pass a new folder")
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"redacted copy folder {out_dir} is a file; pass a new folder")
-        if any(out.iterdir()) and not _is_redacted_copy(out):
-            raise DataError(f"redacted copy folder {out_dir} exists and is not a redacted memaudit audit; pass a new "
-                            "or empty folder")
-    check_writable(out, "--out")
+    out = check_output(out_dir, "report --redact", [("the audit folder", folder)])
     redacted = redact_results(results)
     forbidden_paths, forbidden_hashes = _training_files(results, folder, max_bytes=None)
     copies: dict[str, Path] = {}
@@ -1229,7 +1253,7 @@ def write_redacted_report(results_path: str | os.PathLike, out_dir: str | os.Pat
             prompt["grid_withheld"] = True
             continue
         copies[full.relative_to(folder).as_posix()] = full
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "report --redact") as tmp:
         for rel, src in copies.items():
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -1238,10 +1262,3 @@ def write_redacted_report(results_path: str | os.PathLike, out_dir: str | os.Pat
         atomic_write_text(tmp / REPORT_NAME, render_html(redacted, tmp, redact=True))
     logger.info("wrote a redacted copy of %s to %s", folder, out)
     return out / REPORT_NAME
-
-
-def _is_redacted_copy(folder: Path) -> bool:
-    try:
-        return json.loads((folder / RESULTS_NAME).read_text(encoding="utf-8")).get("redacted") is True
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return False

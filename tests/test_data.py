@@ -388,3 +388,68 @@ def test_image_keys_change_with_the_file_and_the_resolution(tmp_path: Path) -> N
     assert changed[0] == keys[0] and changed[2] == keys[2] and changed[1] != keys[1]
     mem = _toy(4)
     assert mem.image_keys() == _toy(4).image_keys() and mem.content_key() != mem.subset([1, 0, 2, 3]).content_key()
+
+
+def test_image_keys_are_the_content_whatever_the_modification_time_or_the_place(tmp_path: Path) -> None:
+    import hashlib
+    import os
+    import shutil
+
+    from memaudit.data import DECODE_VERSION
+
+    (tmp_path / "a").mkdir()
+    p = _folder(tmp_path / "a", 3)
+    ds = load_dataset(p, 4, 3)
+    keys = ds.image_keys()
+    digest = hashlib.sha256((tmp_path / "a" / "1.png").read_bytes()).hexdigest()
+    assert ds.file_digests()[1] == digest
+    assert keys[1] == hashlib.sha256(f"{digest}|3x4|decode={DECODE_VERSION}".encode()).hexdigest()[:32]
+    # edited in place, same size, modification time put back: another image
+    target = tmp_path / "a" / "1.png"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # same size, other bytes (only the keys are asked for: nothing is decoded)
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_mtime_ns == st.st_mtime_ns and target.stat().st_size == st.st_size
+    edited = load_dataset(p, 4, 3).image_keys()
+    assert edited[1] != keys[1] and edited[0] == keys[0] and edited[2] == keys[2]
+    # a copy elsewhere (new times, new paths) keeps its keys; so does a subset, which needs no new digest
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = load_dataset(tmp_path / "b", 4, 3)
+    assert copy.image_keys() == edited
+    assert copy.subset([2, 0]).image_keys() == [edited[2], edited[0]]
+    assert copy.content_key(captions=True) == load_dataset(p, 4, 3).content_key(captions=True)
+
+
+def test_overlap_finds_the_same_images_under_other_names(tmp_path: Path) -> None:
+    import shutil
+
+    (tmp_path / "train").mkdir()
+    train = load_dataset(_folder(tmp_path / "train", 4), 4, 3)
+    held = tmp_path / "held"
+    held.mkdir()
+    shutil.copy(tmp_path / "train" / "2.png", held / "x.png")  # the same image, another name
+    Image.fromarray(np.full((6, 9, 3), 7, dtype=np.uint8)).save(held / "y.png")
+    shutil.copy(tmp_path / "train" / "0.png", held / "z.png")
+    for name in ("x", "y", "z"):
+        (held / f"{name}.txt").write_text("a caption")
+    other = load_dataset(held, 4, 3)
+    assert train.overlap(other) == [0, 2] and other.overlap(train) == [0, 2]
+    assert train.overlap(train) == [0, 1, 2, 3] and train.overlap(train.subset([3])) == [0]
+    mem = _toy(4)
+    assert mem.overlap(_toy(6)) == [0, 1, 2, 3]
+    assert mem.overlap(from_arrays(np.full((1, 4, 4), 9, np.uint8), ["c"])) == []
+
+
+def test_digests_travel_with_a_copy_of_the_dataset(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    ds = load_dataset(_folder(tmp_path / "d", 3), 4, 3)
+    again = ImageCaptionDataset(ds.captions, ds.names, ds.source, files=ds.files, resolution=4, channels=3,
+                                digests=ds.file_digests())
+    assert again.image_keys() == ds.image_keys()
+    with pytest.raises(DataError, match="SHA-256"):
+        ImageCaptionDataset(ds.captions, ds.names, files=ds.files, resolution=4, channels=3, digests=["x"] * 3)
+    (tmp_path / "d" / "1.png").unlink()
+    with pytest.raises(DataError, match="1.png"):
+        ImageCaptionDataset(ds.captions, ds.names, files=ds.files, resolution=4, channels=3).image_keys()

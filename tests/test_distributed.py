@@ -31,7 +31,7 @@ ray = pytest.importorskip("ray")
 POISON = "POISON"
 REFERENCE = ["a red square", "a blue circle"]
 #: what may differ between an in-process audit and one on Ray workers
-DIFFERENT = {"created_utc", "wall_time_s", "sampling_time_s", "workers", "ray_address", "ray"}
+DIFFERENT = {"created_utc", "wall_time_s", "sampling_time_s", "workers", "ray_address", "ray", "reused"}
 
 
 def _worker_hook(log: str):

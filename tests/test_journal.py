@@ -22,7 +22,7 @@ from memaudit.sampling import Sampler
 N_PROMPTS = 6
 REFERENCE = ["a red square", "a blue circle"]
 #: what may differ between two runs of one audit
-WALL = {"created_utc", "wall_time_s", "sampling_time_s"}
+WALL = {"created_utc", "wall_time_s", "sampling_time_s", "reused"}  # reused: what this run took from earlier ones
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +94,11 @@ def test_interrupted_audit_resumes_to_the_same_results_sampling_nothing_twice(tm
         "sampled again."
     first = sum(calls.values())
     assert first == (2 + 3) * 4  # the reference prompts and 3 prompts, not one image more
-    run_audit(str(tiny_dir_eps), train, out, prompts=prompts, reference_prompts=REFERENCE, config=cfg)
+    resumed = run_audit(str(tiny_dir_eps), train, out, prompts=prompts, reference_prompts=REFERENCE, config=cfg)
     assert comparable(out) == comparable(tmp_path / "whole")
+    assert resumed["summary"]["reused"] | {"journal": None} == {
+        "prompts_resumed": 3, "reference_prompts_resumed": 2, "training_features": "cache",
+        "training_thumbnails": "cache", "training_images": 6, "journal": None}
     assert sum(calls.values()) == (2 + 6) * 4 and max(calls.values()) == 1  # every image once, over both runs
     assert {p for p, _ in calls} == set(prompts) | set(REFERENCE)
     assert not journal_dir(out).exists() and journal_kept(out) is None
@@ -270,3 +273,51 @@ def test_a_redacted_journal_holds_no_training_pixel(tmp_path, tiny_dir_eps, trai
     res = run_audit(str(tiny_dir_eps), train, tmp_path / "redact-True", config=_config(redact=True))
     assert res["summary"]["extracted_prompts"] == N_PROMPTS and all(p["grid_withheld"] for p in res["prompts"])
     assert not journal_dir(tmp_path / "redact-True").exists()  # and the journal is gone
+
+
+def test_a_missing_or_changed_journal_file_is_sampled_again(tmp_path, monkeypatch, tiny_dir_eps, train,
+                                                            copying_sampler):
+    copying_sampler(train)  # every prompt flagged: every unit journals a grid
+    cfg = _config()
+    run_audit(str(tiny_dir_eps), train, tmp_path / "whole", config=cfg)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(str(tiny_dir_eps), train, out, config=cfg, progress=stop_after("sampling", 3 * 4))
+    folder = journal_dir(out)
+    (folder / "grids/prompt-00000.png").unlink()  # a grid deleted by hand
+    npz = folder / "units/audit-000001.npz"
+    data = bytearray(npz.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # changed in place, same size
+    npz.write_bytes(bytes(data))
+    calls = count_calls(monkeypatch)
+    res = run_audit(str(tiny_dir_eps), train, out, config=cfg)
+    assert {p for p, _ in calls} == {train.captions[i] for i in (0, 1, 3, 4, 5)} and max(calls.values()) == 1
+    assert res["summary"]["reused"]["prompts_resumed"] == 1
+    assert comparable(out) == comparable(tmp_path / "whole")
+
+
+def test_a_model_changed_in_place_is_not_resumed(tmp_path, tiny_dir_eps, train):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir_eps, model)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(str(model), train, out, config=_config(), progress=stop_after("sampling", 4))
+    folder = journal_dir(out)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    weights = next((model / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    name = sorted(state)[0]
+    state[name] = state[name] + 1.0  # re-fine-tuned in place: same path, same size, other weights
+    stamp = weights.stat()
+    save_file(state, weights)
+    import os
+
+    os.utime(weights, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # even with its modification time kept
+    with pytest.raises(ConfigError, match="before its files changed") as e:
+        run_audit(str(model), train, out, config=_config())
+    assert "\n" not in str(e.value) and str(folder) in str(e.value)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before and not out.exists()

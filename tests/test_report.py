@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from memaudit import report
-from memaudit.errors import DataError
+from memaudit.errors import DataError, MemauditError
 from memaudit.report import (
     REDACTED_BANNER,
     ROUNDTRIP_CAPTION,
@@ -706,7 +706,7 @@ def test_write_redacted_report(roundtrip, fast_plots, tmp_path):
     assert path == new / "report.html"
     assert _snapshot(folder) == before  # the audit, its report included, is untouched
     copied = _snapshot(new)
-    assert sorted(copied) == ["grids/p0001.png", "grids/p0002.png", "report.html", "results.json"]
+    assert sorted(copied) == [".memaudit-output.json", "grids/p0001.png", "grids/p0002.png", "report.html", "results.json"]
     forbidden = {*train, drawn, grids[0]}  # training images and the extracted prompt's generations
     assert not forbidden & set(copied.values())
     assert not (new / "train").exists()
@@ -735,7 +735,7 @@ def test_write_redacted_report_never_copies_a_grid_that_is_a_training_image(audi
     write_results(folder, results)
     write_redacted_report(folder, tmp_path / "shared")
     copied = _snapshot(tmp_path / "shared")
-    assert sorted(copied) == ["report.html", "results.json"]
+    assert sorted(copied) == [".memaudit-output.json", "report.html", "results.json"]
     redacted = load_results(tmp_path / "shared")
     assert [(p["grid"], p.get("grid_withheld")) for p in redacted["prompts"]] == [(None, True)] * 3
 
@@ -751,11 +751,11 @@ def test_write_redacted_report_refuses_unsafe_folders(audit, fast_plots, tmp_pat
     other = tmp_path / "other"
     (other / "notes.txt").parent.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(DataError, match="exists and is not a redacted memaudit audit; pass a new or empty folder"):
+    with pytest.raises(MemauditError, match="did not write for `memaudit report --redact`.*pass a new or empty folder"):
         write_redacted_report(folder, other)
     unredacted = tmp_path / "unredacted"
     write_results(unredacted, _results())
-    with pytest.raises(DataError, match="not a redacted memaudit audit"):
+    with pytest.raises(MemauditError, match="did not write for `memaudit report --redact`"):
         write_redacted_report(folder, unredacted)
     assert (other / "notes.txt").read_text() == "mine" and load_results(unredacted)["redacted"] is False
     assert _snapshot(folder) == before and _leftovers(tmp_path) == []

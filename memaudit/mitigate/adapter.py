@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from memaudit.errors import ConfigError
-from memaudit.io import check_writable
 from memaudit.mitigate.methods.base import PEFTMethod
+from memaudit.outputs import check_output, output_directory
 
 logger = logging.getLogger(__name__)
 
@@ -170,16 +170,14 @@ def export_merged(adapter_path: str | os.PathLike, base_pipeline_dir: str | os.P
     without memaudit. The denoiser and VAE are cast to ``dtype`` when given; ``memaudit_adapter.json`` beside the
     components records the adapter and base.
     """
-    from memaudit.io import atomic_directory
     from memaudit.target import load_target, resolve_dtype
 
+    out = check_output(out_dir, "export", [("the adapter", adapter_path), ("the base model", base_pipeline_dir)])
     meta = read_adapter_info(adapter_path)
-    out = check_writable(out_dir, "--out")
     target = load_target(base_pipeline_dir, device="cpu")
     method = load_adapter(adapter_path, target.denoiser)
     method.merge()
-    out = Path(out_dir)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, "export") as tmp:
         target.save(tmp, dtype=resolve_dtype(dtype) if dtype is not None else None)
         info = {**meta, "adapter": str(Path(adapter_path).resolve()), "merged_into": str(base_pipeline_dir)}
         (tmp / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")

@@ -54,4 +54,5 @@ def finetune_with_mask(base, train, mask_file, out, *, steps: int, batch_size: i
                          loras=[list(x) for x in loras])
     # a mask of the wrong length for this base model's units stops before training, with one line
     return finetune(base, train, out, cfg, device=device, convert_channels=convert_channels, overwrite=overwrite,
-                    progress=progress, cache_dir=cache_dir, cache_progress=cache_progress)
+                    progress=progress, cache_dir=cache_dir, cache_progress=cache_progress,
+                    reads=[("--mask", mask_file)])

@@ -57,6 +57,7 @@ import numpy as np
 
 from memaudit.errors import ConfigError, DataError
 from memaudit.io import check_writable
+from memaudit.outputs import check_cache, check_clear, check_output, dataset_inputs, write_marker
 
 logger = logging.getLogger(__name__)
 
@@ -701,11 +702,17 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
 
         require_ray("the search")  # missing, or an address that does not answer: one line, before anything loads
         check_reachable(config.ray_address)
-    out = check_writable(out, "--out")
-    check_writable(latent_cache_root(cache_dir), "--cache-dir")
+    cache_root = check_writable(latent_cache_root(cache_dir), "--cache-dir")
+    # the search adds its files to --out as it goes (it resumes from them): a new or empty folder, or its own
+    named = [("the base model", base if isinstance(base, (str, os.PathLike)) else None),
+             ("--train", train if isinstance(train, (str, os.PathLike)) else None), ("--cache-dir", cache_root.parent),
+             *[("--lora", lora[0]) for lora in config.loras]]
+    out = check_output(out, "search", named, replaces=False)
+    check_cache(cache_root.parent, named)
     # with workers, this copy only answers questions about the model (its units, resolution, ...): on the CPU
     target = load_target(base, device="cpu" if distributed else config.device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
+    check_clear(out, dataset_inputs(dataset, "the training images"))  # a captions file can name images anywhere
     if len(dataset) < 4:
         raise ConfigError(f"the training set {source} has {len(dataset)} images; the search needs at least 4.")
     splits = dataset.split(seed=config.seed, val=config.val_fraction, test=0.0)
@@ -747,6 +754,7 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
             vers["ray"] = pool.ray_version
         if not settings_file.is_file():
             out.mkdir(parents=True, exist_ok=True)
+            write_marker(out, "search", listed=False)
             atomic_write_json(settings_file, {**settings, "versions": vers})
         if pool is None:
             run: RunJobs = evaluator.run
@@ -835,7 +843,7 @@ def _absolute(dataset):
         return dataset
     return ImageCaptionDataset(dataset.captions, dataset.names, dataset.source,
                                files=[f.resolve() for f in dataset.files], resolution=dataset.resolution,
-                               channels=dataset.channels, stamps=dataset.stamps)
+                               channels=dataset.channels, digests=dataset.file_digests())
 
 
 def describe_job(job: dict) -> str:
