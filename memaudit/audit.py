@@ -46,6 +46,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from memaudit.attacks.denoising import image_scores, prompt_scores
 from memaudit.attacks.extraction import ExtractionConfig
 from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError, DataError
@@ -993,11 +994,13 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     seeds_all = stacked(records, "seeds")
     aligned = stacked(records, "alignment") if config.alignment else None
     used = [p for r in records for p in (r["prompts_used"] or [])]
+    window = score_window(config, target)
+    per_image = image_scores(all_norms, window)  # each image's mean over the scored steps (Flux: the first)
     image_rows = []
     for k in range(len(p_all)):
         row = {"prompt_index": int(p_all[k]), "generation": int(g_all[k]), "seed": int(seeds_all[k]),
                "min_cosine_distance": float(amd_res.per_image[k]), "nearest_train_index": int(amd_res.nearest[k]),
-               "denoising_norm": float(torch.from_numpy(all_norms[k]).mean())}
+               "denoising_norm": float(per_image[k])}
         if used:
             row["prompt_used"] = used[k]
         if aligned is not None:
@@ -1015,10 +1018,8 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             steps=[s for r in records for s in r["mitigation_steps"]], norm_target=norm_target)))
 
     # -- denoising strength, thresholds, detection ---------------------------------------------------------
-    from memaudit.attacks.denoising import prompt_scores
     from memaudit.metrics.detection import calibrate_threshold, summarize
 
-    window = score_window(config, target)
     scores = prompt_scores(torch.from_numpy(all_norms), torch.from_numpy(p_all), len(prompt_list), window=window,
                            generation=torch.from_numpy(g_all), max_generations=config.denoising_generations)
     threshold = flagged_by_threshold = None
@@ -1254,11 +1255,14 @@ def denoising_note(target, extra_calls: int, window: tuple) -> str | None:
                 f"conditional and unconditional predictions only of the families it knows, so the extraction attack "
                 f"and AMD are the whole audit.")
     if extra_calls:
-        steps = "the first step" if tuple(window) == (0, 1) else f"steps {window[0]} to {window[1]}"
+        start, stop = window
+        steps = ("the first step" if (start, stop) == (0, 1) else "every step" if (start, stop) == (0, None)
+                 else f"step {start + 1}" if stop == start + 1
+                 else f"steps {start + 1} to {'the last' if stop is None else stop}")
         why = ("makes no unconditional prediction (guidance-distilled)" if not target.family.classifier_free_guidance
                else "sampled without classifier-free guidance (guidance <= 1)")
-        return (f"{cls} {why}: the denoising strength cost one extra denoiser call per image at {steps} "
-                f"({extra_calls} calls in all).")
+        return (f"{cls} {why}: the denoising strength cost one extra denoiser evaluation per image at {steps} "
+                f"({extra_calls} in all, audited and reference images together).")
     return None
 
 

@@ -8,6 +8,8 @@ Classifier-free guidance already evaluates the denoiser on the prompt and on the
 denoising-strength score of Wen et al. comes free with every generation, and the images are plain diffusers' for
 the same seeds. A guidance-distilled model (Flux dev) makes no unconditional prediction: there the score costs one
 extra denoiser call per image at each step of ``score_window`` (default: the first step only), NaN elsewhere.
+A model whose first prediction (first step of a sampler's first batch: one device sync) holds NaN or inf is named
+in a one-line :class:`~memaudit.errors.TargetError` before sampling goes on.
 
 Image ``j`` of prompt ``i`` starts from latents drawn on the CPU from a generator seeded with
 :func:`image_seed` ``(seed, i, j)``, so an image is the same on CPU and GPU and whatever the batch it falls in
@@ -28,6 +30,7 @@ import torch
 
 from memaudit.errors import ConfigError
 from memaudit.families import Conditioning, sample
+from memaudit.families.base import nonfinite_prediction_error
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,10 @@ class Sampler:
         #: denoiser call per image for the score: default the first step, the score that detects best
         self.score_window = score_window
         self.unet_time_s = 0.0
+        #: denoiser evaluations made only for the score, one per image and scored step
         self.extra_calls = 0
+        #: whether a batch's first prediction was found finite (the check costs one sync, so it is made once)
+        self.checked_finite = False
 
     def initial_latents(self, seeds: Sequence[int]) -> torch.Tensor:
         """The initial latents of images with these seeds, as the family's pipeline takes them."""
@@ -109,9 +115,18 @@ class Sampler:
             x0, t0 = family.first_step(pipe, latents, self.steps, target.resolution)
             cond = self.embedding_hook(cond, x0.to(target.device), t0)
         run = sample(family, pipe, cond, target.unconditional(n), seeds, steps=self.steps, guidance=self.guidance,
-                     resolution=target.resolution, latents=latents, score_steps=self.score_step)
+                     resolution=target.resolution, latents=latents, score_steps=self.score_step,
+                     check_finite=not self.checked_finite, model=self.model_name())
+        self.checked_finite = True
         self.extra_calls += run.extra_calls
         return run.images, run.norms, run.timesteps
+
+    def model_name(self) -> str:
+        """The audited model as messages name it: its folder, and its LoRA adapters if any."""
+        path, loras = getattr(self.target, "path", ""), getattr(self.target, "loras", None) or []
+        name = f"the model at {path}" if path else "the model"
+        loras = [str(a["path"]) for a in loras]
+        return name + (f" with LoRA {', '.join(loras)}" if loras else "")
 
     def score_step(self, step: int) -> bool:
         """Whether a model without an unconditional prediction pays an extra denoiser call at ``step``."""
@@ -148,6 +163,12 @@ class Sampler:
             eps_c = target.predict_score(x, tt, self._conditioning(used), guidance=self.guidance)
             eps_u = target.predict_score(x, tt, target.unconditional(len(chunk)), guidance=self.guidance)
             out.append((eps_c - eps_u).flatten(1).norm(dim=1).float().cpu())
+            if not self.checked_finite:  # the norms are on the CPU already: no extra sync
+                if not bool(torch.isfinite(out[-1]).all()):
+                    bad = eps_c if not bool(torch.isfinite(eps_c).all()) else eps_u
+                    raise nonfinite_prediction_error(self.model_name(), target.dtype,
+                                                     nan=bool(torch.isnan(bad).any()))
+                self.checked_finite = True
         return torch.cat(out)
 
     def run(self, prompts: Sequence[str], generations: int) -> Iterator[SampleBatch]:

@@ -34,9 +34,10 @@ What a caller must pass (:func:`call_kwargs` returns it for a family name or a p
   :data:`RESOLUTION`, derived from the UNet's or transformer's ``sample_size``), but **required for Flux**:
   ``FluxPipeline`` always defaults to ``128 * vae_scale_factor`` pixels (256 px here, 4,096 image tokens).
   :func:`default_resolution` gives the intended size of any of these pipelines.
-- ``max_sequence_length``: the T5 families work with the pipelines' defaults (SD3 256, Flux 512, PixArt-Sigma
-  300 tokens, all accepted since T5 has relative positions), but ``max_sequence_length=T5_MAX_LENGTH`` (32) is
-  much faster and is what the T5 tokenizer's ``model_max_length`` says.
+- ``max_sequence_length``: not for SD3 and Flux, which memaudit samples at their pipelines' defaults (256 and 512
+  T5 tokens) as a plain call does (the T5 tokenizer pads to any length; T5 has relative positions), but
+  ``max_sequence_length=T5_MAX_LENGTH`` (32, the T5 tokenizer's ``model_max_length``) for PixArt-Sigma, whose
+  family encodes at most the tokenizer's length (:meth:`memaudit.families.pixart.PixArt.max_sequence_length`).
 - ``use_resolution_binning=False`` for PixArt-Sigma: binning (on by default) only knows transformer sample sizes
   of 32 to 256 latents (256 to 2048 px) and raises ``ValueError: Invalid sample size`` for the tiny model. Also
   ``clean_caption=False``: the default ``True`` needs beautifulsoup4 and ftfy (it warns and skips cleaning without
@@ -53,7 +54,7 @@ import torch
 FAMILY_NAMES = ("sd", "sd2", "sdxl", "sd3", "flux-dev", "flux-schnell", "pixart-sigma")
 RESOLUTION = 32  # pixel height and width of every tiny family (16x16 latents)
 CLIP_MAX_LENGTH = 16  # tokens of the CLIP tokenizers (and positions of the CLIP text encoders)
-T5_MAX_LENGTH = 32  # the T5 tokenizer's model_max_length: the max_sequence_length to pass to T5 pipelines
+T5_MAX_LENGTH = 32  # the T5 tokenizer's model_max_length: the max_sequence_length to pass to PixArt
 
 _VAE_CHANNELS = (8, 16)  # two VAE blocks: vae_scale_factor 2
 _LATENT_SIZE = RESOLUTION // 2 ** (len(_VAE_CHANNELS) - 1)
@@ -396,9 +397,10 @@ def default_resolution(pipe) -> int:
 
 
 def call_kwargs(pipe_or_name) -> dict:
-    """Keyword arguments to pass when calling a tiny pipeline (given as a pipeline or a family name): ``height`` and
-    ``width`` (:func:`default_resolution`), ``max_sequence_length`` for the T5 families, and
-    ``use_resolution_binning=False`` and ``clean_caption=False`` for PixArt-Sigma."""
+    """Keyword arguments to pass when calling a tiny pipeline (given as a pipeline or a family name) to get the images
+    memaudit samples: ``height`` and ``width`` (:func:`default_resolution`), and for PixArt ``max_sequence_length``
+    (:data:`T5_MAX_LENGTH`), ``use_resolution_binning=False`` and ``clean_caption=False``. SD3 and Flux need no
+    ``max_sequence_length``: memaudit uses their pipelines' defaults."""
     if isinstance(pipe_or_name, str):
         if pipe_or_name not in _BUILDERS:
             raise ValueError(f"unknown model family {pipe_or_name!r}; choose one of {', '.join(FAMILY_NAMES)}")
@@ -409,9 +411,8 @@ def call_kwargs(pipe_or_name) -> dict:
         kind = type(pipe_or_name).__name__.removesuffix("Pipeline")
         size = default_resolution(pipe_or_name)
     kw = {"height": size, "width": size}
-    if kind in ("StableDiffusion3", "Flux", "PixArtSigma", "PixArtAlpha"):
-        kw["max_sequence_length"] = T5_MAX_LENGTH
     if kind in ("PixArtSigma", "PixArtAlpha"):
+        kw["max_sequence_length"] = T5_MAX_LENGTH
         kw["use_resolution_binning"] = False
         kw["clean_caption"] = False  # cleaning needs bs4 and ftfy; without them the pipeline warns and skips it
     return kw

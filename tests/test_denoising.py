@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from memaudit.attacks.denoising import prompt_scores, token_attribution, training_strength
+from memaudit.attacks.denoising import image_scores, prompt_scores, token_attribution, training_strength
 from memaudit.errors import ConfigError
 from memaudit.target import load_target
 
@@ -24,6 +25,24 @@ def test_prompt_scores_hand_values():
     assert prompt_scores(norms, idx, 2, generation=gen, max_generations=1).tolist() == pytest.approx([2.0, 10.0])
     with pytest.raises(ConfigError):
         prompt_scores(norms, idx, 2, window=(2, 1))
+
+
+def test_image_scores_over_the_scored_window():
+    """Flux's norms: scored at the first step only, NaN after; a black box's: NaN everywhere."""
+    nan = float("nan")
+    flux = np.array([[1.0, nan, nan], [2.0, nan, nan]], dtype=np.float32)
+    assert image_scores(flux, (0, 1)).tolist() == [1.0, 2.0]
+    assert image_scores(flux).tolist() == [1.0, 2.0]  # unscored steps are left out, not averaged as NaN
+    assert np.isnan(torch.from_numpy(flux).mean(1).numpy()).all()  # what a plain mean gives
+    norms = torch.tensor([[1.0, 2.0, 6.0], [2.0, 4.0, nan], [nan, nan, nan]])
+    assert image_scores(norms, (0, None)).tolist()[:2] == pytest.approx([3.0, 3.0])
+    assert image_scores(norms, (1, 3)).tolist()[:2] == pytest.approx([4.0, 4.0])
+    assert image_scores(norms, (2, None))[0] == pytest.approx(6.0) and np.isnan(image_scores(norms, (2, None))[1])
+    assert np.isnan(image_scores(norms)[2])  # a black box's image has no score
+    idx = torch.tensor([0, 0, 1])  # the per-prompt score is the mean of the per-image ones
+    assert prompt_scores(norms, idx, 2, window=(1, 3))[0] == pytest.approx(image_scores(norms, (1, 3))[:2].mean())
+    with pytest.raises(ConfigError):
+        image_scores(norms, (0, 4))
 
 
 def test_training_strength_equals_plain_unet_calls(target):

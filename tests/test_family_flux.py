@@ -23,7 +23,7 @@ from memaudit.families.base import pack_2x2, unpack_2x2
 from memaudit.families.flux import Flux, latent_image_ids
 from memaudit.sampling import Sampler
 from memaudit.target import from_pipeline, load_target
-from memaudit.tiny_families import RESOLUTION, T5_MAX_LENGTH, call_kwargs, tiny_flux
+from memaudit.tiny_families import RESOLUTION, call_kwargs, tiny_flux
 from memaudit.train import TrainConfig, train_unet
 
 PROMPTS = ["a photo of a face", "a chest x-ray"]
@@ -80,8 +80,8 @@ def _independent_norms(pipe, calls):
     velocity difference per image."""
     prompts = [p for p in PROMPTS for _ in range(GENERATIONS)]
     with torch.no_grad():
-        pe, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=T5_MAX_LENGTH)
-        ue, upooled, _ = pipe.encode_prompt([""] * len(prompts), None, device="cpu", max_sequence_length=T5_MAX_LENGTH)
+        pe, pooled, _ = pipe.encode_prompt(prompts, None, device="cpu")  # the pipeline's default T5 length
+        ue, upooled, _ = pipe.encode_prompt([""] * len(prompts), None, device="cpu")
         out = []
         for kw in calls:
             x, t = kw["hidden_states"], kw["timestep"]  # t is sigma (the pipeline passes timestep / 1000)
@@ -105,8 +105,8 @@ def test_registered():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_sampling_default_window(pipes, variant, monkeypatch):
-    """Images equal plain diffusers'; one extra transformer call per batch (the first step); NaN elsewhere; the
-    first-step norm equals an independent computation and the direct first-step computation."""
+    """Images equal plain diffusers'; one extra transformer call per batch (the first step), counted once per image;
+    NaN elsewhere; the first-step norm equals an independent computation and the direct first-step computation."""
     pipe = pipes(variant)
     target = from_pipeline(pipe, device="cpu")
     assert target.resolution == RESOLUTION and target.latent_shape == (16, RESOLUTION // 2, RESOLUTION // 2)
@@ -118,7 +118,7 @@ def test_sampling_default_window(pipes, variant, monkeypatch):
         handle.remove()
     assert len(batches) == 1
     batch = batches[0]
-    assert counter["n"] == STEPS + 1 and sampler.extra_calls == 1
+    assert counter["n"] == STEPS + 1 and sampler.extra_calls == 4  # one batched call: one per image
 
     calls = []
     plain = _plain(pipe, batch.seeds, record=calls)
@@ -151,7 +151,7 @@ def test_every_step_scored_by_extra_calls(pipes, variant):
         batch = next(iter(sampler.run(PROMPTS, GENERATIONS)))
     finally:
         handle.remove()
-    assert counter["n"] == 2 * STEPS and sampler.extra_calls == STEPS
+    assert counter["n"] == 2 * STEPS and sampler.extra_calls == 4 * STEPS  # per image and scored step
     calls = []
     torch.testing.assert_close(_plain(pipe, batch.seeds, record=calls), batch.images, rtol=0, atol=1e-5)
     expected = _independent_norms(pipe, calls)
@@ -208,13 +208,13 @@ def test_predict_eps_noise_and_targets(pipes, variant):
     t = torch.tensor([250.0, 750.0])
     cond = target.encode_prompts(PROMPTS)
     assert set(cond.tensors) == {"prompt_embeds", "pooled_prompt_embeds"}
-    assert cond.embeds.shape[1] == T5_MAX_LENGTH
+    assert cond.embeds.shape[1] == 512  # FluxPipeline's default max_sequence_length
     h = RESOLUTION // 4
     guidance = torch.full((2,), 3.5) if variant == "dev" else None
     with torch.no_grad():
         v = pipe.transformer(hidden_states=_pipeline_pack(x), timestep=t / 1000, guidance=guidance,
                              pooled_projections=cond.tensors["pooled_prompt_embeds"],
-                             encoder_hidden_states=cond.embeds, txt_ids=torch.zeros(T5_MAX_LENGTH, 3),
+                             encoder_hidden_states=cond.embeds, txt_ids=torch.zeros(512, 3),
                              img_ids=latent_image_ids(h, h), return_dict=False)[0]
         v = _pipeline_unpack(v)
         torch.testing.assert_close(target.denoise(x, t, cond), v)
@@ -283,3 +283,21 @@ def test_missing_component_is_one_line(pipes, tmp_path):
     with pytest.raises(TargetError) as err:
         load_target(folder, device="cpu")
     assert "text_encoder_2" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_audit_rows_score_the_first_step_and_the_note_counts_every_extra_call(pipes, tmp_path):
+    """results.json: every image's denoising_norm is its first-step norm (the scored window), not null; the note
+    counts one extra evaluation per audited and reference image."""
+    from memaudit.audit import AuditConfig, run_audit
+
+    target = from_pipeline(pipes("dev"), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    dataset = from_arrays(torch.rand(3, 3, RESOLUTION, RESOLUTION, generator=g), [f"item {i}" for i in range(3)])
+    res = run_audit(target, dataset, tmp_path / "out", reference_prompts=["a square"],
+                    config=AuditConfig(generations=2, steps=3, batch_size=4, min_clique=2, device="cpu"))
+    norms = [im["denoising_norm"] for im in res["images"]]
+    assert len(norms) == 6 and all(isinstance(v, float) and v > 0 for v in norms)
+    by_prompt = [np.mean([im["denoising_norm"] for im in res["images"] if im["prompt_index"] == i]) for i in range(3)]
+    np.testing.assert_allclose(by_prompt, [p["denoising_score"] for p in res["prompts"]], rtol=1e-5)
+    note = res["summary"]["denoising_note"]
+    assert "at the first step (8 in all, audited and reference images together)" in note, note

@@ -20,7 +20,7 @@ from memaudit.families import FAMILIES
 from memaudit.families.sd3 import StableDiffusion3
 from memaudit.sampling import Sampler
 from memaudit.target import from_pipeline, load_target
-from memaudit.tiny_families import RESOLUTION, T5_MAX_LENGTH, call_kwargs, tiny_sd3
+from memaudit.tiny_families import RESOLUTION, call_kwargs, tiny_sd3
 from memaudit.train import TrainConfig, train_unet
 
 PROMPTS = ["a photo of a face", "a chest x-ray"]
@@ -77,8 +77,7 @@ def _independent_norms(pipe, calls, n):
     prompts = [p for p in PROMPTS for _ in range(GENERATIONS)]
     with torch.no_grad():
         pe, npe, pooled, npooled = pipe.encode_prompt(prompts, None, None, device="cpu",
-                                                      do_classifier_free_guidance=True,
-                                                      max_sequence_length=T5_MAX_LENGTH)
+                                                      do_classifier_free_guidance=True)  # default T5 length
         out = []
         for kw in calls:
             x = kw["hidden_states"][-n:]  # the conditional half (the unconditional one holds the same latents)
@@ -123,7 +122,7 @@ def test_guidance_one_scores_by_extra_calls(pipe, target):
     """At guidance 1 the pipeline makes no unconditional call: the hook repeats each scored call (here all)."""
     sampler = Sampler(target, steps=STEPS, guidance=1.0, batch_size=4, seed=0, score_window=(0, None))
     b = next(iter(sampler.run(PROMPTS, GENERATIONS)))
-    assert sampler.extra_calls == STEPS
+    assert sampler.extra_calls == 4 * STEPS  # one per image and step
     calls = []
     torch.testing.assert_close(_plain(pipe, b.seeds, guidance=1.0, record=calls), b.images, rtol=0, atol=1e-5)
     assert len(calls) == STEPS and calls[0]["hidden_states"].shape[0] == 4
@@ -196,7 +195,7 @@ def test_blocks_and_encoding(target, pipe):
     assert all(b in names for b in target.family.blocks(target.denoiser))
     cond = target.embed(["a photo of a face"])
     assert set(cond.tensors) == {"prompt_embeds", "pooled_prompt_embeds"}
-    assert cond.embeds.shape[1] == pipe.tokenizer.model_max_length + T5_MAX_LENGTH  # CLIP tokens + T5 tokens
+    assert cond.embeds.shape[1] == pipe.tokenizer.model_max_length + 256  # CLIP tokens + the pipeline's T5 length
     # gradients reach the text encoders (encode_prompt is not under no_grad)
     with torch.enable_grad():
         w = pipe.text_encoder_3.get_input_embeddings().weight

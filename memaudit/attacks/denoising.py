@@ -32,13 +32,21 @@ def step_window(n_steps: int, window: tuple[int, int | None] = (0, None)) -> sli
     return slice(start, stop)
 
 
+def image_scores(norms: torch.Tensor | np.ndarray, window: tuple[int, int | None] = (0, None)) -> np.ndarray:
+    """Per-image denoising strength ``[N_images]`` (float64): the mean of each image's norms ``[N_images, steps]``
+    over the step window, steps without a norm (NaN: not scored, as Flux's steps after the first) left out; NaN
+    for an image with no scored step in the window (a black-box model's)."""
+    norms = torch.as_tensor(np.asarray(norms), dtype=torch.float64)
+    return norms[:, step_window(norms.shape[1], window)].nanmean(1).numpy()
+
+
 def prompt_scores(norms: torch.Tensor, prompt_index: torch.Tensor, n_prompts: int,
                   window: tuple[int, int | None] = (0, None), generation: torch.Tensor | None = None,
                   max_generations: int | None = None) -> np.ndarray:
-    """Per-prompt denoising strength: mean over the step window, then over (the first ``max_generations``)
-    generations of each prompt. ``norms`` is ``[N_images, steps]``; prompts without images get NaN."""
-    norms = torch.as_tensor(norms, dtype=torch.float64)
-    per_image = norms[:, step_window(norms.shape[1], window)].nanmean(1)
+    """Per-prompt denoising strength: mean over the step window (:func:`image_scores`), then over (the first
+    ``max_generations``) generations of each prompt. ``norms`` is ``[N_images, steps]``; prompts without images get
+    NaN."""
+    per_image = torch.from_numpy(image_scores(norms, window))
     idx = torch.as_tensor(prompt_index).long()
     keep = torch.ones(len(idx), dtype=torch.bool)
     if max_generations is not None and generation is not None:

@@ -28,6 +28,7 @@ one extra denoiser call with the empty prompt at the steps the score needs.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-__all__ = ["PREDICTION_TYPES", "output_to_eps", "training_target", "Conditioning", "Family", "FlowMatchingFamily", "DDPMFamily", "PipelineRun", "sample", "alpha_bar_at",
+__all__ = ["PREDICTION_TYPES", "call_default", "output_to_eps", "training_target", "Conditioning", "Family",
+           "FlowMatchingFamily", "DDPMFamily", "PipelineRun", "sample", "alpha_bar_at", "nonfinite_prediction_error",
            "pack_2x2", "unpack_2x2"]
 
 
@@ -89,6 +91,15 @@ class Conditioning:
     def negative(self) -> dict[str, torch.Tensor]:
         """The tensors as the pipeline's unconditional keyword arguments (``negative_prompt_embeds``, ...)."""
         return {f"negative_{k}": v for k, v in self.tensors.items()}
+
+
+def call_default(pipe, parameter: str, fallback: Any) -> Any:
+    """The default of ``parameter`` in the signature of the pipeline's ``__call__`` (e.g. ``max_sequence_length``:
+    what a plain ``pipe(prompt)`` uses), or ``fallback`` when the signature has no such parameter or no default."""
+    param = inspect.signature(type(pipe).__call__).parameters.get(parameter)
+    if param is None or param.default is inspect.Parameter.empty or param.default is None:
+        return fallback
+    return param.default
 
 
 def alpha_bar_at(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -405,15 +416,30 @@ class PipelineRun:
     images: torch.Tensor  # [B, C, H, W] in [0, 1], float32, CPU
     norms: torch.Tensor  # [B, steps]: ||eps_c - eps_u||; NaN at steps not scored
     timesteps: torch.Tensor  # [steps], scheduler units
-    extra_calls: int = 0  # denoiser calls made only for the score
+    #: denoiser evaluations made only for the score, one per image and scored step (a batch of B images scored at
+    #: one step is one batched call that counts B): what "one extra call per image" costs
+    extra_calls: int = 0
     calls: list = field(default_factory=list)
 
 
-class _Recorder:
-    """The forward hook on the denoiser: per call, the guidance norm of each image."""
+def nonfinite_prediction_error(model: str, dtype: torch.dtype, nan: bool = True) -> TargetError:
+    """The one-line error for a denoiser whose first prediction is not finite: the model's fault, not the images'."""
+    what = "NaN" if nan else "infinite values"
+    low = dtype in (torch.float16, torch.bfloat16)
+    why = (f"its weights are broken or overflow in {str(dtype).removeprefix('torch.')}; load it in float32 "
+           "(--dtype float32) or check the checkpoint and its LoRA adapters" if low else
+           "its weights (or its LoRA adapters') are broken; check the checkpoint")
+    return TargetError(f"{model} predicts {what} at the first sampling step: {why}. Sampling stopped.")
 
-    def __init__(self, family: Family, pipe, n: int, uncond: Conditioning, score_steps: Callable[[int], bool]):
+
+class _Recorder:
+    """The forward hook on the denoiser: per call, the guidance norm of each image. With ``check_finite`` the
+    first call's output is checked once (one device sync) and a non-finite one stops sampling at once."""
+
+    def __init__(self, family: Family, pipe, n: int, uncond: Conditioning, score_steps: Callable[[int], bool],
+                 check_finite: bool = False, model: str = "the model"):
         self.family, self.pipe, self.n, self.uncond, self.score_steps = family, pipe, n, uncond, score_steps
+        self.check_finite, self.model = check_finite, model
         self.norms: list[torch.Tensor] = []
         self.timesteps: list[torch.Tensor] = []
         self.extra_calls = 0
@@ -424,6 +450,8 @@ class _Recorder:
             return None
         x, t, out = self.family.call_parts(self.pipe, args, kwargs, output)
         step = len(self.norms)
+        if self.check_finite and step == 0 and not bool(torch.isfinite(out).all()):
+            raise nonfinite_prediction_error(self.model, out.dtype, nan=bool(torch.isnan(out).any()))
         n = self.n
         t = t.reshape(-1)
         self.timesteps.append(t[0].detach().float().cpu())
@@ -436,7 +464,7 @@ class _Recorder:
                 out_u = self.family.recall(self.pipe, module, args, kwargs, self.uncond)
             finally:
                 self.busy = False
-            self.extra_calls += 1
+            self.extra_calls += n
             tt = t.expand(n) if t.numel() == 1 else t
             eps_c = self.family.score_output(self.pipe, out, x.float(), tt)
             eps_u = self.family.score_output(self.pipe, out_u, x.float(), tt)
@@ -449,19 +477,21 @@ class _Recorder:
 @torch.no_grad()
 def sample(family: Family, pipe, cond: Conditioning, uncond: Conditioning, seeds: Sequence[int], *, steps: int,
            guidance: float, resolution: int, latents: torch.Tensor | None = None,
-           score_steps: Callable[[int], bool] = lambda i: i == 0) -> PipelineRun:
+           score_steps: Callable[[int], bool] = lambda i: i == 0, check_finite: bool = False,
+           model: str = "the model") -> PipelineRun:
     """One batch through the family's diffusers pipeline: images of ``cond`` (batch ``B``) from the seeds' initial
     latents (``latents``, else :meth:`Family.initial_latents`), and per step the guidance norm of every image.
 
     ``uncond`` is the unconditional conditioning, batch ``B``. Where the pipeline's denoiser call has no
     unconditional half, the norm is computed by one extra call at the steps where ``score_steps(i)`` is true and is
-    NaN elsewhere."""
+    NaN elsewhere. With ``check_finite`` the denoiser's first prediction is checked (one device sync): NaN or inf
+    there raises :func:`nonfinite_prediction_error` naming ``model`` at once, before the other steps run."""
     n = len(cond)
     denoiser = family.denoiser(pipe)
     if latents is None:
         latents = family.initial_latents(pipe, seeds, resolution)
     device = denoiser.device
-    recorder = _Recorder(family, pipe, n, uncond.to(device), score_steps)
+    recorder = _Recorder(family, pipe, n, uncond.to(device), score_steps, check_finite=check_finite, model=model)
     handle = denoiser.register_forward_hook(recorder, with_kwargs=True)
     try:
         out = pipe(**family.pipeline_kwargs(cond.to(device), uncond.to(device)), num_inference_steps=steps,

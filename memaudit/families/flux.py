@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from memaudit.families.base import Conditioning, FlowMatchingFamily, pack_2x2, unpack_2x2
+from memaudit.families.base import Conditioning, FlowMatchingFamily, call_default, pack_2x2, unpack_2x2
 from memaudit.families.sd3 import flow_scheduler_problem, transformer_call_parts
 
 #: the pipeline's default T5 length (``max_sequence_length`` of ``FluxPipeline.__call__``)
@@ -102,8 +102,10 @@ class Flux(FlowMatchingFamily):
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def max_sequence_length(self, pipe) -> int:
-        """T5 tokens: the pipeline's default (512), or fewer when the T5 tokenizer says so (the tiny model: 32)."""
-        return int(min(FLUX_MAX_SEQUENCE_LENGTH, int(pipe.tokenizer_2.model_max_length)))
+        """T5 tokens: the default of the pipeline's ``__call__`` (512), which a plain ``pipe(prompt)`` uses whatever
+        the T5 tokenizer's ``model_max_length`` (it pads and truncates to this length), so the images are plain
+        diffusers' for the call users make."""
+        return int(call_default(pipe, "max_sequence_length", FLUX_MAX_SEQUENCE_LENGTH))
 
     def encode(self, pipe, prompts, device):
         """T5 ``prompt_embeds`` and CLIP ``pooled_prompt_embeds`` from the pipeline's own ``encode_prompt`` (not

@@ -35,11 +35,9 @@ The mask units of the PEFT methods are the transformer blocks (``transformer_blo
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from memaudit.families.base import Conditioning, DDPMFamily
+from memaudit.families.base import Conditioning, DDPMFamily, call_default
 
 #: max_sequence_length defaults of the pipelines, used when the pipeline's signature does not say
 DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
@@ -65,10 +63,8 @@ class PixArt(DDPMFamily):
     def max_sequence_length(self, pipe) -> int:
         """T5 tokens of the conditioning: the pipeline's default (Alpha 120, Sigma 300), or the tokenizer's
         ``model_max_length`` when smaller."""
-        param = inspect.signature(type(pipe).__call__).parameters.get("max_sequence_length")
-        default = param.default if param is not None and isinstance(param.default, int) else None
-        if default is None:
-            default = DEFAULT_MAX_SEQUENCE_LENGTH["PixArtAlphaPipeline" if _is_alpha(pipe) else "PixArtSigmaPipeline"]
+        default = call_default(pipe, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH[
+            "PixArtAlphaPipeline" if _is_alpha(pipe) else "PixArtSigmaPipeline"])
         limit = getattr(pipe.tokenizer, "model_max_length", None)
         return int(min(default, limit)) if isinstance(limit, int) and limit > 0 else int(default)
 

@@ -33,7 +33,7 @@ import copy
 
 import torch
 
-from memaudit.families.base import Conditioning, FlowMatchingFamily
+from memaudit.families.base import Conditioning, FlowMatchingFamily, call_default
 
 #: the pipeline's default T5 length (``max_sequence_length`` of ``StableDiffusion3Pipeline.__call__``)
 SD3_MAX_SEQUENCE_LENGTH = 256
@@ -74,8 +74,10 @@ class StableDiffusion3(FlowMatchingFamily):
 
     # -- prompts ---------------------------------------------------------------------------------------------
     def max_sequence_length(self, pipe) -> int:
-        """T5 tokens: the pipeline's default (256), or fewer when the T5 tokenizer says so (the tiny model: 32)."""
-        return int(min(SD3_MAX_SEQUENCE_LENGTH, int(pipe.tokenizer_3.model_max_length)))
+        """T5 tokens: the default of the pipeline's ``__call__`` (256), which a plain ``pipe(prompt)`` uses whatever
+        the T5 tokenizer's ``model_max_length`` (it pads and truncates to this length), so the images are plain
+        diffusers' for the call users make."""
+        return int(call_default(pipe, "max_sequence_length", SD3_MAX_SEQUENCE_LENGTH))
 
     def encode(self, pipe, prompts, device):
         """``prompt_embeds`` ``[B, 77 + T5 length, 4096]`` and ``pooled_prompt_embeds`` ``[B, 2048]`` (real SD3
