@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,9 @@ def _loras(paths: list[Path], scales: list[float]) -> list[list]:
     if len(scales) > 1 and len(scales) != len(paths):
         raise _user_error(f"{len(scales)} --lora-scale values for {len(paths)} --lora adapters; give one value for "
                           "all or one per adapter.")
+    bad = [s for s in scales if not math.isfinite(s)]
+    if bad:
+        raise _user_error(f"--lora-scale {bad[0]} is not a finite number; pass one such as 1 or 0.5.")
     scales = scales * len(paths) if len(scales) == 1 else (scales or [1.0] * len(paths))
     return [[str(p), float(s)] for p, s in zip(paths, scales)]
 

@@ -55,6 +55,8 @@ class FinetuneConfig:
                         "attention, bias, norm, lora, freeze)", default="full")
     granularity: str = _help("mask units of the method: block or layer", default="block")
     mask: list | None = _help("0/1 per unit of the method (None: every unit trains)", default=None)
+    mask_units: dict | None = _help("what the mask was made for, as mask.json records it "
+                                    "(memaudit.mitigate.finetune.mask_units; None: not checked)", default=None)
     mitigation: str = _help("training-time mitigation: none, rwa or threshold", default="none")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("images per step", default=32)
@@ -136,7 +138,7 @@ def install_method(config: FinetuneConfig, target, base: str | None = None):
 
     method = get_method(config.method, target.unet, config.granularity, base=base)
     mask = config.mask if config.mask is not None else [1] * len(method.units())
-    return method, method.parameters_for(mask)
+    return method, method.parameters_for(mask, config.mask_units)
 
 
 def partial_dir(out: str | Path) -> Path:

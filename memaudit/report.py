@@ -760,12 +760,23 @@ def _headline(results: dict) -> list[str]:
     return out
 
 
+def adapter_line(a: dict) -> str:
+    """One applied LoRA adapter: its file, scale and SHA-256, and how much of it matched the model."""
+    line = f"{a.get('file') or a.get('path')} at scale {_fmt(a.get('scale'))} (SHA-256 {str(a.get('sha256'))[:12]}...)"
+    if a.get("partial"):
+        line += (f": PARTIAL, matched {_fmt(a.get('modules_matched'))} of the {_fmt(a.get('modules_named'))} modules its "
+                 f"{_fmt(a.get('keys'))} keys name")
+    return line
+
+
 def _settings(results: dict) -> list[str]:
     """Where the numbers come from, folded at the end of the page: model, data, machine, versions, seeds, settings."""
     versions = results.get("versions") or {}
     seeds = results.get("seeds") or {}
     meta = [
         ("Model", results.get("model")),
+        *([("LoRA adapters", "; ".join(adapter_line(a) for a in results["adapters"] if isinstance(a, dict)))]
+          if isinstance(results.get("adapters"), list) and results["adapters"] else []),
         ("Training data", results.get("train")),
         ("Prompts", results.get("prompts_source")),
         *([("Held-out data", results["heldout"])] if results.get("heldout") else []),

@@ -9,7 +9,9 @@ the size of the training set is bounded by the disk, not the memory. Later featu
 :class:`TrainHook` (random word addition edits the captions, threshold mitigation weights the per-sample loss,
 parameter masks edit the gradients) and through the ``params`` argument (which parameters are trained). Checkpoints are diffusers pipeline folders written atomically,
 plus the optimizer, generator and hook states, so an interrupted run resumes where it stopped and ends at the
-same weights.
+same weights. Each checkpoint lists its files and sizes (``manifest.json``); a resume skips a damaged one (a file
+truncated or missing, or a training state whose CRCs fail) for the previous intact one with a warning, and when none
+is intact says in one line which folder to delete (:func:`checkpoint_problem`).
 
 :func:`train_vae` trains an autoencoder from scratch with the same conventions; it is used to build the bundled
 demo model.
@@ -17,9 +19,11 @@ demo model.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +39,13 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, dict], None]
 STATE_FILE = "training_state.pt"
+#: the files of a checkpoint and their sizes, written last inside it (see :func:`checkpoint_problem`)
+MANIFEST_FILE = "manifest.json"
 LATEST = "latest"
+STEP_DIR = re.compile(r"step-\d+")
+# the training states' CRC checks, by path and stat (a file that changes is checked again)
+_CRC_CHECKED: dict[tuple, str | None] = {}
+_WARNED: set[tuple[str, str, str]] = set()
 
 
 def _help(text: str, **kw):
@@ -200,24 +210,92 @@ def autocast(config: TrainConfig, device: torch.device):
 
 
 def checkpoint_dirs(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``checkpoint_dir``, oldest first."""
+    """Finished checkpoints in ``checkpoint_dir`` (folders ``step-N`` holding a training state), oldest first; see
+    :func:`checkpoint_problem` for whether one is intact."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint named by the ``latest`` pointer (written last, atomically), else the newest complete one."""
-    root = Path(checkpoint_dir)
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the checkpoint folder ``path``, in a few words (None: it is intact).
+
+    Two checks: every file the checkpoint was written with (``manifest.json``, written last inside the checkpoint)
+    is there with its size (a truncated or deleted file, pipeline weights included), and every record of the training
+    state (a zip archive) matches the CRC-32 torch stored for it (a file damaged in place; this reads the state once
+    per process, and again only when the file changes). Checkpoints written before the manifest get the second check
+    only."""
+    import zipfile
+
+    path = Path(path)
+    state = path / STATE_FILE
+    if not state.is_file():
+        return f"it has no {STATE_FILE}"
+    manifest = path / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            sizes = {str(k): int(v) for k, v in json.loads(manifest.read_text())["files"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"its {MANIFEST_FILE} is unreadable"
+        for rel, size in sizes.items():
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != size:
+                return f"{rel} is {f.stat().st_size:,} bytes where {size:,} were written"
+    st = state.stat()
+    stamp = (str(state.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if stamp not in _CRC_CHECKED:
+        try:
+            with zipfile.ZipFile(state) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _CRC_CHECKED[stamp] = f"{STATE_FILE} is not a complete torch file ({why})"
+        else:
+            _CRC_CHECKED[stamp] = None if bad is None else f"{STATE_FILE} is damaged ({bad} fails its CRC check)"
+    return _CRC_CHECKED[stamp]
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoints to resume from, best first: the one the ``latest`` pointer names, then the others newest first."""
+    found = checkpoint_dirs(root)[::-1]
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / STATE_FILE).is_file():
+        try:
+            named = root / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            named = None
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
+
+
+def _note_skipped(skipped: list[tuple[Path, str]], chosen: Path | None) -> None:
+    for path, why in skipped:
+        key = (str(path), why, str(chosen))
+        if key not in _WARNED:
+            _WARNED.add(key)
+            logger.warning("checkpoint %s is damaged (%s): skipped, %s", path, why,
+                           f"resuming from {chosen.name}" if chosen is not None else "and no earlier one is intact")
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The newest intact checkpoint: the one the ``latest`` pointer names (written last, atomically), else the newest
+    complete one; a damaged one (:func:`checkpoint_problem`) is skipped with a warning naming it and why."""
+    root = Path(checkpoint_dir)
+    skipped = []
+    for candidate in _candidates(root):
+        why = checkpoint_problem(candidate)
+        if why is None:
+            _note_skipped(skipped, candidate)
             return candidate
-    found = checkpoint_dirs(root)
-    return found[-1] if found else None
+        skipped.append((candidate, why))
+    _note_skipped(skipped, None)
+    return None
 
 
 def _named_trainables(target, params: Sequence[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
@@ -256,6 +334,8 @@ def save_checkpoint(state: TrainState, optimizer, scaler, hooks: Sequence[TrainH
             },
             tmp / STATE_FILE,
         )
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n")
     atomic_write_text(root / LATEST, path.name)
     for old in checkpoint_dirs(root)[: -state.config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
@@ -266,8 +346,55 @@ def _save_pipeline(target, path: Path) -> None:
     target.pipeline().save_pretrained(path, safe_serialization=True)
 
 
-def _load_checkpoint(path: Path, state: TrainState, optimizer, scaler, hooks: Sequence[TrainHook]) -> list[float]:
-    blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+#: what a checkpoint's training state must hold
+_STATE_KEYS = ("step", "skipped_steps", "stats", "losses", "params", "optimizer", "scaler", "generator", "hooks")
+
+
+def _read_state(path: Path) -> dict:
+    """The training state of checkpoint ``path``; ValueError (with what is wrong) when it cannot be used."""
+    import pickle
+    import zipfile
+
+    try:
+        blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{STATE_FILE} could not be read: {why}") from e
+    lacking = [k for k in _STATE_KEYS if not isinstance(blob, dict) or k not in blob]
+    if lacking:
+        raise ValueError(f"{STATE_FILE} lacks {lacking[0]!r}")
+    return blob
+
+
+def _resume_point(checkpoint_dir: str | os.PathLike) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that is intact and readable, with its training state (None, None: there is none).
+
+    Damaged ones are skipped with a warning; when every checkpoint is damaged, a ConfigError says which folder to
+    delete to start the run over."""
+    root = Path(checkpoint_dir)
+    skipped: list[tuple[Path, str]] = []
+    for candidate in _candidates(root):
+        why = checkpoint_problem(candidate)
+        if why is None:
+            try:
+                blob = _read_state(candidate)
+            except ValueError as e:
+                why = str(e)
+            else:
+                _note_skipped(skipped, candidate)
+                return candidate, blob
+        skipped.append((candidate, why))
+    if skipped:
+        _note_skipped(skipped, None)
+        path, why = skipped[0]
+        more = f" (and {len(skipped) - 1} earlier one(s))" if len(skipped) > 1 else ""
+        raise ConfigError(f"no checkpoint in {root} can be resumed: {path.name} is damaged ({why}){more}; delete "
+                          f"{root} to start the run over.")
+    return None, None
+
+
+def _load_checkpoint(path: Path, blob: dict, state: TrainState, optimizer, scaler,
+                     hooks: Sequence[TrainHook]) -> list[float]:
     named = _named_trainables(state.target, state.params)
     missing = set(named) - set(blob["params"])
     if missing:
@@ -350,9 +477,9 @@ def train_unet(
             shutil.rmtree(old, ignore_errors=True)
         (Path(checkpoint_dir) / LATEST).unlink(missing_ok=True)
     if checkpoint_dir is not None and resume:
-        ckpt = latest_checkpoint(checkpoint_dir)
+        ckpt, blob = _resume_point(checkpoint_dir)
         if ckpt is not None:
-            losses = _load_checkpoint(ckpt, state, optimizer, scaler, hooks)
+            losses = _load_checkpoint(ckpt, blob, state, optimizer, scaler, hooks)
             logger.info("resumed from %s at step %d", ckpt, state.step)
 
     stream = _IndexStream(len(dataset))

@@ -58,7 +58,10 @@ def test_lora_changes_the_model_and_equals_plain_diffusers(tiny_dir_eps, adapter
                 generator=[torch.Generator().manual_seed(s) for s in b1.seeds]).images
     assert (ref - b1.images).abs().max() <= 1e-5
 
-    assert tuned.loras == [{"path": str(adapter.resolve()), "sha256": file_sha256(adapter), "scale": 1.0}]
+    weights = adapter / "pytorch_lora_weights.safetensors"
+    assert tuned.loras == [{"path": str(adapter.resolve()), "file": str(weights.resolve()),
+                            "sha256": file_sha256(weights), "scale": 1.0, "keys": 112, "modules_named": 56,
+                            "modules_matched": 56, "partial": False}]
     assert not any(".lora_" in n for n, _ in tuned.unet.named_parameters())  # fused: plain weights
 
 
@@ -76,7 +79,7 @@ def test_lora_errors_are_one_line(tiny_dir_eps, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
     for path, words in [(tmp_path / "missing", "does not exist"), (pickled, "never unpickles"),
-                        (empty, "no .safetensors"), (junk, "could not be applied")]:
+                        (empty, "no .safetensors"), (junk, "not a readable safetensors file")]:
         with pytest.raises(TargetError) as info:
             load_target(tiny_dir_eps, device="cpu", loras=[(path, 1.0)])
         assert words in str(info.value) and "\n" not in str(info.value)
@@ -94,7 +97,10 @@ def test_audit_cli_records_the_adapter(tiny_dir_eps, adapter, data_dir, tmp_path
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text())
     assert doc["family"] == "sd"
-    assert doc["adapters"] == [{"path": str(adapter.resolve()), "sha256": file_sha256(adapter), "scale": 0.5}]
+    weights = adapter / "pytorch_lora_weights.safetensors"
+    assert doc["adapters"] == [{"path": str(adapter.resolve()), "file": str(weights.resolve()),
+                                "sha256": file_sha256(weights), "scale": 0.5, "keys": 112, "modules_named": 56,
+                                "modules_matched": 56, "partial": False}]
     bad = CliRunner().invoke(app, ["audit", str(tiny_dir_eps), "--train", str(data_dir), "--out", str(tmp_path / "x"),
                                    "--lora", str(adapter), "--lora-scale", "0.5", "--lora-scale", "1"])
     # main() turns this into one line and exit 2 (tests/test_cli.py checks that for every MemauditError)

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError, DataError
 from memaudit.io import check_writable
 from memaudit.outputs import check_cache, check_clear, check_output, dataset_inputs, write_marker
@@ -709,6 +710,9 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
              *[("--lora", lora[0]) for lora in config.loras]]
     out = check_output(out, "search", named, replaces=False)
     check_cache(cache_root.parent, named)
+    # resuming with other settings, base or data is refused before the model loads (the splits once the data is read)
+    early = _identity_before_loading(base, train, config)
+    check_resume(out, early)
     # with workers, this copy only answers questions about the model (its units, resolution, ...): on the CPU
     target = load_target(base, device="cpu" if distributed else config.device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
@@ -728,17 +732,13 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
                           "to search; choose another --method.")
     check_population(config.population, len(units), config.lr_choices,
                      f"{config.method} at {config.granularity} granularity")
-    settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base), "train": source,
-                "settings": config.to_dict(), "proxy": list(proxy.names), "validation": list(val.names)}
+    settings = {"kind": "memaudit.search", "schema_version": 1, "base": str(base),
+                "base_sha256": early["base_sha256"], "train": source,
+                "train_sha256": dataset.content_key(captions=True), "settings": config.to_dict(),
+                "proxy": list(proxy.names), "validation": list(val.names)}
     settings = json.loads(json.dumps(settings))  # as it reads back from disk (tuples become lists)
     settings_file = out / SETTINGS_FILE
-    if settings_file.is_file():
-        earlier = json.loads(settings_file.read_text())
-        for key, default in (("schedule", "plain"), ("screen_steps", None), ("promote", None)):  # older logs
-            earlier.get("settings", {}).setdefault(key, default)
-        if _identity({k: earlier.get(k) for k in settings}) != _identity(settings):
-            raise ConfigError(f"{out} holds a search with other settings, base or data; run the same command to resume "
-                              "it, or choose another --out.")
+    check_resume(out, settings)
     pool = None
     if distributed:
         from memaudit.distributed import SearchWorkers
@@ -773,7 +773,8 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     rows, front, chosen, references = doc["rows"], doc["front"], doc["chosen"], doc["references"]
     mask_doc = {"kind": "memaudit.mask", "schema_version": 1, "method": config.method,
                 "granularity": config.granularity, "units": [u.name for u in units],
-                "unit_parameters": [u.count for u in units], "base": str(base), "seed": config.seed,
+                "unit_parameters": [u.count for u in units], "base": str(base), "family": target.family.name,
+                "denoiser": type(target.denoiser).__name__, "seed": config.seed,
                 "inner_steps": config.inner_steps, "schedule": config.schedule,
                 "pick": "knee point" if config.preference is None
                 else f"weighted sum {list(config.preference)}"}
@@ -833,6 +834,65 @@ def _identity(settings: dict) -> dict:
     """``search.json``'s settings without those that do not change a result (:data:`NOT_IN_IDENTITY`)."""
     inner = {k: v for k, v in (settings.get("settings") or {}).items() if k not in NOT_IN_IDENTITY}
     return {**settings, "settings": inner}
+
+
+#: search settings by the option that sets them, where that is not ``--`` and the name
+_OPTION_OF = {"memorization": "--objectives", "quality": "--objectives", "loras": "--lora/--lora-scale"}
+#: the other parts of ``search.json``'s identity, by what they are
+_PART_OF = {"base": "the base model", "base_sha256": "the base model's files", "train": "--train",
+            "train_sha256": "the training images' contents", "proxy": "the training images (proxy split)",
+            "validation": "the training images (validation split)", "kind": "the search.json format",
+            "schema_version": "the search.json format"}
+
+
+def setting_differences(earlier: dict, now: dict) -> list[str]:
+    """What differs between two ``search.json`` identities, by name (settings by their options: ``--population``;
+    the rest by what they are: ``the base model``), in a stable order; only the keys of ``now`` are compared."""
+    names: list[str] = []
+    for key in now:
+        if earlier.get(key) == now.get(key):
+            continue
+        if key == "settings":
+            a, b = earlier.get(key) or {}, now.get(key) or {}
+            found = [_OPTION_OF.get(k, f"--{k.replace('_', '-')}") for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
+        else:
+            found = [_PART_OF.get(key, key)]
+        names += [n for n in found if n not in names]
+    return names
+
+
+def _identity_before_loading(base, train, config: SearchConfig) -> dict:
+    """The part of ``search.json``'s identity known before the model and the data are loaded."""
+    source = str(train) if isinstance(train, (str, os.PathLike)) else (getattr(train, "source", None)
+                                                                        or "in-memory dataset")
+    base_sha256 = tree_digest(base) if isinstance(base, (str, os.PathLike)) and Path(base).is_dir() else None
+    return json.loads(json.dumps({"kind": "memaudit.search", "schema_version": 1, "base": str(base),
+                                  "base_sha256": base_sha256, "train": source, "settings": config.to_dict()}))
+
+
+def check_resume(out: Path, now: dict) -> None:
+    """ConfigError (one line naming what differs) when ``out`` holds a search whose ``search.json`` differs from
+    ``now`` (an identity as :func:`run_mask_search` writes it, or the part of it known so far) in a setting that
+    changes results; nothing when ``out`` holds no search."""
+    settings_file = Path(out) / SETTINGS_FILE
+    if not settings_file.is_file():
+        return
+    try:
+        earlier = json.loads(settings_file.read_text())
+        if not isinstance(earlier, dict) or not isinstance(earlier.get("settings", {}), dict):
+            raise ValueError("not a search description")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{settings_file} is unreadable ({str(e).splitlines()[0]}), so the search in {out} cannot be "
+                          f"resumed; delete {out} to start it over, or choose another --out.") from e
+    for key, default in (("schedule", "plain"), ("screen_steps", None), ("promote", None)):  # older logs
+        earlier.setdefault("settings", {}).setdefault(key, default)
+    a, b = _identity({k: earlier.get(k) for k in now}), _identity(now)
+    if a != b:
+        names = setting_differences(a, b)
+        what = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "settings"
+        raise ConfigError(f"{out} holds a search made with other settings, base or data (differing: {what}); run the "
+                          "same command as before to resume it, or choose another --out.")
 
 
 def _absolute(dataset):

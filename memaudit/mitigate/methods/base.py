@@ -361,8 +361,38 @@ class PEFTMethod(abc.ABC):
         self._check_live()
         return [Unit(u.name, list(u.param_names), u.count) for u in self._units]
 
-    def check_mask(self, mask: Sequence) -> list[int]:
-        """``mask`` as a list of 0/1 ints, one per unit; ConfigError when it does not fit this method."""
+    def check_units(self, made_for: dict) -> None:
+        """ConfigError (one line, naming the first unit that differs) unless this method's units are those a mask was
+        made for: ``made_for["units"]`` is ``[[name, parameters], ...]`` in mask order, as ``mask.json`` records them
+        (:func:`memaudit.mitigate.finetune.mask_units`), with the model it was made on in ``base``, ``family`` and
+        ``denoiser`` (optional, for the message). A mask is bits by position: on other units it would switch other
+        parameters than the search chose."""
+        try:
+            expected = [(str(name), int(count)) for name, count in made_for["units"]]
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError("the mask's units must be [[name, parameters], ...], as mask.json records "
+                              "them.") from None
+        here = [(u.name, u.count) for u in self._units]
+        if expected == here:
+            return
+        i = next((k for k, (a, b) in enumerate(zip(expected, here)) if a != b), min(len(expected), len(here)))
+
+        def show(units: list[tuple[str, int]]) -> str:
+            return f"{units[i][0]} ({units[i][1]:,} parameters)" if i < len(units) else "(none)"
+
+        made = [str(made_for[k]) for k in ("base", "family", "denoiser") if made_for.get(k)]
+        origin = f" (made on {', '.join(made)})" if made else ""
+        on = f"{self.base}, " if self.base else ""
+        raise ConfigError(f"the mask{origin} was made for other units than {self.name} at {self.granularity} "
+                          f"granularity has here ({on}{type(self.unet).__name__}): its unit {i} is {show(expected)}, "
+                          f"here unit {i} is {show(here)} ({len(expected)} vs {len(here)} units); search a mask on "
+                          f"this model (memaudit mitigate search).")
+
+    def check_mask(self, mask: Sequence, made_for: dict | None = None) -> list[int]:
+        """``mask`` as a list of 0/1 ints, one per unit; ConfigError when it does not fit this method, or (with
+        ``made_for``, see :meth:`check_units`) when it was made for other units."""
+        if made_for is not None:
+            self.check_units(made_for)
         try:
             bits = list(mask)
         except TypeError:
@@ -379,14 +409,14 @@ class PEFTMethod(abc.ABC):
             out.append(int(b))
         return out
 
-    def parameters_for(self, mask: Sequence) -> list[torch.nn.Parameter]:
-        """The parameters of the units whose bit is 1, in unit order.
+    def parameters_for(self, mask: Sequence, made_for: dict | None = None) -> list[torch.nn.Parameter]:
+        """The parameters of the units whose bit is 1, in unit order (``made_for``: see :meth:`check_units`).
 
         They become the only parameters of the denoiser that require gradients (the method's other parameters are
         frozen), so the switched-off units cost no gradient computation. An all-zero mask gives ``[]``: nothing to
         train, and the caller should skip training.
         """
-        bits = self.check_mask(mask)
+        bits = self.check_mask(mask, made_for)
         params = self.trainable()
         chosen = [n for u, b in zip(self._units, bits) if b for n in u.param_names]
         on = set(chosen)
