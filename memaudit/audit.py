@@ -52,6 +52,7 @@ from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError, DataError
 from memaudit.io import check_writable, default_cache_dir
 from memaudit.outputs import check_cache, check_clear, check_output, check_partial, dataset_inputs, output_directory
+from memaudit.runs import differences, listed
 
 logger = logging.getLogger(__name__)
 
@@ -594,22 +595,17 @@ class AuditJournal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+#: the parts of an audit's identity, as a refusal names them
+IDENTITY_PARTS = {"model_sha256": "the model's files", "heldout": "held-out data",
+                  "reference_prompts": "reference prompts", "convert_channels": "--convert-channels"}
+
+
 def _differences(earlier: dict, now: dict) -> str:
     """What differs between two identities, for the message: settings by name, the rest by what they are."""
-    names = []
-    for key in sorted(set(earlier) | set(now)):
-        if earlier.get(key) == now.get(key):
-            continue
-        if key not in now:
-            continue  # not known yet (checked before the model loads)
-        if key == "settings":
-            a, b = earlier.get(key) or {}, now.get(key) or {}
-            names += [f"--{k.replace('_', '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        else:
-            names.append(key.replace("_", " "))
+    names = differences(earlier, now, parts=IDENTITY_PARTS)
     if not names:
         return "settings (a journal of another memaudit version)"
-    return "settings, model, data or prompts (" + ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") + ")"
+    return f"settings, model, data or prompts ({listed(names)})"
 
 
 def journal_kept(out: str | Path) -> str | None:

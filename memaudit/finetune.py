@@ -31,6 +31,7 @@ from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError
 from memaudit.io import check_writable
 from memaudit.outputs import check_cache, check_clear, check_output, check_partial, dataset_inputs, output_directory
+from memaudit.runs import differences, listed
 
 logger = logging.getLogger(__name__)
 
@@ -210,8 +211,11 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         except ValueError:
             earlier = None
         if earlier != identity:
-            raise ConfigError(f"{work} holds an unfinished fine-tune with other settings, base or data; run the same "
-                              f"command as before to resume it, or delete {work} to start over.")
+            names = differences(earlier if isinstance(earlier, dict) else {}, identity,
+                                parts={"base_sha256": "the base model's files", "train_sha256": "the training images"})
+            raise ConfigError(f"{work} holds an unfinished fine-tune with other settings, base or data (differing: "
+                              f"{listed(names) or 'its format'}); run the same command as before to resume it, or "
+                              f"delete {work} to start over.")
     # the images' latents, before anything of the run is written (nothing to encode when nothing trains)
     latents = latents_for(target, dataset, cache_dir, progress=cache_progress) if params else None
     if not resuming:

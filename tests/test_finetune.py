@@ -256,3 +256,25 @@ def test_cli_finetune_shows_and_reports_the_latent_cache(tmp_path, tiny_dir_eps,
     assert "latent cache: 0 image(s) encoded now, 8 found" in " ".join(res.stdout.split())
     assert "latent cache:" not in res.stderr  # nothing to encode: no progress stage
     assert list((cache / "latents").rglob("chunk-*.npy"))
+
+
+def test_a_base_changed_in_place_is_not_resumed(tmp_path, tiny_dir_eps, tiny_dataset):
+    """The fine-tune knows its base by content: re-tuned in place under the same path, it is another base."""
+    import shutil
+
+    base, out = tmp_path / "base", tmp_path / "ft"
+    shutil.copytree(tiny_dir_eps, base)
+
+    def crash(step, total, logs):
+        if step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        finetune(str(base), tiny_dataset, out, _cfg(), device="cpu", progress=crash)
+    original = (base / "unet" / "config.json").read_bytes()
+    (base / "unet" / "config.json").write_text(json.dumps({**json.loads(original), "_note": "re-tuned"}))
+    with pytest.raises(ConfigError, match=r"\(differing: the base model's files\)"):
+        finetune(str(base), tiny_dataset, out, _cfg(), device="cpu")
+    (base / "unet" / "config.json").write_bytes(original)
+    with pytest.raises(ConfigError, match=r"\(differing: --learning-rate\)"):
+        finetune(str(base), tiny_dataset, out, _cfg(learning_rate=2e-3), device="cpu")

@@ -59,6 +59,7 @@ from memaudit.digests import tree_digest
 from memaudit.errors import ConfigError, DataError
 from memaudit.io import check_writable
 from memaudit.outputs import check_cache, check_clear, check_output, dataset_inputs, write_marker
+from memaudit.runs import differences, listed
 
 logger = logging.getLogger(__name__)
 
@@ -845,23 +846,6 @@ _PART_OF = {"base": "the base model", "base_sha256": "the base model's files", "
             "schema_version": "the search.json format"}
 
 
-def setting_differences(earlier: dict, now: dict) -> list[str]:
-    """What differs between two ``search.json`` identities, by name (settings by their options: ``--population``;
-    the rest by what they are: ``the base model``), in a stable order; only the keys of ``now`` are compared."""
-    names: list[str] = []
-    for key in now:
-        if earlier.get(key) == now.get(key):
-            continue
-        if key == "settings":
-            a, b = earlier.get(key) or {}, now.get(key) or {}
-            found = [_OPTION_OF.get(k, f"--{k.replace('_', '-')}") for k in sorted(set(a) | set(b))
-                     if a.get(k) != b.get(k)]
-        else:
-            found = [_PART_OF.get(key, key)]
-        names += [n for n in found if n not in names]
-    return names
-
-
 def _identity_before_loading(base, train, config: SearchConfig) -> dict:
     """The part of ``search.json``'s identity known before the model and the data are loaded."""
     source = str(train) if isinstance(train, (str, os.PathLike)) else (getattr(train, "source", None)
@@ -889,8 +873,8 @@ def check_resume(out: Path, now: dict) -> None:
         earlier.setdefault("settings", {}).setdefault(key, default)
     a, b = _identity({k: earlier.get(k) for k in now}), _identity(now)
     if a != b:
-        names = setting_differences(a, b)
-        what = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "settings"
+        names = differences(a, b, options=_OPTION_OF, parts=_PART_OF)
+        what = listed(names) if names else "settings"
         raise ConfigError(f"{out} holds a search made with other settings, base or data (differing: {what}); run the "
                           "same command as before to resume it, or choose another --out.")
 
