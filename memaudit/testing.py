@@ -49,3 +49,17 @@ def save_image_folder(dataset, path: str | os.PathLike) -> Path:
             dataset.to_pil(i).save(path / f"{i}.png")
             writer.writerow([f"{i}.png", dataset.captions[i]])
     return path
+
+
+def count_encodes(target) -> list[int]:
+    """Replace ``target.encode_images`` by a wrapper that records how many images each call encodes (for tests of
+    the latent cache: what was encoded again, and what was found)."""
+    calls: list[int] = []
+    real = target.encode_images
+
+    def encode(images, batch_size=64):
+        calls.append(len(images))
+        return real(images, batch_size)
+
+    target.encode_images = encode
+    return calls

@@ -17,7 +17,7 @@ from memaudit.latents import latent_cache_root, latents_for
 from memaudit.lookup import ThumbnailLookup
 from memaudit.neighbors import NeighborIndex, build_or_load
 from memaudit.target import load_target
-from memaudit.testing import save_image_folder
+from memaudit.testing import count_encodes, save_image_folder
 
 
 def zero_middle(path: Path, length: int = 4096) -> None:
@@ -114,18 +114,6 @@ def target(tiny_dir_eps):
 def folder_dataset(tmp_path, make_dataset):
     data = save_image_folder(make_dataset(n=10, seed=3), tmp_path / "data")
     return load_dataset(data, 16, 3)
-
-
-def count_encodes(target) -> list[int]:
-    calls: list[int] = []
-    real = target.encode_images
-
-    def encode(images, batch_size=64):
-        calls.append(len(images))
-        return real(images, batch_size)
-
-    target.encode_images = encode
-    return calls
 
 
 def chunk_files(cache: Path) -> list[Path]:

@@ -16,26 +16,13 @@ from memaudit.data import load_dataset
 from memaudit.errors import DataError
 from memaudit.latents import latent_cache_root, latents_for
 from memaudit.target import load_target
-from memaudit.testing import save_image_folder
+from memaudit.testing import count_encodes, save_image_folder
 
 ENTRY_BYTES = 2 * 4 * 8 * 8 * 4  # mean and std of a 4x8x8 float32 latent: one entry of the tiny model
 
 
 def png_folder(path, dataset):
     return save_image_folder(dataset, path)
-
-
-def count_encodes(target) -> list[int]:
-    """Replace ``target.encode_images`` by a wrapper that records how many images each call encodes."""
-    calls: list[int] = []
-    real = target.encode_images
-
-    def encode(images, batch_size=64):
-        calls.append(len(images))
-        return real(images, batch_size)
-
-    target.encode_images = encode
-    return calls
 
 
 def cache_files(cache) -> list[str]:
