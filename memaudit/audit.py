@@ -816,6 +816,9 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     # the training-feature index is kept outside the output folder, which users share
     cache_root = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     cache_dir = check_writable(cache_root / "features", "--cache-dir")
+    # prompt files need no model: a mistake in them stops before it loads
+    given_prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else None
+    given_reference = read_prompts(reference_prompts) if isinstance(reference_prompts, (str, Path)) else None
     # nothing the user gave is written over: refused before anything loads
     inputs = audit_inputs(model, train, heldout, prompts, reference_prompts, config.loras, cache_root)
     out = check_output(out, "audit", inputs, partial=journal_dir(out))
@@ -835,9 +838,6 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
 
     # -- check every input before writing anything ---------------------------------------------------------------
     progress("loading model", 0, 1)
-    # prompt files need no model: a mistake in them stops before it loads
-    given_prompts = read_prompts(prompts) if isinstance(prompts, (str, Path)) else None
-    given_reference = read_prompts(reference_prompts) if isinstance(reference_prompts, (str, Path)) else None
     # with workers, this copy only answers questions about the model (its family, resolution, ...): on the CPU
     target = model if isinstance(model, Target) else load_target(model, device="cpu" if distributed else config.device,
                                                                  dtype=config.dtype, loras=config.loras)
