@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from memaudit.digests import sha256_file
 from memaudit.errors import TargetError
 from memaudit.families import Conditioning, Family, family_for_class, family_of, supported_text
 from memaudit.families.base import PREDICTION_TYPES, output_to_eps, training_target
@@ -685,7 +686,10 @@ def _no_match(given, file: Path, n_keys: int, target: Target) -> TargetError:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files (sorted relative names and contents)."""
+    """SHA-256 of a file (:func:`memaudit.digests.sha256_file`), or of a folder's files (sorted relative names and
+    contents)."""
+    if not path.is_dir():
+        return sha256_file(path)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
