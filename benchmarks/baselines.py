@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         return 0
     record = audit_stage(args.work, args.device, trained)
     record["command"] = "python benchmarks/baselines.py" + (f" --device {args.device}" if args.device != "cpu" else "")
-    from memaudit.io import atomic_write_json
+    from memaudit.core.io import atomic_write_json
 
     atomic_write_json(HERE / "baselines.json", record)
     print(markdown(record))

@@ -94,7 +94,7 @@ def first_step_scores(model: Path, prompts: list[str], generations: int, seed: i
 def main(argv=None) -> int:
     from memaudit import demo
     from memaudit.audit import versions
-    from memaudit.io import atomic_write_json
+    from memaudit.core.io import atomic_write_json
     from memaudit.metrics.detection import DetectionSummary, plot_roc, summarize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,9 +1,9 @@
 """What knowing inputs by content costs an audit: wall time with content identification against without.
 
 Content identification is everything issue 20 added to know inputs by what they hold: the SHA-256 of every file of
-the model folder (:func:`memaudit.digests.tree_digest`, for the journal's identity), of every training image file
+the model folder (:func:`memaudit.core.digests.tree_digest`, for the journal's identity), of every training image file
 (:meth:`memaudit.data.ImageCaptionDataset.file_digests`, for the cache keys and the journal) and of every cache file
-read back or written (:func:`memaudit.digests.sha256_file` in the faiss index cache). Digests are remembered by each
+read back or written (:func:`memaudit.core.digests.sha256_file` in the faiss index cache). Digests are remembered by each
 file's status in ``digests.sqlite`` of the cache folder, so the first audit of a model pays a full read of it and
 the next ones a ``stat`` per file.
 
@@ -49,7 +49,7 @@ from common import machine_info, markdown_table
 import memaudit.audit as audit_mod
 import memaudit.data as data_mod
 import memaudit.neighbors as neighbors_mod
-from memaudit.io import atomic_write_json
+from memaudit.core.io import atomic_write_json
 
 HERE = Path(__file__).resolve().parent
 CONDITIONS = ("cold", "off", "warm")
@@ -114,7 +114,7 @@ def sd15_audit(work: Path):
 
     folder = work / "sd15"
     if scale._build_info(folder) is None:
-        from memaudit.io import atomic_directory
+        from memaudit.core.io import atomic_directory
 
         print("sd15: building SD 1.5's components with random weights (scale.py)", flush=True)
         pipe = scale.build_sd15()

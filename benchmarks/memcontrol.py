@@ -50,10 +50,10 @@ def search_config(plan: dict, device: str, **overrides):
 def main(argv=None) -> int:
     from memaudit import demo
     from memaudit.audit import AuditConfig, run_audit, versions
+    from memaudit.core.io import atomic_write_bytes, atomic_write_json
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
     from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
-    from memaudit.io import atomic_write_bytes, atomic_write_json
     from memaudit.mitigate.finetune import finetune_with_mask
     from memaudit.mitigate.search import OBJECTIVES, EvaluationLog, choose, run_mask_search
 

@@ -23,9 +23,9 @@ import torch
 
 def main(argv=None) -> int:
     from memaudit import demo
+    from memaudit.core.io import atomic_write_json
     from memaudit.demo.build import ZooSettings, run_check, versions
     from memaudit.demo.check import DEFAULT_THRESHOLD, save_grid
-    from memaudit.io import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")

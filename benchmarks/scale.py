@@ -69,7 +69,7 @@ import torch
 from common import machine_info, markdown_table
 from PIL import Image
 
-from memaudit.io import atomic_directory, atomic_write_json, atomic_write_text
+from memaudit.core.io import atomic_directory, atomic_write_json, atomic_write_text
 from memaudit.models import ModelSpec
 
 HERE = Path(__file__).resolve().parent
@@ -796,8 +796,8 @@ def _read_records(path: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from memaudit.audit import versions
-    from memaudit.errors import MemauditError
-    from memaudit.io import check_writable
+    from memaudit.core.errors import MemauditError
+    from memaudit.core.io import check_writable
 
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = _parser()

@@ -692,7 +692,7 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot_hv(curves: dict, target: float, path: Path) -> None:
-    from memaudit.io import atomic_write_bytes
+    from memaudit.core.io import atomic_write_bytes
     from memaudit.report import figure_png, new_figure
 
     fig = new_figure(6, 4)
@@ -822,8 +822,8 @@ def _read_records(path: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memaudit.errors import ConfigError
-    from memaudit.io import atomic_write_json
+    from memaudit.core.errors import ConfigError
+    from memaudit.core.io import atomic_write_json
 
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = _parser()

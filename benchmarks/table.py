@@ -135,10 +135,10 @@ def mask_document(path: Path, work: Path, plan: dict, device: str, train) -> tup
 def main(argv=None) -> int:
     from memaudit import demo
     from memaudit.audit import AuditConfig, run_audit, versions
+    from memaudit.core.io import atomic_write_json
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
     from memaudit.finetune import SETTINGS_FILE
-    from memaudit.io import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="300 steps, 4 generations: about 15 minutes on 2 CPU cores")
@@ -212,7 +212,7 @@ def worst_grid(record: dict, path: Path, per_method: int = 4, device: str = "cpu
     """A PNG grid: per method (no mitigation), its generations closest to a training face (smallest AMD distance,
     one per face), each beside that training face. The generations are drawn again from their recorded seeds."""
     from memaudit import demo
-    from memaudit.io import atomic_write_bytes
+    from memaudit.core.io import atomic_write_bytes
     from memaudit.report import figure_png, new_figure
     from memaudit.sampling import Sampler
     from memaudit.target import load_target

@@ -53,11 +53,11 @@ def digits_datasets(seed: int = DIGITS_SEED):
 def main(argv=None) -> int:
     from memaudit import demo
     from memaudit.audit import AuditConfig, run_audit, versions
+    from memaudit.core.errors import ConfigError
+    from memaudit.core.io import atomic_write_json
     from memaudit.demo.build import ZooSettings
     from memaudit.demo.run import DEMO_SETTINGS
-    from memaudit.errors import ConfigError
     from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
-    from memaudit.io import atomic_write_json
     from memaudit.mitigate.finetune import read_mask
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

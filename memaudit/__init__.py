@@ -25,7 +25,7 @@ def __getattr__(name: str):
 
         return getattr(data, name)
     if name == "MemauditError":
-        from memaudit.errors import MemauditError
+        from memaudit.core.errors import MemauditError
 
         return MemauditError
     raise AttributeError(f"module 'memaudit' has no attribute {name!r}")

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -48,11 +47,20 @@ import torch
 
 from memaudit.attacks.denoising import image_scores, prompt_scores
 from memaudit.attacks.extraction import ExtractionConfig
-from memaudit.digests import tree_digest
-from memaudit.errors import ConfigError, DataError
-from memaudit.io import check_writable, default_cache_dir
-from memaudit.outputs import check_cache, check_clear, check_output, check_partial, dataset_inputs, output_directory
-from memaudit.runs import differences, listed
+from memaudit.core.digests import tree_digest
+from memaudit.core.errors import ConfigError, DataError
+from memaudit.core.io import check_writable, default_cache_dir
+from memaudit.core.outputs import (
+    check_cache,
+    check_clear,
+    check_output,
+    check_partial,
+    dataset_inputs,
+    output_directory,
+    partial_dir,
+)
+from memaudit.core.provenance import machine, versions
+from memaudit.core.runs import differences, listed
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +312,7 @@ class AuditWorker:
         return cls(target, config, extractor, q_extractor, scorer)
 
     def machine(self) -> str:
-        return _machine(self.target.device)
+        return machine(self.target.device)
 
     def first_step_norms(self, prompts: list[str]) -> np.ndarray:
         """First-step guidance norms of the reference prompts' images, without mitigation (the ``auto`` target of
@@ -421,6 +429,24 @@ class _InProcess:
     def round_trip(self, images: np.ndarray) -> np.ndarray:
         return self.worker.round_trip(images)
 
+
+class _OnRay:
+    """The audit's workers on Ray (``--workers N``): :class:`~memaudit.distributed.RayWorkers` holding one
+    :class:`AuditWorker` per actor, with the calls of :class:`_InProcess`."""
+
+    def __init__(self, pool):
+        self.pool, self.machine = pool, pool.machine
+
+    def run(self, tasks: list[dict], on_output: Callable[[dict], None], on_batch: Callable[[dict, int], None],
+            describe: Callable[[dict], str]) -> None:
+        self.pool.run(tasks, on_output, describe=describe, keywords=True)
+
+    def first_step_norms(self, prompts: list[str]) -> np.ndarray:
+        return self.pool.call("first_step_norms", prompts, what="the mitigation target")
+
+    def round_trip(self, images: np.ndarray) -> np.ndarray:
+        return self.pool.call("round_trip", images, what="the VAE round trip of a training image")
+
     def close(self) -> None:
         pass
 
@@ -433,7 +459,6 @@ JOURNAL_VERSION = 1
 
 def journal_dir(out: str | Path) -> Path:
     """Where an unfinished audit of ``out`` keeps its journal: ``OUT.partial/`` (as an unfinished fine-tune)."""
-    from memaudit.finetune import partial_dir
 
     return partial_dir(out)
 
@@ -541,7 +566,7 @@ class AuditJournal:
     def begin(self) -> None:
         """Create the journal (or cut a torn last line off the one found) before the first unit is added."""
         if not self.exists:
-            from memaudit.io import atomic_write_json
+            from memaudit.core.io import atomic_write_json
 
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.folder / "run.json", {"kind": JOURNAL_KIND, "version": JOURNAL_VERSION,
@@ -559,7 +584,7 @@ class AuditJournal:
     def add_unit(self, meta: dict, arrays: dict[str, np.ndarray], grids: dict[int, bytes]) -> dict:
         """Journal a finished unit: its grid PNGs and arrays (atomically), then its line; returns the record as a
         resumed audit reads it back."""
-        from memaudit.io import atomic_write_bytes
+        from memaudit.core.io import atomic_write_bytes
 
         digests = {}
         for i, png in grids.items():
@@ -631,7 +656,7 @@ def journal_kept(out: str | Path) -> str | None:
 
 
 def audit_inputs(model, train, heldout, prompts, reference_prompts, loras, cache_root) -> list[tuple[str, object]]:
-    """What an audit reads, named as the user gave it, for :func:`memaudit.outputs.check_output`."""
+    """What an audit reads, named as the user gave it, for :func:`memaudit.core.outputs.check_output`."""
     named = [("the model", model if isinstance(model, (str, os.PathLike)) else getattr(model, "path", None)),
              ("--train", train if isinstance(train, (str, os.PathLike)) else None),
              ("--heldout", heldout if isinstance(heldout, (str, os.PathLike)) else None),
@@ -654,7 +679,7 @@ def _model_id(model) -> str:
 
 
 def model_digest(model) -> str | None:
-    """The content of a model folder (SHA-256 over its files, :func:`memaudit.digests.tree_digest`): a model
+    """The content of a model folder (SHA-256 over its files, :func:`memaudit.core.digests.tree_digest`): a model
     re-fine-tuned in place is another model. None for a hub id or an in-memory model."""
     if not isinstance(model, (str, os.PathLike)) or not str(model) or not Path(model).is_dir():
         return None
@@ -800,10 +825,10 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
     folder or hub id every worker can load). Finished prompts are journaled in ``OUT.partial/``
     (:class:`AuditJournal`); the same call after a crash or interruption continues from there."""
     from memaudit.attacks.extraction import calibrate_edge_threshold
+    from memaudit.core.io import atomic_write_bytes
     from memaudit.data import dataset_for_target
     from memaudit.features import get_extractor
     from memaudit.images import png_bytes
-    from memaudit.io import atomic_write_bytes
     from memaudit.metrics.alignment import get_scorer
     from memaudit.metrics.amd import AMDResult
     from memaudit.report import write_report, write_results
@@ -900,7 +925,7 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
         from memaudit.distributed import RayWorkers
 
         pool = RayWorkers(config.workers, address=config.ray_address, device=config.device,
-                          threads=torch.get_num_threads())  # unreachable, too small: one line, nothing written
+                          threads=torch.get_num_threads(), what="the audit", name="audit")  # unreachable, too small: one line, nothing written
     try:
         device_type = pool.device_type if pool is not None else torch.device(target.device).type
         identity = _identity(model_id, model_sha256 or model_digest(target.path), target, dataset, held,
@@ -911,14 +936,14 @@ def run_audit(model, train, out: str | Path, prompts: Sequence[str] | str | Path
             logger.info("resuming the audit journaled in %s", journal.folder)
         if pool is not None:
             model_arg = model if not Path(str(model)).exists() else str(Path(model).resolve())
-            pool.start(WorkerSpec(model=model_arg, loras=[[a["path"], a["scale"]] for a in target.loras],
+            pool.start(AuditWorker.load, WorkerSpec(model=model_arg, loras=[[a["path"], a["scale"]] for a in target.loras],
                                   config=config.to_dict(), device=device_type,
                                   threads=pool.threads if device_type == "cpu" else None, quality=held is not None))
 
         # -- training features and image descriptors: one streamed pass over the set, both cached by content ----
         index, lookup, reused = _training_indexes(dataset, extractor, config, cache_dir, here, progress)
         if pool is not None:
-            executor = pool.ready(progress)
+            executor = _OnRay(pool.ready(progress))
         else:
             executor = _InProcess(AuditWorker(target, config, extractor, q_extractor, scorer))
         journal.begin()
@@ -1272,24 +1297,3 @@ def score_window(config: AuditConfig, target) -> tuple[int, int | None]:
     return window
 
 
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    import memaudit
-
-    out = {"memaudit": memaudit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    try:
-        import faiss
-
-        out["faiss"] = faiss.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
-def _machine(device) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"

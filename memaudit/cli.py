@@ -1,7 +1,7 @@
 """The ``memaudit`` command line. Thin: each command parses options, calls the library, and prints.
 
 Heavy modules (torch, diffusers) are imported inside commands so that ``--help`` and ``--version`` are instant.
-User mistakes (:class:`memaudit.errors.MemauditError`) print one line and exit with code 2, never a traceback.
+User mistakes (:class:`memaudit.core.errors.MemauditError`) print one line and exit with code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -698,7 +698,7 @@ def mitigate_units(
 
 
 def _finetune_kept(out: Path) -> str | None:
-    from memaudit.finetune import partial_dir
+    from memaudit.core.outputs import partial_dir
     from memaudit.train import latest_checkpoint
 
     work = partial_dir(out)
@@ -728,7 +728,7 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
 
 
 def _user_error(message: str):
-    from memaudit.errors import ConfigError
+    from memaudit.core.errors import ConfigError
 
     return ConfigError(message)
 
@@ -736,7 +736,7 @@ def _user_error(message: str):
 def main() -> None:
     """Console entry point: typer reports usage errors itself (exit 2); memaudit's user errors print one line and
     exit with code 2, never a traceback."""
-    from memaudit.errors import MemauditError
+    from memaudit.core.errors import MemauditError
 
     try:
         app()

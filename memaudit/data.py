@@ -1,7 +1,7 @@
 """Image-caption datasets: indexes of image files (or in-memory arrays), read in batches.
 
 A dataset on disk is an *index*: file paths, captions and names. Each image is known by its content (the SHA-256 of
-its file, :mod:`memaudit.digests`), so an edited image is another image whatever its modification time, and a
+its file, :mod:`memaudit.core.digests`), so an edited image is another image whatever its modification time, and a
 copied or moved dataset keeps its keys. Pixels are decoded on demand, in batches, by a
 :class:`torch.utils.data.DataLoader` whose worker processes decode while the caller computes
 (:meth:`ImageCaptionDataset.batches`), so memory does not grow with the number of images. Images of any size are
@@ -23,7 +23,7 @@ images with transparency, ``PA``, ``LA``; premultiplied ``RGBa``/``La`` are un-p
 
 A CSV captions file needs a header row with the columns ``file`` and ``caption`` (others are ignored); a JSONL file
 holds one object per line with the keys ``file`` and ``caption``. Every user mistake raises
-:class:`~memaudit.errors.DataError` with a one-line message naming the offending file or line: the captions and
+:class:`~memaudit.core.errors.DataError` with a one-line message naming the offending file or line: the captions and
 every image's header are checked when the dataset is loaded, before anything is written; a file that fails only at
 full decode is named when it is read, and the reader stops there.
 """
@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from memaudit.digests import digest_many
-from memaudit.errors import DataError
+from memaudit.core.digests import digest_many
+from memaudit.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class ImageCaptionDataset:
 
     # -- identity ------------------------------------------------------------------------------------------------------
     def file_digests(self, progress: Callable[[int, int], None] | None = None) -> list[str]:
-        """The SHA-256 of each image file, in order (:func:`memaudit.digests.digest_many`: a full read the first
+        """The SHA-256 of each image file, in order (:func:`memaudit.core.digests.digest_many`: a full read the first
         time, then a ``stat`` per file while the file is unchanged); computed once per dataset object."""
         if self.files is None:
             raise DataError("an in-memory dataset has no image files to digest; use image_keys().")

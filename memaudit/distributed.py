@@ -1,39 +1,31 @@
-"""``--workers N``: the audit's prompts sampled, or the mask search's evaluations run, on N Ray actors, one model
-replica each.
+"""``--workers N``: work units run on N Ray actors, one model replica each.
 
-The only module of memaudit that imports Ray (an extra: ``pip install 'memaudit[ray]'``). The driver (the process
-that runs :func:`memaudit.audit.run_audit`) connects to Ray (a local instance, or the cluster at ``--ray-address``),
-starts N actors and hands them work units of whole prompts, a few in flight per actor; each actor holds an
-:class:`~memaudit.audit.AuditWorker` (the model on its own GPU, or its share of the CPU threads, and the feature
-extractors) and returns per unit what the audit keeps (norms, features, the clique part of each verdict, grids of
-flagged prompts). The driver journals every unit as it arrives and assembles the results in prompt order, so they do
-not depend on which worker sampled what, or when.
+The only module of memaudit that imports Ray (an extra: ``pip install 'memaudit[ray]'``). It knows nothing of what
+the units are: :class:`RayWorkers` connects to Ray (a local instance, or the cluster at ``--ray-address``), checks
+that the cluster can hold ``n`` workers, starts ``n`` actors that each build their worker object with a factory the
+caller brings (:meth:`RayWorkers.start`; in the actor's process), and hands them units, a few in flight per actor
+(:meth:`RayWorkers.run`). The audit brings :class:`~memaudit.audit.AuditWorker` (sampling and scoring whole prompts),
+the mask search :class:`~memaudit.mitigate.search.SearchWorker` (one fine-tune and its scores per unit); each driver
+journals or logs the results as they arrive and puts them in order itself, so they do not depend on which worker ran
+what, or when.
 
 Lost workers: an actor whose process dies is restarted by Ray (``max_restarts``) and its unfinished units run again
 (``max_task_retries``). A unit that fails :data:`MAX_TRIES` times (an error, or its worker dying on it every time)
-stops the audit with one line naming its prompts and the error; the journal keeps every unit finished before.
+stops the run with one line naming the unit and the error; the results handed over before are the caller's to keep.
 
-Actors are named ``memaudit-audit-<run>-<k>`` in the driver's Ray namespace (``ray.util.list_named_actors()``).
-
-The mask search (``memaudit mitigate search --workers N``, :func:`memaudit.mitigate.search.run_mask_search`) uses the
-same connection, checks and restarts through :class:`SearchWorkers`: each actor (``memaudit-search-<run>-<k>``)
-holds a :class:`~memaudit.mitigate.search.SearchWorker` (the base model, the proxy and validation splits, its own
-:class:`~memaudit.mitigate.search.MaskEvaluator`) and runs one evaluation (a fine-tune and its scores) per task,
-one task at a time; the driver keeps NSGA-II, the logs and every file, and writes the evaluations in the order
-NSGA-II asked for them. Before the first evaluation, worker 0 fills the latent cache of the proxy images and the
-others then find it there (:meth:`SearchWorkers.prepare`), so no two workers encode the same images.
+Actors are named ``memaudit-<name>-<run>-<k>`` in the driver's Ray namespace (``ray.util.list_named_actors()``), where
+``name`` is the caller's (``audit``, ``search``).
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Callable
 
-from memaudit.errors import ConfigError, MemauditError
+from memaudit.core.errors import ConfigError, MemauditError
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +35,8 @@ IN_FLIGHT = 2
 #: restarts of an actor whose process died, and runs of a unit whose worker died under it, done by Ray
 MAX_RESTARTS = 4
 MAX_TASK_RETRIES = 2
-#: times a unit is submitted before the audit stops (each submission includes Ray's own retries)
+#: times a unit is submitted before the run stops (each submission includes Ray's own retries)
 MAX_TRIES = 3
-ACTOR_PREFIX = "memaudit-audit-"
-SEARCH_PREFIX = "memaudit-search-"
 
 
 class WorkerError(MemauditError):
@@ -88,22 +78,17 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
-class _WorkerActor(abc.ABC):
-    """A Ray actor around one worker object (created with ``ray.remote`` by :class:`RayWorkers`), loaded by
-    :meth:`load`. An error while loading is kept and raised by every call, so that it reaches the driver as the
-    exception it is (a creation error would only say that the actor died)."""
+class _Actor:
+    """A Ray actor around one worker object (created with ``ray.remote`` by :class:`RayWorkers`), built in the
+    actor's process by ``factory(spec)``. An error while building is kept and raised by every call, so that it
+    reaches the driver as the exception it is (a creation error would only say that the actor died)."""
 
-    def __init__(self, spec):
+    def __init__(self, factory: Callable, spec):
         self.worker, self.error = None, None
         try:
-            self.worker = self.load(spec)
+            self.worker = factory(spec)
         except Exception as e:  # noqa: BLE001 - reported by ready()
             self.error = e
-
-    @staticmethod
-    @abc.abstractmethod
-    def load(spec):
-        """The worker object a subclass builds from ``spec`` (in the actor's process)."""
 
     def _check(self):
         if self.error is not None:
@@ -116,53 +101,23 @@ class _WorkerActor(abc.ABC):
     def pid(self) -> int:
         return os.getpid()
 
-
-class _AuditActor(_WorkerActor):
-    """An actor around one :class:`~memaudit.audit.AuditWorker`."""
-
-    @staticmethod
-    def load(spec):
-        from memaudit.audit import AuditWorker
-
-        return AuditWorker.load(spec)
-
-    def run_unit(self, task: dict) -> dict:
-        return self._check().run_unit(**task)
-
-    def first_step_norms(self, prompts: list[str]):
-        return self._check().first_step_norms(prompts)
-
-    def round_trip(self, images):
-        return self._check().round_trip(images)
-
-
-class _SearchActor(_WorkerActor):
-    """An actor around one :class:`~memaudit.mitigate.search.SearchWorker`."""
-
-    @staticmethod
-    def load(spec):
-        from memaudit.mitigate.search import SearchWorker
-
-        return SearchWorker.load(spec)
-
-    def prepare(self) -> dict:
-        return self._check().prepare()
-
-    def run_unit(self, task: dict) -> dict:
-        return self._check().run_unit(task)
+    def call(self, method: str, args: tuple = (), kwargs: dict | None = None):
+        """``worker.method(*args, **kwargs)``."""
+        return getattr(self._check(), method)(*args, **(kwargs or {}))
 
 
 class RayWorkers:
     """The driver's side: connect to Ray and check it can hold ``n`` workers (:meth:`__init__`, one-line errors),
-    start the actors (:meth:`start`), wait for them (:meth:`ready`), run units (:meth:`run`), and :meth:`close`.
+    start the actors (:meth:`start`), wait for them (:meth:`ready`), run units (:meth:`run`) or single calls
+    (:meth:`call`, :meth:`call_each`), and :meth:`close`.
 
-    ``device``: the audit's ``--device``; ``auto`` gives GPU workers (one GPU each) when the cluster has GPUs, else
-    CPU workers. CPU workers get ``threads // n`` torch threads each (``threads``: this process's)."""
+    ``device``: the command's ``--device``; ``auto`` gives GPU workers (one GPU each) when the cluster has GPUs, else
+    CPU workers. CPU workers get ``threads // n`` torch threads each (``threads``: this process's). ``what``: the
+    command's work, as messages name it; ``name``: the middle of the actors' names."""
 
-    #: the command's work, as messages name it
-    what = "the audit"
-
-    def __init__(self, n: int, address: str | None = None, device: str = "auto", threads: int = 1):
+    def __init__(self, n: int, address: str | None = None, device: str = "auto", threads: int = 1, *,
+                 what: str = "the work", name: str = "work"):
+        self.what, self.name = what, name
         ray = require_ray(self.what)
         self.ray, self.n, self.actors, self.machine = ray, n, [], ""
         self.ray_version = ray.__version__
@@ -200,15 +155,15 @@ class RayWorkers:
         self.tag = uuid.uuid4().hex[:8]
 
     # -- actors ----------------------------------------------------------------------------------------------------
-    def start(self, spec) -> None:
-        """Start the actors (each loads its replica while the driver goes on)."""
-        self._launch(_AuditActor, ACTOR_PREFIX, spec)
-
-    def _launch(self, actor: type, prefix: str, spec) -> None:
-        actor_class = self.ray.remote(actor)
+    def start(self, factory: Callable, spec) -> None:
+        """Start the actors; each builds its worker with ``factory(spec)`` in its own process (loading its model
+        replica while the driver goes on). ``factory`` must be importable by name (a module-level function or a
+        class's method): Ray sends it by reference."""
+        actor_class = self.ray.remote(_Actor)
         for k in range(self.n):
-            self.actors.append(actor_class.options(name=f"{prefix}{self.tag}-{k}", max_restarts=MAX_RESTARTS,
-                                                   max_task_retries=MAX_TASK_RETRIES, **self.options).remote(spec))
+            self.actors.append(actor_class.options(name=f"memaudit-{self.name}-{self.tag}-{k}",
+                                                   max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+                                                   **self.options).remote(factory, spec))
         logger.info("started %d Ray workers (%s, %s)", self.n, self.device_type, self.options)
 
     def ready(self, progress: Callable[[str, int, int], None] | None = None) -> RayWorkers:
@@ -251,17 +206,22 @@ class RayWorkers:
         except ray.exceptions.RayError as e:
             raise WorkerError(f"{what} failed: the Ray worker was lost ({_first_line(e)})") from None
 
-    def first_step_norms(self, prompts: list[str]):
-        return self._get(self.actors[0].first_step_norms.remote(prompts), "the mitigation target")
+    def call(self, method: str, *args, what: str, actor: int = 0):
+        """``worker.method(*args)`` on one actor (the first by default); ``what`` names the work in errors."""
+        return self._get(self.actors[actor].call.remote(method, args), what)
 
-    def round_trip(self, images):
-        return self._get(self.actors[0].round_trip.remote(images), "the VAE round trip of a training image")
+    def call_each(self, method: str, *args, what: str, actors: range | None = None) -> list:
+        """``worker.method(*args)`` on every actor of ``actors`` (default: all) at once; their results in order."""
+        refs = [self.actors[k].call.remote(method, args) for k in (actors if actors is not None else
+                                                                    range(len(self.actors)))]
+        return [self._get(ref, what) for ref in refs]
 
-    def run(self, tasks: list[dict], on_output: Callable[[dict], None], on_batch=None,
-            describe: Callable[[dict], str] = str, in_flight: int = IN_FLIGHT) -> None:
-        """Run every unit of ``tasks``, ``in_flight`` per actor, calling ``on_output`` with each result as it
-        arrives (in any order). A unit that fails :data:`MAX_TRIES` times (or a memaudit error in a worker) stops
-        the run: the units in flight are finished and handed over first, then the error is raised."""
+    def run(self, tasks: list[dict], on_output: Callable[[dict], None], describe: Callable[[dict], str] = str,
+            in_flight: int = IN_FLIGHT, method: str = "run_unit", keywords: bool = False) -> None:
+        """Run every unit of ``tasks`` (``worker.method(task)``, or ``worker.method(**task)`` with ``keywords``),
+        ``in_flight`` per actor, calling ``on_output`` with each result as it arrives (in any order). A unit that
+        fails :data:`MAX_TRIES` times (or a memaudit error in a worker) stops the run: the units in flight are
+        finished and handed over first, then the error is raised."""
         ray = self.ray
         pending = list(reversed(tasks))
         inflight: dict = {}  # ref -> (task, actor index, tries)
@@ -270,7 +230,8 @@ class RayWorkers:
 
         def submit(task: dict, tries: int) -> None:
             k = min(alive, key=lambda a: load[a])
-            inflight[self.actors[k].run_unit.remote(task)] = (task, k, tries)
+            args, kwargs = ((), task) if keywords else ((task,), None)
+            inflight[self.actors[k].call.remote(method, args, kwargs)] = (task, k, tries)
             load[k] += 1
 
         def fill() -> None:
@@ -309,36 +270,8 @@ class RayWorkers:
                 continue
             if not alive:
                 failure, pending = WorkerError(f"every Ray worker was lost; {describe(task)} and the rest were not "
-                                               "sampled (the journal keeps what was done)."), []
+                                               "run (what was done before is kept)."), []
                 continue
             submit(task, tries)
         if failure is not None:
             raise failure
-
-
-class SearchWorkers(RayWorkers):
-    """The mask search's workers: :class:`RayWorkers` (connection, checks, restarts and retries) with actors that
-    each hold a :class:`~memaudit.mitigate.search.SearchWorker` and run one evaluation per task."""
-
-    what = "the search"
-
-    def start(self, spec) -> None:
-        """Start the actors (each loads the base model and the splits of ``spec`` while the driver goes on)."""
-        self._launch(_SearchActor, SEARCH_PREFIX, spec)
-
-    def prepare(self) -> dict | None:
-        """The latent cache of the proxy images: filled by worker 0 (its report is returned), then found by the
-        others; so no two workers encode the same images at once."""
-        first = self._get(self.actors[0].prepare.remote(), "filling the latent cache")
-        for ref in [actor.prepare.remote() for actor in self.actors[1:]]:
-            self._get(ref, "reading the latent cache")
-        return first
-
-    def evaluate(self, jobs: list[dict], on_result: Callable[[int, dict, float], None],
-                 describe: Callable[[dict], str] = str) -> None:
-        """Run the evaluations ``jobs``, one at a time per worker, all dispatched at once; ``on_result(position,
-        result, seconds)`` is called with each as it arrives, in any order (``position``: its index in ``jobs``).
-        An evaluation whose worker died runs again (see :meth:`RayWorkers.run`)."""
-        tasks = [{**job, "position": k} for k, job in enumerate(jobs)]
-        self.run(tasks, lambda out: on_result(int(out["position"]), out["result"], float(out["wall_time_s"])),
-                 describe=describe, in_flight=1)

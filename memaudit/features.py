@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memaudit import plugins
-from memaudit.errors import ConfigError, DataError
+from memaudit.core import plugins
+from memaudit.core.devices import resolve_device
+from memaudit.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    from memaudit.target import resolve_device
 
     return resolve_device(device)
 
@@ -157,7 +157,7 @@ def register(name: str, factory: Callable[..., FeatureExtractor]) -> None:
     """Make ``factory`` available as ``get_extractor(name, ...)``.
 
     ``factory(device=..., batch_size=..., **options)`` must return a :class:`FeatureExtractor`; it should raise
-    :class:`~memaudit.errors.ConfigError` for unknown or missing options.
+    :class:`~memaudit.core.errors.ConfigError` for unknown or missing options.
     """
     if not isinstance(name, str) or not name or name != name.strip():
         raise ConfigError(f"feature extractor name must be a non-empty string without spaces at the ends: {name!r}")
@@ -170,7 +170,7 @@ def register(name: str, factory: Callable[..., FeatureExtractor]) -> None:
 
 def available() -> list[str]:
     """Names of the registered feature extractors, in registration order, then those installed packages declare as
-    entry points (:mod:`memaudit.plugins`; the bundled demo's ``demo``)."""
+    entry points (:mod:`memaudit.core.plugins`; the bundled demo's ``demo``)."""
     return plugins.names_beside(_REGISTRY, plugins.FEATURE_EXTRACTORS)
 
 

@@ -27,11 +27,20 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from memaudit.digests import tree_digest
-from memaudit.errors import ConfigError
-from memaudit.io import check_writable
-from memaudit.outputs import check_cache, check_clear, check_output, check_partial, dataset_inputs, output_directory
-from memaudit.runs import differences, listed
+from memaudit.core.digests import tree_digest
+from memaudit.core.errors import ConfigError
+from memaudit.core.io import check_writable
+from memaudit.core.outputs import (
+    check_cache,
+    check_clear,
+    check_output,
+    check_partial,
+    dataset_inputs,
+    output_directory,
+    partial_dir,
+)
+from memaudit.core.provenance import versions
+from memaudit.core.runs import differences, listed
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +151,6 @@ def install_method(config: FinetuneConfig, target, base: str | None = None):
     return method, method.parameters_for(mask, config.mask_units)
 
 
-def partial_dir(out: str | Path) -> Path:
-    """Where an unfinished run keeps its settings and checkpoints."""
-    out = Path(out)
-    if out.name in ("", ".", ".."):  # "." or "..": the folder it names
-        out = Path(os.path.abspath(out))
-    return out.with_name(out.name + ".partial")
-
-
 def _identity(base, dataset_source: str, config: FinetuneConfig, data_key: str) -> dict:
     """What must match for a run to resume another: settings, base checkpoint and data content."""
     base_id = str(Path(base).resolve()) if Path(base).exists() else str(base)
@@ -173,8 +174,8 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     filled before anything of the run is written, so an unreadable image stops the run with nothing to clean up.
     ``reads``: other files the run reads (``("--mask", path)``), which ``out`` must stay clear of like the inputs.
     """
+    from memaudit.core.io import atomic_write_json
     from memaudit.data import dataset_for_target
-    from memaudit.io import atomic_write_json
     from memaudit.latents import latent_cache_root, latents_for
     from memaudit.target import load_target, resolve_dtype
     from memaudit.train import latest_checkpoint, train_unet
@@ -313,8 +314,3 @@ def _no_pipeline(target, path: Path) -> None:
     """Checkpoints keep only the trained parameters and optimizer state: a full pipeline copy per checkpoint would
     cost disk (4 GB for Stable Diffusion) and nothing for resuming."""
 
-
-def versions() -> dict:
-    from memaudit.audit import versions
-
-    return versions()

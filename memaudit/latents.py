@@ -14,7 +14,7 @@ device::
     CACHE_DIR/latents/<vae>-<resolution>px-<device>/
         chunk-<utc time>-<id>.npy     float32 [n, 2, c, h, w]: mean and std of n entries (numpy format)
         chunk-<utc time>-<id>.json    the n keys and the SHA-256 of each row's bytes, in row order, the shape, and
-                                      a seal of the JSON itself (:func:`memaudit.digests.with_seal`)
+                                      a seal of the JSON itself (:func:`memaudit.core.digests.with_seal`)
 
 **Verified when read.** A row is checked against its SHA-256 the first time a process reads it (the bytes are
 hashed as they arrive, no second read: 0.17 ms per 128 KiB Stable Diffusion entry, 0.10 s per 64 MB chunk, measured
@@ -58,10 +58,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memaudit.core.digests import seal_ok, with_seal
+from memaudit.core.errors import ConfigError
+from memaudit.core.io import atomic_write_json, check_writable, default_cache_dir
 from memaudit.data import mismatch
-from memaudit.digests import seal_ok, with_seal
-from memaudit.errors import ConfigError
-from memaudit.io import atomic_write_json, check_writable, default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def memory_format_of(x: torch.Tensor) -> str:
 
 
 def latent_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the latent cache lives: ``CACHE_DIR/latents`` (default :func:`memaudit.io.default_cache_dir`)."""
+    """Where the latent cache lives: ``CACHE_DIR/latents`` (default :func:`memaudit.core.io.default_cache_dir`)."""
     return (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()) / SUBDIR
 
 
@@ -313,7 +313,7 @@ class DatasetLatents:
 
     Every row is checked against its SHA-256 the first time this process reads it (see the module's docstring); a
     damaged entry is encoded again from ``dataset`` (``batch_size`` images at a time, ``workers`` decoding) and the
-    read goes on with the new entry. Without ``dataset``, a damaged entry is a :class:`~memaudit.errors.ConfigError`
+    read goes on with the new entry. Without ``dataset``, a damaged entry is a :class:`~memaudit.core.errors.ConfigError`
     naming its file.
     """
 
@@ -468,7 +468,7 @@ def latents_for(target, dataset, cache_dir: str | os.PathLike | None = None, *, 
                 workers: int | None = None, progress: CacheProgress | None = None,
                 chunk_bytes: int = CHUNK_BYTES) -> DatasetLatents:
     """The VAE posteriors of every image of ``dataset``, from the latent cache in ``cache_dir`` (default
-    :func:`memaudit.io.default_cache_dir`), encoding (and caching) those it lacks, ``batch_size`` at a time (default
+    :func:`memaudit.core.io.default_cache_dir`), encoding (and caching) those it lacks, ``batch_size`` at a time (default
     :func:`encode_batch_size`); ``progress(done, total)`` counts the images encoded. The result's ``report`` says
     what was found and what was encoded now, and where."""
     batch_size = batch_size or encode_batch_size(target.resolution)

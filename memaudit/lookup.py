@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.neighbors import NeighborIndex
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ everything in the same chunks as :meth:`NeighborIndex.add` would (cell assignmen
 :func:`build_or_load` saves a built index under a key derived from the feature bytes (:func:`index_key`), so a
 second audit of the same training features loads the index instead of rebuilding it. A saved index is verified when
 it is loaded: its JSON metadata records the faiss file's size and SHA-256 and carries a seal of its own
-(:func:`memaudit.digests.with_seal`); a file that does not match is reported (a warning naming it) and rebuilt, never
+(:func:`memaudit.core.digests.with_seal`); a file that does not match is reported (a warning naming it) and rebuilt, never
 used. The check costs one more read of the file: measured on a 200 MB flat index on a busy two-core machine, 0.38 s
 to hash it against 0.24 s for faiss to read it (both from the page cache); once per audit, next to minutes of
 feature extraction.
@@ -45,9 +45,9 @@ import faiss
 import numpy as np
 import torch
 
-from memaudit.digests import seal_ok, sha256_file, with_seal
-from memaudit.errors import ConfigError
-from memaudit.io import atomic_write_json
+from memaudit.core.digests import seal_ok, sha256_file, with_seal
+from memaudit.core.errors import ConfigError
+from memaudit.core.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

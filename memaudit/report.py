@@ -104,9 +104,9 @@ from pathlib import Path
 from typing import Any
 
 from memaudit import __version__
-from memaudit.errors import DataError
-from memaudit.io import atomic_write_json, atomic_write_text, check_writable
-from memaudit.outputs import check_clear, check_output, output_directory, real
+from memaudit.core.errors import DataError
+from memaudit.core.io import atomic_write_json, atomic_write_text, check_writable
+from memaudit.core.outputs import check_clear, check_output, output_directory, real
 
 logger = logging.getLogger(__name__)
 

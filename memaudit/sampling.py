@@ -9,7 +9,7 @@ denoising-strength score of Wen et al. comes free with every generation, and the
 the same seeds. A guidance-distilled model (Flux dev) makes no unconditional prediction: there the score costs one
 extra denoiser call per image at each step of ``score_window`` (default: the first step only), NaN elsewhere.
 A model whose first prediction (first step of a sampler's first batch: one device sync) holds NaN or inf is named
-in a one-line :class:`~memaudit.errors.TargetError` before sampling goes on.
+in a one-line :class:`~memaudit.core.errors.TargetError` before sampling goes on.
 
 Image ``j`` of prompt ``i`` starts from latents drawn on the CPU from a generator seeded with
 :func:`image_seed` ``(seed, i, j)``, so an image is the same on CPU and GPU and whatever the batch it falls in
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.families import Conditioning, sample
 from memaudit.families.base import nonfinite_prediction_error
 

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from memaudit.digests import sha256_file
-from memaudit.errors import TargetError
+from memaudit.core.devices import resolve_device, resolve_dtype
+from memaudit.core.digests import sha256_file
+from memaudit.core.errors import TargetError
 from memaudit.families import Conditioning, Family, family_for_class, family_of, supported_text
 from memaudit.families.base import PREDICTION_TYPES, output_to_eps, training_target
 from memaudit.families.blackbox import BlackBox, black_box_refusal
@@ -33,32 +34,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["PREDICTION_TYPES", "Target", "from_pipeline", "load_target", "output_to_eps", "resolve_device",
            "resolve_dtype", "training_target"]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU; asking for CUDA without one is a user error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise TargetError(f"--device {device!r} is not a device; use auto, cpu or cuda.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TargetError(f"--device {device} asked for CUDA but no CUDA GPU is available; use --device cpu.")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise TargetError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16.")
-        return dtype
-    if dtype not in DTYPES:
-        raise TargetError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16.")
-    return DTYPES[dtype]
 
 
 @dataclass(eq=False)
@@ -296,7 +272,7 @@ class Target:
         loads the rest in float32, so a half-precision text encoder would break ``from_pretrained(path)``)."""
         import copy
 
-        from memaudit.io import atomic_directory
+        from memaudit.core.io import atomic_directory
 
         pipe = self.pipe
         if dtype is not None and dtype != self.dtype:
@@ -686,7 +662,7 @@ def _no_match(given, file: Path, n_keys: int, target: Target) -> TargetError:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file (:func:`memaudit.digests.sha256_file`), or of a folder's files (sorted relative names and
+    """SHA-256 of a file (:func:`memaudit.core.digests.sha256_file`), or of a folder's files (sorted relative names and
     contents)."""
     if not path.is_dir():
         return sha256_file(path)

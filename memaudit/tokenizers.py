@@ -25,7 +25,7 @@ def _bpe_file() -> str:
 
     path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.exists(path):  # pragma: no cover - depends on the installed open_clip
-        from memaudit.errors import TargetError
+        from memaudit.core.errors import TargetError
 
         raise TargetError(f"open_clip's BPE vocabulary is missing ({path}); reinstall open_clip_torch.")
     return path

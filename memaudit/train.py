@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.families import Conditioning
 
 logger = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def _named_trainables(target, params: Sequence[torch.nn.Parameter]) -> dict[str,
 def save_checkpoint(state: TrainState, optimizer, scaler, hooks: Sequence[TrainHook], checkpoint_dir, losses,
                     save_pipeline: Callable[[object, Path], None] | None = None) -> Path:
     """Write ``step-N/`` (pipeline folder + training state) atomically, then move the ``latest`` pointer."""
-    from memaudit.io import atomic_directory, atomic_write_text
+    from memaudit.core.io import atomic_directory, atomic_write_text
 
     root = Path(checkpoint_dir)
     path = root / f"step-{state.step:07d}"

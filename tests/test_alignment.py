@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.metrics.alignment import alignment_score, available_scorers, get_scorer, register_scorer
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.metrics.amd import AMDAccumulator, AMDResult, amd, amd_bruteforce
 from memaudit.neighbors import NeighborIndex
 

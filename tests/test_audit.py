@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from memaudit.audit import AuditConfig, read_prompts, run_audit
+from memaudit.core.errors import ConfigError, DataError
 from memaudit.data import from_arrays
-from memaudit.errors import ConfigError, DataError
 from memaudit.sampling import Sampler
 
 N_TRAIN = 6

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.sampling import Sampler
 from memaudit.target import from_pipeline, load_target
 
@@ -72,7 +72,7 @@ def test_black_box_audit_says_why_no_denoising(lcm_dir, data_dir, tmp_path):
 def test_unsupported_in_memory_pipeline_names_what_is_supported():
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from memaudit.errors import TargetError
+    from memaudit.core.errors import TargetError
     from memaudit.testing import tiny_pipeline
 
     sd = tiny_pipeline()

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.target import load_target
 from memaudit.train import (
     LATEST,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from memaudit.core.errors import DataError
 from memaudit.data import ImageCaptionDataset, from_arrays, load_dataset
-from memaudit.errors import DataError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

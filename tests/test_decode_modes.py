@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from memaudit.core.errors import DataError
 from memaudit.data import load_dataset, native_channels, to_8bit
-from memaudit.errors import DataError
 
 SIDE = 8
 RNG = np.random.default_rng(7)

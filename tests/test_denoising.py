@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memaudit.attacks.denoising import image_scores, prompt_scores, token_attribution, training_strength
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.target import load_target
 
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.metrics.detection import (
     DetectionSummary,
     auc,

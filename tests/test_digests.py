@@ -1,4 +1,4 @@
-"""Content digests (memaudit.digests): the SHA-256 of the bytes, remembered across calls by the file's stat, but never
+"""Content digests (memaudit.core.digests): the SHA-256 of the bytes, remembered across calls by the file's stat, but never
 trusted past an edit (even one whose modification time was put back), a tampered memo row or a corrupt memo."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from memaudit import digests
-from memaudit.digests import MEMO_FILE, digest_many, file_digest, tree_digest
+from memaudit.core import digests
+from memaudit.core.digests import MEMO_FILE, digest_many, file_digest, tree_digest
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_a_corrupt_memo_still_gives_correct_digests(tmp_path, cache, caplog):
     files = [tmp_path / f"{i}.bin" for i in range(3)]
     for i, f in enumerate(files):
         f.write_bytes(bytes([i]) * (i + 1))
-    with caplog.at_level(logging.WARNING, logger="memaudit.digests"):
+    with caplog.at_level(logging.WARNING, logger="memaudit.core.digests"):
         got = digest_many(files)
     assert got == [hashlib.sha256(bytes([i]) * (i + 1)).hexdigest() for i in range(3)]
     assert "corrupt" in caplog.text

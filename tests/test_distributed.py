@@ -22,8 +22,8 @@ import torch
 
 import memaudit.cli as cli
 from memaudit.audit import AuditConfig, journal_dir, journal_kept, run_audit
+from memaudit.core.errors import ConfigError, MemauditError
 from memaudit.data import from_arrays
-from memaudit.errors import ConfigError, MemauditError
 from memaudit.sampling import Sampler
 
 ray = pytest.importorskip("ray")

@@ -20,7 +20,7 @@ from memaudit.attacks.extraction import (
     normalized_l2,
     tiled_distances,
 )
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 
 def _naive_tiled(a: torch.Tensor, b: torch.Tensor, tiles: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from memaudit.core.errors import TargetError
 from memaudit.data import from_arrays
-from memaudit.errors import TargetError
 from memaudit.families import FAMILIES
 from memaudit.families.base import pack_2x2, unpack_2x2
 from memaudit.families.flux import Flux, latent_image_ids

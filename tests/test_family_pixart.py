@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.errors import TargetError
+from memaudit.core.errors import TargetError
 from memaudit.families import family_of, sample
 from memaudit.families.pixart import PixArt
 from memaudit.sampling import Sampler

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from memaudit.core.errors import TargetError
 from memaudit.data import from_arrays
-from memaudit.errors import TargetError
 from memaudit.families import FAMILIES
 from memaudit.families.sd3 import StableDiffusion3
 from memaudit.sampling import Sampler

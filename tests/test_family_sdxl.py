@@ -10,8 +10,8 @@ import torch
 from diffusers import EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from memaudit.core.errors import TargetError
 from memaudit.data import from_arrays
-from memaudit.errors import TargetError
 from memaudit.families import FAMILIES, family_for_class
 from memaudit.sampling import Sampler
 from memaudit.target import from_pipeline, load_target

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.features import IMAGENET_MEAN, IMAGENET_STD, FeatureExtractor, available, get_extractor, register
 
 
@@ -125,7 +125,7 @@ def test_torchscript_missing_or_bad_file(tmp_path):
         get_extractor("torchscript", path=str(tmp_path / "absent.pt"))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
-    from memaudit.errors import DataError
+    from memaudit.core.errors import DataError
 
     with pytest.raises(DataError, match="bad.pt"):
         get_extractor("torchscript", path=str(bad))
@@ -197,7 +197,7 @@ def test_open_clip_local_safetensors(tmp_path, monkeypatch):
     # weights of another architecture are a DataError naming the file, not a traceback from load_state_dict
     other = dict(cfg, vision_cfg=dict(cfg["vision_cfg"], width=48, head_width=16))
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "memaudit-tiny-other", other)
-    from memaudit.errors import DataError
+    from memaudit.core.errors import DataError
 
     with pytest.raises(DataError, match="tiny.safetensors"):
         get_extractor("open_clip", model="memaudit-tiny-other", weights=str(weights))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memaudit.errors import ConfigError, DataError
-from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune, partial_dir
+from memaudit.core.errors import ConfigError, DataError
+from memaudit.core.outputs import partial_dir
+from memaudit.finetune import SETTINGS_FILE, FinetuneConfig, finetune
 from memaudit.target import Target, load_target
 from memaudit.testing import save_image_folder
 

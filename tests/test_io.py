@@ -1,4 +1,4 @@
-"""Tests for memaudit.io: atomic file and folder writes."""
+"""Tests for memaudit.core.io: atomic file and folder writes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from memaudit.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from memaudit.core.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
 def _leftovers(folder):

@@ -15,8 +15,8 @@ import torch
 
 import memaudit.cli as cli
 from memaudit.audit import AuditConfig, journal_dir, journal_kept, run_audit, unit_prompts, work_units
+from memaudit.core.errors import ConfigError
 from memaudit.data import from_arrays
-from memaudit.errors import ConfigError
 from memaudit.sampling import Sampler
 
 N_PROMPTS = 6

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from memaudit.core.errors import DataError
 from memaudit.data import load_dataset
-from memaudit.errors import DataError
 from memaudit.latents import latent_cache_root, latents_for
 from memaudit.target import load_target
 from memaudit.testing import count_encodes, save_image_folder

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from memaudit.errors import ConfigError, TargetError
+from memaudit.core.errors import ConfigError, TargetError
 from memaudit.sampling import Sampler
 from memaudit.target import file_sha256, load_target
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from memaudit.errors import TargetError
+from memaudit.core.errors import TargetError
 from memaudit.target import file_sha256, load_target, lora_module_name
 
 

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 
 def _config(**kw):

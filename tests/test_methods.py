@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.mitigate import methods as registry
 from memaudit.mitigate.adapter import export_merged, load_adapter, read_adapter_info, save_adapter
 from memaudit.mitigate.methods import PEFTMethod, available_methods, get_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memaudit.errors import TargetError
+from memaudit.core.errors import TargetError
 from memaudit.families.base import nonfinite_prediction_error
 from memaudit.sampling import Sampler
 from memaudit.target import from_pipeline

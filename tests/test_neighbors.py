@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.neighbors import IVF_TRAIN_PER_CELL, NeighborIndex, build_or_load, index_key, ivf_training_rows
 
 

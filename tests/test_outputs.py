@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from memaudit.errors import ConfigError, DataError, MemauditError
-from memaudit.outputs import MARKER, check_output
+from memaudit.core.errors import ConfigError, DataError, MemauditError
+from memaudit.core.outputs import MARKER, check_output
 
 FAST = dict(generations=2, steps=2, batch_size=4, min_clique=2, device="cpu")
 

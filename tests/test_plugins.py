@@ -1,4 +1,4 @@
-"""Entry-point factories (memaudit.plugins): the demo's extractor and scorer are found by name, never imported by the
+"""Entry-point factories (memaudit.core.plugins): the demo's extractor and scorer are found by name, never imported by the
 lower layers, and another package's factory is loaded the same way."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 import memaudit
 from memaudit import features, plugins
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.metrics import alignment
 
 PACKAGE = Path(memaudit.__file__).parent

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.metrics.quality import QualityResult, fid_from_features, kid_from_features, quality
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from memaudit import report
-from memaudit.errors import DataError, MemauditError
+from memaudit.core.errors import DataError, MemauditError
 from memaudit.report import (
     REDACTED_BANNER,
     ROUNDTRIP_CAPTION,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memaudit.baselines.rwa import RWAHook, insert_random_words, random_tokens, rwa_prompts
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.testing import _tokenizer
 from memaudit.train import TrainConfig, TrainHook, train_unet
 

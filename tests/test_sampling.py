@@ -92,7 +92,7 @@ def test_guidance_norms_equal_independent_computation(target):
 
 
 def test_bad_settings(target):
-    from memaudit.errors import ConfigError
+    from memaudit.core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         Sampler(target, steps=0)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.mitigate.search import (
     EvaluationLog,
     choose,

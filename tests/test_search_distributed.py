@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import memaudit.cli as cli
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.mitigate.search import EvaluationLog, MaskEvaluator, SearchConfig, key_of, nsga2_search, run_mask_search
 
 #: what may differ between a search in this process and one on Ray workers

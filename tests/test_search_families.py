@@ -137,7 +137,7 @@ def test_an_evaluation_scores_the_same_whatever_ran_before_it(family, saved, ima
 
 
 def test_a_method_with_nothing_to_train_is_refused_before_the_search(tmp_path, saved, images):
-    from memaudit.errors import ConfigError
+    from memaudit.core.errors import ConfigError
     from memaudit.mitigate.search import run_mask_search
 
     with pytest.raises(ConfigError, match="--method norm has nothing to train on .*PixArtTransformer2DModel"):

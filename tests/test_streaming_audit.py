@@ -13,8 +13,8 @@ from PIL import Image
 
 from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt, normalized_l2
 from memaudit.audit import AuditConfig, run_audit
+from memaudit.core.errors import ConfigError, DataError
 from memaudit.data import ImageCaptionDataset, from_arrays, load_dataset
-from memaudit.errors import ConfigError, DataError
 from memaudit.lookup import (
     ExhaustiveLookup,
     ThumbnailLookup,

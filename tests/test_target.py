@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memaudit.errors import TargetError
+from memaudit.core.errors import TargetError
 from memaudit.families import Conditioning
 from memaudit.target import load_target, output_to_eps, training_target
 

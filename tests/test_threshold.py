@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memaudit.baselines.threshold import ThresholdHook, batch_strength
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.target import load_target
 from memaudit.train import LossContext, TrainConfig, TrainHook, train_unet
 

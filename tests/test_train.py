@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from memaudit.core.errors import ConfigError
 from memaudit.data import ImageCaptionDataset, load_dataset
-from memaudit.errors import ConfigError
 from memaudit.latents import DatasetLatents
 from memaudit.target import Target, load_target
 from memaudit.testing import save_image_folder

@@ -13,8 +13,8 @@ import torch
 
 import memaudit.cli as cli
 from memaudit.audit import AuditConfig, read_prompts
+from memaudit.core.errors import ConfigError, DataError
 from memaudit.data import load_dataset
-from memaudit.errors import ConfigError, DataError
 from memaudit.sampling import Sampler
 
 # A folder nobody can create, whoever runs the tests (root included): /proc takes no new entries.
@@ -67,7 +67,7 @@ def test_unwritable_out_fails_before_any_model_loads(where, tmp_path, monkeypatc
 
 
 def test_check_writable_leaves_nothing_behind(tmp_path):
-    from memaudit.io import check_writable
+    from memaudit.core.io import check_writable
 
     assert check_writable(tmp_path / "a" / "b", "--out") == tmp_path / "a" / "b"
     assert list(tmp_path.iterdir()) == []

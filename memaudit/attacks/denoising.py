@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.families import Conditioning
 
 

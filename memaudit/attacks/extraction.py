@@ -13,7 +13,7 @@ the exact nearest image while reading only a few of them (an audit of a large se
 The maximum clique is exact (:func:`max_clique`): exact graph reductions, then a bitset branch and bound. It is
 NP-hard in the worst case (dense graphs without a dominant clique, e.g. a miscalibrated threshold that joins about
 half of the pairs of 300 equally noisy generations), so ``max_clique_nodes`` and ``max_clique_steps`` bound the
-work and raise :class:`~memaudit.errors.ConfigError` beyond it rather than running for hours.
+work and raise :class:`~memaudit.core.errors.ConfigError` beyond it rather than running for hours.
 
 Images are float tensors ``[N, C, H, W]`` in [0, 1]. Distances are accumulated in float64.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.lookup import ExhaustiveLookup, ImageLookup
 
 logger = logging.getLogger(__name__)

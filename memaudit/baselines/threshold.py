@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.families import Conditioning
 from memaudit.train import LossContext, TrainHook, TrainState
 

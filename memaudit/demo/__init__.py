@@ -63,8 +63,8 @@ def read_faces_csv(path: str | Path = FACES_CSV) -> list[dict]:
 
 def faces_dataset(split: str = "train", resolution: int = RESOLUTION, recipe: str | Path = FACES_CSV):
     """The bundled faces as an :class:`~memaudit.data.ImageCaptionDataset` (``train``, ``heldout`` or ``all``)."""
+    from memaudit.core.errors import DataError
     from memaudit.data import from_arrays
-    from memaudit.errors import DataError
 
     if split not in ("train", "heldout", "all"):
         raise DataError(f"faces split {split!r} does not exist; use train, heldout or all.")

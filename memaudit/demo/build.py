@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from memaudit import demo
-from memaudit.io import atomic_write_json, atomic_write_text
+from memaudit.core.io import atomic_write_json, atomic_write_text
+from memaudit.core.provenance import versions
 
 logger = logging.getLogger("memaudit.demo.build")
 
@@ -59,16 +60,6 @@ class ZooSettings:
         unet_channels=(64, 128), unet_layers_per_block=1, unet_norm_groups=32, attention_head_dim=8,
         cross_attention_dim=64, text_hidden=64, text_layers=2, text_heads=4, text_intermediate=256, max_length=77,
         prediction_type="epsilon", scheduler="ddim"))
-
-
-def versions() -> dict:
-    import diffusers
-    import transformers
-
-    import memaudit
-
-    return {"memaudit": memaudit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
 def face_captions(seed: int) -> list[str]:
@@ -111,7 +102,7 @@ def build(work: Path, out: Path, settings: ZooSettings, device: str = "cpu", che
     work.mkdir(parents=True, exist_ok=True)
     info_path = work / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info.update({"settings": asdict(settings), "versions": versions(), "device": device,
+    info.update({"settings": asdict(settings), "versions": versions(faiss=False), "device": device,
                  "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads"
                  + (f", {torch.cuda.get_device_name()}" if str(device).startswith("cuda") else "")})
     info.setdefault("wall_time_s", {})

@@ -115,8 +115,8 @@ def save_grid(images: torch.Tensor, references: torch.Tensor, rows: Sequence[dic
     ``images`` are caption-major ``[n * generations, C, H, W]`` in [0, 1]; ``rows[i]['own']`` indexes
     ``references``. Lines are ordered with the closest reproductions first. Written atomically.
     """
+    from memaudit.core.io import atomic_write_bytes
     from memaudit.images import png_bytes
-    from memaudit.io import atomic_write_bytes
 
     order = sorted(range(len(rows)), key=lambda i: rows[i]["best_distance_to_own"])[:max_rows]
     lines = []

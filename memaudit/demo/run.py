@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from memaudit import demo
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 DEMO_SETTINGS = dict(generations=10, min_clique=5, steps=25, guidance=4.0, batch_size=50, features="pixels",
                      quality_features="demo", alignment="demo")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from memaudit import demo
-from memaudit.errors import ConfigError, DataError
+from memaudit.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, source: torch.T
 def save_classifier(model: DemoClassifier, path: str | Path = SCORER_FILE) -> Path:
     from safetensors.torch import save_file
 
-    from memaudit.io import atomic_write_bytes
+    from memaudit.core.io import atomic_write_bytes
 
     path = Path(path)
     tmp = path.with_name(path.name + ".part")

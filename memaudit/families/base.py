@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from memaudit.errors import TargetError
+from memaudit.core.errors import TargetError
 
 logger = logging.getLogger(__name__)
 

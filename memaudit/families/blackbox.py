@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from memaudit.errors import TargetError
+from memaudit.core.errors import TargetError
 from memaudit.families.base import Family
 
 #: pipeline class names with these parts are not text-to-image

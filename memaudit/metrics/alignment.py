@@ -6,7 +6,7 @@ NaN where the scorer cannot judge a prompt). Which scorer fits depends on the do
 
 Built in:
 
-``demo`` (declared as an entry point of memaudit, :mod:`memaudit.plugins`)
+``demo`` (declared as an entry point of memaudit, :mod:`memaudit.core.plugins`)
     For the bundled faces model: the probability, under the bundled classifier, of the class the caption names (a
     digit, or a face); see :mod:`memaudit.demo.scorer` for why a classifier stands in for CLIP there.
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memaudit import plugins
-from memaudit.errors import ConfigError
+from memaudit.core import plugins
+from memaudit.core.errors import ConfigError
 
 Scorer = Callable[[torch.Tensor, list[str]], np.ndarray]
 _REGISTRY: dict[str, Callable[..., Scorer]] = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.neighbors import NeighborIndex, as_feature_array
 
 __all__ = ["AMDResult", "amd", "amd_bruteforce", "AMDAccumulator"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def plot_roc(summary_or_list: DetectionSummary | dict[str, DetectionSummary], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memaudit.io import atomic_write_bytes
+    from memaudit.core.io import atomic_write_bytes
 
     curves = summary_or_list if isinstance(summary_or_list, dict) else {"detector": summary_or_list}
     if not curves:

@@ -30,7 +30,7 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.features import FeatureExtractor, get_extractor
 
 logger = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
+from memaudit.core.outputs import check_output, output_directory
+from memaudit.core.provenance import versions
 from memaudit.mitigate.methods.base import PEFTMethod
-from memaudit.outputs import check_output, output_directory
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ _RESERVED = ("kind", "schema_version", "method", "granularity", "mask", "units",
              "base", "trainable_parameters", "trainable_percent", "versions")
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-
-    import memaudit
-
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "memaudit": memaudit.__version__}
-
-
 def save_adapter(method: PEFTMethod, path: str | os.PathLike, *, base: str, mask: list[int] | None, learning_rate: float,
                  steps: int, seed: int, extra: dict | None = None) -> Path:
     """Write ``method``'s adapter to the folder ``path`` (replaced whole, atomically) and return the path.
@@ -51,7 +44,7 @@ def save_adapter(method: PEFTMethod, path: str | os.PathLike, *, base: str, mask
     """
     from safetensors.torch import save_file
 
-    from memaudit.io import atomic_directory
+    from memaudit.core.io import atomic_directory
 
     bits = method.check_mask(mask) if mask is not None else None
     extra = dict(extra or {})
@@ -72,7 +65,7 @@ def save_adapter(method: PEFTMethod, path: str | os.PathLike, *, base: str, mask
         "base": str(base),
         "trainable_parameters": summary["trainable_parameters"],
         "trainable_percent": summary["trainable_percent"],
-        "versions": _versions(),
+        "versions": {k: vers[k] for vers in [versions()] for k in ("torch", "diffusers", "memaudit")},
         **extra,
     }
     state = method.adapter_state()

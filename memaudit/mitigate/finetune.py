@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ evaluations only, so the chosen mask's scores are always full-fidelity ones.
 
 Workers (``SearchConfig.workers > 1``, ``--workers N``): the evaluations of one NSGA-II generation, the promoted masks
 of the screen schedule and the two references run concurrently on N Ray workers (:class:`SearchWorker`,
-:class:`memaudit.distributed.SearchWorkers`), one evaluation per worker at a time. Each worker loads the base model
+:class:`memaudit.distributed.RayWorkers`), one evaluation per worker at a time. Each worker loads the base model
 once and holds its own :class:`MaskEvaluator` on the same proxy and validation splits; an evaluation depends only on
 its mask, learning rate, steps, the seed and the settings (never on what ran before it in that process), so it does
 not matter which worker runs it. Only this process (the driver) writes: it keeps NSGA-II, answers cached masks from
@@ -55,11 +55,12 @@ from pathlib import Path
 
 import numpy as np
 
-from memaudit.digests import tree_digest
-from memaudit.errors import ConfigError, DataError
-from memaudit.io import check_writable
-from memaudit.outputs import check_cache, check_clear, check_output, dataset_inputs, write_marker
-from memaudit.runs import differences, listed
+from memaudit.core.digests import tree_digest
+from memaudit.core.errors import ConfigError, DataError
+from memaudit.core.io import check_writable
+from memaudit.core.outputs import check_cache, check_clear, check_output, dataset_inputs, write_marker
+from memaudit.core.provenance import machine, versions
+from memaudit.core.runs import differences, listed
 
 logger = logging.getLogger(__name__)
 
@@ -692,8 +693,8 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     """
     import torch
 
+    from memaudit.core.io import atomic_write_bytes, atomic_write_json
     from memaudit.data import dataset_for_target
-    from memaudit.io import atomic_write_bytes, atomic_write_json
     from memaudit.latents import latent_cache_root
     from memaudit.target import load_target
 
@@ -742,14 +743,12 @@ def run_mask_search(base, train, out: str | os.PathLike, config: SearchConfig | 
     check_resume(out, settings)
     pool = None
     if distributed:
-        from memaudit.distributed import SearchWorkers
+        from memaudit.distributed import RayWorkers
 
         # unreachable, too small for the workers: one line, nothing written
-        pool = SearchWorkers(config.workers, address=config.ray_address, device=config.device,
-                             threads=torch.get_num_threads())
+        pool = RayWorkers(config.workers, address=config.ray_address, device=config.device,
+                          threads=torch.get_num_threads(), what="the search", name="search")
     try:
-        from memaudit.audit import versions
-
         vers = versions()
         if pool is not None:
             vers["ray"] = pool.ray_version
@@ -934,14 +933,7 @@ class SearchWorker:
         return cls(MaskEvaluator(target, spec.proxy, spec.val, config, cache_dir=spec.cache_dir))
 
     def machine(self) -> str:
-        import platform
-
-        import torch
-
-        device = torch.device(self.evaluator.target.device)
-        if device.type == "cuda":
-            return torch.cuda.get_device_name(device)
-        return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+        return machine(self.evaluator.target.device)
 
     def prepare(self) -> dict:
         """The proxy images' latents, from the latent cache (encoded into it when it lacks them); what it held."""
@@ -967,14 +959,20 @@ class _OnWorkers:
         if not jobs:
             return
         if not self.started:
-            self.pool.start(self.spec)
+            self.pool.start(SearchWorker.load, self.spec)
             self.pool.ready(self.progress)
             self.started = True
-            self.cache_report = self.pool.prepare()
+            # the latent cache of the proxy images: filled by worker 0, then found by the others (no two workers
+            # encode the same images at once)
+            self.cache_report = self.pool.call("prepare", what="filling the latent cache")
+            self.pool.call_each("prepare", what="reading the latent cache", actors=range(1, self.pool.n))
             encoded = int(self.cache_report.get("encoded", 0))
             if encoded:
                 self.progress("latent cache", encoded, encoded)
-        self.pool.evaluate(jobs, on_result, describe_job)
+        # one evaluation at a time per worker, all dispatched at once; an evaluation whose worker died runs again
+        tasks = [{**job, "position": k} for k, job in enumerate(jobs)]
+        self.pool.run(tasks, lambda out: on_result(int(out["position"]), out["result"], float(out["wall_time_s"])),
+                      describe=describe_job, in_flight=1)
 
 
 def row_inner_steps(row: dict, inner_steps: int) -> int:

@@ -13,7 +13,7 @@ import importlib
 import os
 from dataclasses import dataclass
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 from memaudit.mitigate.methods.base import GRANULARITIES, PEFTMethod, Unit, units_command
 
 __all__ = ["GRANULARITIES", "PEFTMethod", "Unit", "UnitInfo", "available_methods", "get_method", "list_units",

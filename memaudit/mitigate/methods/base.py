@@ -44,7 +44,7 @@ from functools import lru_cache
 
 import torch
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, MutableMapping
 from importlib import metadata
 from typing import Any
 
-from memaudit.errors import ConfigError
+from memaudit.core.errors import ConfigError
 
 #: entry point groups
 FEATURE_EXTRACTORS = "memaudit.feature_extractors"

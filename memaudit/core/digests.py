@@ -6,7 +6,7 @@
 **Cost.** SHA-256 runs at about 1.1 GB/s on an idle core (0.5 GB/s measured on a busy two-core machine), so a
 4.3 GB Stable Diffusion 1.5 checkpoint costs about 4 s (up to 8 s) the first time, and a training set one read of
 its files. To keep a repeat near zero, each digest is
-remembered in an SQLite memo (``digests.sqlite`` in :func:`memaudit.io.default_cache_dir`) under the file's resolved
+remembered in an SQLite memo (``digests.sqlite`` in :func:`memaudit.core.io.default_cache_dir`) under the file's resolved
 path, device, inode, size, modification time and *change* time (all in nanoseconds): a repeat is a ``stat`` call
 and one lookup. The change time is what makes the memo safe: on Linux it moves on every write or metadata change and
 cannot be set by users (``os.utime`` sets the access and modification times only), so a file edited in place whose
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from memaudit.io import default_cache_dir
+from memaudit.core.io import default_cache_dir
 
 logger = logging.getLogger(__name__)
 

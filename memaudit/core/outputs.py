@@ -1,7 +1,7 @@
 """What memaudit may write, and where: output folders never replace what memaudit did not write.
 
 Every command that writes a folder (``audit``, ``demo``, ``finetune``, ``mitigate search``, ``mitigate finetune``,
-``mitigate export``, ``report --redact``) writes it whole at the end (:func:`memaudit.io.atomic_directory`), so a
+``mitigate export``, ``report --redact``) writes it whole at the end (:func:`memaudit.core.io.atomic_directory`), so a
 folder already at ``--out`` is replaced. memaudit therefore writes only to an ``--out`` that is
 
 * new, or an empty folder; or
@@ -25,8 +25,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from memaudit.errors import ConfigError
-from memaudit.io import atomic_directory, atomic_write_json, check_writable
+from memaudit.core.errors import ConfigError
+from memaudit.core.io import atomic_directory, atomic_write_json, check_writable
 
 MARKER = ".memaudit-output.json"
 MARKER_KIND = "memaudit.output"
@@ -182,8 +182,16 @@ def write_marker(folder: str | os.PathLike, command: str, *, listed: bool = True
 
 @contextlib.contextmanager
 def output_directory(out: str | os.PathLike, command: str) -> Iterator[Path]:
-    """:func:`memaudit.io.atomic_directory` for a command's output: the folder is marked as memaudit's, listing
+    """:func:`memaudit.core.io.atomic_directory` for a command's output: the folder is marked as memaudit's, listing
     every file written, before it replaces ``out``. Call :func:`check_output` before any work."""
     with atomic_directory(out) as tmp:
         yield tmp
         write_marker(tmp, command)
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where an unfinished run keeps its settings and checkpoints."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):  # "." or "..": the folder it names
+        out = Path(os.path.abspath(out))
+    return out.with_name(out.name + ".partial")

@@ -98,9 +98,9 @@ def default_cache_dir() -> Path:
 def check_writable(path: str | os.PathLike, what: str, *, folder: bool = True) -> Path:
     """Check, leaving nothing behind, that ``path`` (a folder, or a file with ``folder=False``) can be created or
     replaced: it is written as a temporary sibling renamed into place, so the nearest existing ancestor of its parent
-    must be a writable folder. Raises a one-line :class:`~memaudit.errors.ConfigError` naming ``what`` (e.g.
+    must be a writable folder. Raises a one-line :class:`~memaudit.core.errors.ConfigError` naming ``what`` (e.g.
     ``--out``) otherwise."""
-    from memaudit.errors import ConfigError
+    from memaudit.core.errors import ConfigError
 
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
