@@ -2,6 +2,7 @@
 fine-tune's weights, compared byte for byte with times (and the folders they were written to) aside.
 
     python benchmarks/behaviour_identity.py run WORK/LABEL        # writes WORK/LABEL/identity.json
+    python benchmarks/behaviour_identity.py collect WORK/LABEL    # re-reads the files of a run into identity.json
     python benchmarks/behaviour_identity.py compare A.json B.json  # exit 1 and the differing keys when they differ
 
 Run it on the commit before and the commit after (each in its own checkout, one at a time: it takes about ten
@@ -18,9 +19,8 @@ import sys
 from pathlib import Path
 
 # Keys that hold clocks, dates, machine facts or where a run wrote: they differ between any two runs.
-VOLATILE = re.compile(r"(time|wall|seconds|elapsed|_s$|date|started|finished|created|machine|host|hostname|pid|"
-                      r"versions|version|git|commit|path|out$|folder|cache|per_s|throughput|rate_|speed|when)",
-                      re.IGNORECASE)
+VOLATILE = re.compile(r"(_time|^time|wall|seconds|elapsed|_s$|date|started|finished|created|machine|host|pid|"
+                      r"^versions$|path|cache_dir|folder)", re.IGNORECASE)
 
 
 def normalized(value, dropped: set[str], key: str = ""):
@@ -49,26 +49,34 @@ def run(work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
-    dropped: set[str] = set()
     run_demo(work / "demo", device="cpu")
-    results = json.loads((work / "demo" / "results.json").read_text())
     train = demo.faces_dataset("train")
     ft = work / "finetune"
     finetune(str(demo.BASE_MODEL), train, ft, FinetuneConfig(method="svdiff", steps=12, batch_size=8, seed=3,
                                                             checkpoint_every=5),
              device="cpu", cache_dir=cache)
-    weights = {str(p.relative_to(ft)): sha256(p) for p in sorted(ft.rglob("*.safetensors"))}
     full = work / "finetune-full"
     finetune(str(demo.BASE_MODEL), train, full, FinetuneConfig(method="full", steps=6, batch_size=8, seed=4,
                                                               mitigation="rwa"),
              device="cpu", cache_dir=cache)
-    weights.update({"full/" + str(p.relative_to(full)): sha256(p) for p in sorted(full.rglob("*.safetensors"))})
     search = work / "search"
     run_mask_search(str(demo.BASE_MODEL), train, search,
                     SearchConfig(method="difffit", granularity="block", population=3, generations=2, inner_steps=4,
                                  batch_size=8, proxy_fraction=0.25, memorization="amd", quality="kid",
                                  quality_features="pixels", seed=5, device="cpu"), cache_dir=cache)
-    rows = [json.loads(line) for line in (search / "evaluations.jsonl").read_text().splitlines() if line.strip()]
+    return collect(work)
+
+
+def collect(work: Path) -> dict:
+    """The normalized record of the runs in ``work`` (also usable on folders written by an earlier version)."""
+    dropped: set[str] = set()
+    results = json.loads((work / "demo" / "results.json").read_text())
+    weights = {}
+    for name, prefix in (("finetune", ""), ("finetune-full", "full/")):
+        weights.update({prefix + str(p.relative_to(work / name)): sha256(p)
+                        for p in sorted((work / name).rglob("*.safetensors"))})
+    rows = [json.loads(line) for line in (work / "search" / "evaluations.jsonl").read_text().splitlines()
+            if line.strip()]
     doc = {"demo_results": normalized(results, dropped), "weights": weights,
            "evaluations": normalized(rows, dropped), "dropped_keys": sorted(dropped)}
     (work / "identity.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
@@ -96,6 +104,9 @@ def main(argv: list[str]) -> int:
         doc = run(Path(argv[1]))
         print(f"weights: {len(doc['weights'])} files; evaluations: {len(doc['evaluations'])}; "
               f"keys set aside: {', '.join(doc['dropped_keys'])}")
+        return 0
+    if argv[:1] == ["collect"]:
+        collect(Path(argv[1]))
         return 0
     if argv[:1] == ["compare"]:
         a, b = (json.loads(Path(p).read_text()) for p in argv[1:3])

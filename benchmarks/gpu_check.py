@@ -19,7 +19,7 @@ import torch
 def main(argv=None) -> int:
     from memaudit import demo
     from memaudit.target import load_target
-    from memaudit.train import TrainConfig, train_unet
+    from memaudit.training import TrainConfig, train_unet
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     diff = float((imgs["cpu"] - imgs["cuda"]).abs().max())
     rows.append({"check": "max |image cpu - image cuda|, same seeds (pixels in [0,1])", "value": diff, "ok": diff < 0.05})
     train = demo.faces_dataset("train")
-    from memaudit.train import autocast
+    from memaudit.training import autocast
 
     for mp in ("fp16", "bf16", "no"):
         tg = load_target(args.model, device="cuda")

@@ -46,9 +46,9 @@ from typing import Any
 import torch
 from common import machine_info, markdown_table
 
-import memaudit.audit as audit_mod
-import memaudit.data as data_mod
-import memaudit.neighbors as neighbors_mod
+import memaudit.audit.inputs as audit_mod
+import memaudit.data.dataset as data_mod
+import memaudit.index.store as neighbors_mod
 from memaudit.core.io import atomic_write_json
 
 HERE = Path(__file__).resolve().parent

@@ -8,7 +8,7 @@ Parts (``--part``, repeatable or comma-separated; ``all`` runs every part, in th
     ``--repeats`` per side (the logic of ``benchmarks/audit_speed.py``). Target: audit / plain <= 1.10.
 ``nn``
     Nearest-neighbour search for AMD (k=1, cosine distance): faiss exact and faiss IVF through
-    :class:`memaudit.neighbors.NeighborIndex` (IVF at its default ``nlist``/``nprobe`` as the audit uses it, and at
+    :class:`memaudit.index.NeighborIndex` (IVF at its default ``nlist``/``nprobe`` as the audit uses it, and at
     one higher ``nprobe``) against scikit-learn brute force, on synthetic training features of 10^4, 10^5 and 10^6
     vectors. Default dimension 64 (the demo's feature size); CLIP image features would be ``--nn-dim 512``.
     The data are clustered Gaussian vectors (100 centres), and the queries half near-copies of training vectors
@@ -209,7 +209,7 @@ def _nn_methods(device: str, nprobe_high: int) -> list[tuple[str, Callable, Call
     """
     from sklearn.neighbors import NearestNeighbors
 
-    from memaudit.neighbors import NeighborIndex
+    from memaudit.index import NeighborIndex
 
     def sk_build(x):
         return NearestNeighbors(n_neighbors=1, algorithm="brute", metric="cosine").fit(x)
@@ -249,7 +249,7 @@ def _ivf_nprobe(name: str, index: Any, nprobe_high: int) -> int | None:
 
 def part_nn(args: argparse.Namespace) -> dict[str, Any]:
     """Nearest-neighbour search for AMD: faiss exact and IVF against scikit-learn brute force."""
-    from memaudit.neighbors import NeighborIndex
+    from memaudit.index import NeighborIndex
 
     sizes = args.nn_sizes
     methods = _nn_methods(args.device, args.nn_nprobe_high)

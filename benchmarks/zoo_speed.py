@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from memaudit.demo.build import ZooSettings, all_words
     from memaudit.models import ModelSpec, build_pipeline
     from memaudit.target import from_pipeline
-    from memaudit.train import TrainConfig, VAEConfig, train_unet, train_vae
+    from memaudit.training import TrainConfig, VAEConfig, train_unet, train_vae
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)

@@ -23,13 +23,17 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from memaudit.baselines.rwa import RWAHook
+from memaudit.baselines.rwa import check_settings as check_rwa
+from memaudit.baselines.threshold import ThresholdHook
+from memaudit.core.devices import resolve_dtype
 from memaudit.core.digests import tree_digest
 from memaudit.core.errors import ConfigError
-from memaudit.core.io import check_writable
+from memaudit.core.io import atomic_write_json, check_writable
 from memaudit.core.outputs import (
     check_cache,
     check_clear,
@@ -41,6 +45,12 @@ from memaudit.core.outputs import (
 )
 from memaudit.core.provenance import versions
 from memaudit.core.runs import differences, listed
+from memaudit.data import dataset_for_target
+from memaudit.latents import latent_cache_root, latents_for
+from memaudit.peft import GRANULARITIES, available_methods, get_method, method_class, save_adapter
+from memaudit.peft.lora import save_diffusers_lora
+from memaudit.target import load_target
+from memaudit.training import TrainConfig, latest_checkpoint, train_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -61,32 +71,27 @@ def _help(text: str, **kw):
 class FinetuneConfig:
     """Settings of :func:`finetune`; each field's ``help`` metadata documents it."""
 
-    method: str = _help("which parameters train: a PEFT method of memaudit.mitigate.methods (full, svdiff, difffit, "
-                        "attention, bias, norm, lora, freeze)", default="full")
+    method: str = _help('which parameters train: full, freeze, bias, norm, attention, svdiff, difffit, lora', default="full")
     granularity: str = _help("mask units of the method: block or layer", default="block")
-    mask: list | None = _help("0/1 per unit of the method (None: every unit trains)", default=None)
+    mask: list | None = _help('0/1 per unit of the method, e.g. 0110100 (default: all units)', default=None)
     mask_units: dict | None = _help("what the mask was made for, as mask.json records it "
                                     "(memaudit.mitigate.finetune.mask_units; None: not checked)", default=None)
     mitigation: str = _help("training-time mitigation: none, rwa or threshold", default="none")
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("images per step", default=32)
     learning_rate: float | None = _help("AdamW learning rate (constant; None: the method's default)", default=None)
-    seed: int = _help("seed of every random draw of the run", default=0)
+    seed: int = _help('seed of every random draw', default=0)
     caption_dropout: float = _help("probability of training on the empty prompt (for guidance)", default=0.1)
     mixed_precision: str = _help("no, fp16 or bf16 autocast (CUDA only)", default="no")
     checkpoint_every: int = _help("write a resumable checkpoint every N steps", default=100)
     rwa_words: int = _help("rwa: random tokens inserted per caption", default=2)
-    rwa_probability: float = _help("rwa: probability that a caption is perturbed at a step", default=0.5)
-    threshold: float | str = _help("threshold: denoising strength at or above which a sample is dropped, or auto "
-                                   "(the batch's top decile)", default="auto")
+    rwa_probability: float = _help('rwa: probability a caption is perturbed at a step', default=0.5)
+    threshold: float | str = _help('threshold: strength at/above which samples drop, or auto (top decile)', default="auto")
     threshold_quantile: float = _help("threshold: the batch quantile of 'auto'", default=0.9)
-    save_dtype: str = _help("dtype of the saved UNet and VAE (the text encoder stays float32)", default="float32")
+    save_dtype: str = _help('dtype of the saved denoiser and VAE: float32, float16, bfloat16', default="float32")
     loras: list = _help("LoRA adapters fused into the base before training: [[path, scale], ...]", default_factory=list)
 
     def __post_init__(self):
-        from memaudit.baselines.rwa import check_settings as check_rwa
-        from memaudit.mitigate.methods import GRANULARITIES, available_methods, method_class
-
         if self.method not in available_methods():
             raise ConfigError(f"--method {self.method!r} is not known; use one of: {', '.join(available_methods())}.")
         if self.granularity not in GRANULARITIES:
@@ -113,9 +118,7 @@ class FinetuneConfig:
         check_rwa(self.rwa_words, self.rwa_probability)
         self.train_config()  # validates the shared training settings
 
-    def train_config(self):
-        from memaudit.train import TrainConfig
-
+    def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
                            seed=self.seed, caption_dropout=self.caption_dropout, mixed_precision=self.mixed_precision,
                            checkpoint_every=self.checkpoint_every, keep_checkpoints=1, log_every=0)
@@ -123,30 +126,20 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-
 
 def mitigation_hooks(config: FinetuneConfig, target) -> list:
     """The training hooks of ``config.mitigation``."""
     if config.mitigation == "rwa":
-        from memaudit.baselines.rwa import RWAHook
-
         return [RWAHook(target.tokenizer, k=config.rwa_words, p=config.rwa_probability)]
     if config.mitigation == "threshold":
-        from memaudit.baselines.threshold import ThresholdHook
-
         return [ThresholdHook(config.threshold, quantile=config.threshold_quantile)]
     return []
 
 
 def install_method(config: FinetuneConfig, target, base: str | None = None):
-    """Build ``config.method`` on ``target.unet`` (in place) and return it with the parameters its mask trains;
+    """Build ``config.method`` on ``target.denoiser`` (in place) and return it with the parameters its mask trains;
     ``base`` names the model in the message about a mask of the wrong length."""
-    from memaudit.mitigate.methods import get_method
-
-    method = get_method(config.method, target.unet, config.granularity, base=base)
+    method = get_method(config.method, target.denoiser, config.granularity, base=base)
     mask = config.mask if config.mask is not None else [1] * len(method.units())
     return method, method.parameters_for(mask, config.mask_units)
 
@@ -174,24 +167,9 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     filled before anything of the run is written, so an unreadable image stops the run with nothing to clean up.
     ``reads``: other files the run reads (``("--mask", path)``), which ``out`` must stay clear of like the inputs.
     """
-    from memaudit.core.io import atomic_write_json
-    from memaudit.data import dataset_for_target
-    from memaudit.latents import latent_cache_root, latents_for
-    from memaudit.target import load_target, resolve_dtype
-    from memaudit.train import latest_checkpoint, train_unet
-
     config = config or FinetuneConfig()
     cache_root = check_writable(latent_cache_root(cache_dir), "--cache-dir")
-    # nothing the user gave is written over, and only a fine-tune memaudit wrote is replaced (with --overwrite)
-    named = [("the base model", base if isinstance(base, (str, os.PathLike)) else None),
-             ("--train", train if isinstance(train, (str, os.PathLike)) else None), ("--cache-dir", cache_root.parent),
-             *[("--lora", lora[0]) for lora in config.loras], *reads]
-    out = check_output(out, "finetune", named, partial=partial_dir(out))
-    check_cache(cache_root.parent, named)
-    check_partial(partial_dir(out), "run.json", "the fine-tune")
-    if (out / SETTINGS_FILE).is_file() and not overwrite:
-        raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite to replace it, or another "
-                          "--out.")
+    out = _check_outputs(base, train, out, config, cache_root, reads, overwrite)
 
     target = load_target(base, device=device, dtype="float32", loras=config.loras)
     dataset, source = dataset_for_target(train, target, convert_channels)
@@ -201,48 +179,27 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
     identity = _identity(base, source, config, data_key)
 
     hooks = mitigation_hooks(config, target)
-    method, params = install_method(config, target, base=str(base))  # a mask that does not fit stops here, before anything is written
+    # a mask that does not fit stops here, before anything is written
+    method, params = install_method(config, target, base=str(base))
 
     work = partial_dir(out)
     run_file = work / "run.json"
     resuming = run_file.is_file()
     if resuming:
-        try:
-            earlier = json.loads(run_file.read_text())
-        except ValueError:
-            earlier = None
-        if earlier != identity:
-            names = differences(earlier if isinstance(earlier, dict) else {}, identity,
-                                parts={"base_sha256": "the base model's files", "train_sha256": "the training images"})
-            raise ConfigError(f"{work} holds an unfinished fine-tune with other settings, base or data (differing: "
-                              f"{listed(names) or 'its format'}); run the same command as before to resume it, or "
-                              f"delete {work} to start over.")
+        _check_same_run(work, run_file, identity)
     # the images' latents, before anything of the run is written (nothing to encode when nothing trains)
     latents = latents_for(target, dataset, cache_dir, progress=cache_progress) if params else None
     if not resuming:
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_file, identity)
     resumed_from = latest_checkpoint(work / "checkpoints")
-    earlier_wall = json.loads((work / "wall.json").read_text())["wall_time_s"] if (work / "wall.json").is_file() else 0.0
+    wall_file = work / "wall.json"
+    earlier_wall = json.loads(wall_file.read_text())["wall_time_s"] if wall_file.is_file() else 0.0
 
     n_train = sum(p.numel() for p in params)
-    n_unet = method.summary()["unet_parameters"]
+    n_denoiser = method.denoiser_parameters
     started = time.perf_counter()
-
-    def on_progress(step: int, total: int, logs: dict) -> None:
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            atomic_write_json(work / "wall.json", {"wall_time_s": earlier_wall + time.perf_counter() - started})
-        if progress is not None:
-            progress(step, total, logs)
-
-    if params:
-        result = train_unet(target, dataset, config.train_config(), params=params, hooks=hooks, progress=on_progress,
-                            checkpoint_dir=work / "checkpoints", resume=True, save_pipeline=_no_pipeline,
-                            latents=latents)
-        latents.close()
-    else:  # an all-zero mask (or the freeze method): nothing trains, the result is the base model
-        logger.warning("the mask switches every unit of %s off: nothing to train, writing the base model", config.method)
-        result = _Untrained()
+    result = _train(target, dataset, config, params, hooks, latents, work, progress, earlier_wall, started)
     settings = {
         "kind": "memaudit.finetune", "schema_version": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -251,23 +208,88 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
                                                "with this seed (data order, noise, timesteps, caption dropout, RWA)"},
         "versions": versions(),
         "device": str(target.device),
-        "trainable_parameters": n_train, "unet_parameters": n_unet,
-        "trainable_percent": 100.0 * n_train / n_unet,
+        "trainable_parameters": n_train, "unet_parameters": n_denoiser,
+        "trainable_percent": 100.0 * n_train / n_denoiser,
         "method": method.summary() | {"units": [u.name for u in method.units()]},
-        "result": {"steps": result.steps, "final_loss": result.final_loss,
-                   "mean_loss_last_100": (sum(result.losses[-100:]) / len(result.losses[-100:])) if result.losses else None,
-                   "skipped_steps": result.skipped_steps, "stats": result.stats,
-                   "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else None,
-                   "wall_time_s": earlier_wall + time.perf_counter() - started},
+        "result": _result_summary(result, resumed_from, earlier_wall + time.perf_counter() - started),
         "latent_cache": latents.report if latents is not None else None,
     }
+    _write_output(out, target, method, config, identity, result, settings)
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("fine-tuned %s for %d steps -> %s", base, result.steps, out)
+    return settings
+
+
+def _check_outputs(base, train, out: str | Path, config: FinetuneConfig, cache_root: Path,
+                   reads: Sequence[tuple[str, str | os.PathLike]], overwrite: bool) -> Path:
+    """``out``, checked: nothing the user gave is written over, and only a fine-tune memaudit wrote is replaced
+    (with ``overwrite``)."""
+    named = [("the base model", base if isinstance(base, (str, os.PathLike)) else None),
+             ("--train", train if isinstance(train, (str, os.PathLike)) else None), ("--cache-dir", cache_root.parent),
+             *[("--lora", lora[0]) for lora in config.loras], *reads]
+    out = check_output(out, "finetune", named, partial=partial_dir(out))
+    check_cache(cache_root.parent, named)
+    check_partial(partial_dir(out), "run.json", "the fine-tune")
+    if (out / SETTINGS_FILE).is_file() and not overwrite:
+        raise ConfigError(f"--out {out} already holds a finished fine-tune; pass --overwrite to replace it, or another "
+                          "--out.")
+    return out
+
+
+def _check_same_run(work: Path, run_file: Path, identity: dict) -> None:
+    """ConfigError unless the unfinished run in ``work`` (its ``run.json``) is the one ``identity`` describes."""
+    try:
+        earlier = json.loads(run_file.read_text())
+    except ValueError:
+        earlier = None
+    if earlier != identity:
+        names = differences(earlier if isinstance(earlier, dict) else {}, identity,
+                            parts={"base_sha256": "the base model's files", "train_sha256": "the training images"})
+        raise ConfigError(f"{work} holds an unfinished fine-tune with other settings, base or data (differing: "
+                          f"{listed(names) or 'its format'}); run the same command as before to resume it, or "
+                          f"delete {work} to start over.")
+
+
+def _train(target, dataset, config: FinetuneConfig, params: list, hooks: list, latents, work: Path,
+           progress: Progress | None, earlier_wall: float, started: float):
+    """Train ``params`` (none: nothing trains) with checkpoints in ``work``, where the run's wall time so far is
+    written beside each checkpoint; returns the training result."""
+
+    def on_progress(step: int, total: int, logs: dict) -> None:
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            atomic_write_json(work / "wall.json", {"wall_time_s": earlier_wall + time.perf_counter() - started})
+        if progress is not None:
+            progress(step, total, logs)
+
+    if params:
+        result = train_denoiser(target, dataset, config.train_config(), params=params, hooks=hooks,
+                                progress=on_progress, checkpoint_dir=work / "checkpoints", resume=True,
+                                save_pipeline=_no_pipeline, latents=latents)
+        latents.close()
+        return result
+    # an all-zero mask (or the freeze method): nothing trains, the result is the base model
+    logger.warning("the mask switches every unit of %s off: nothing to train, writing the base model", config.method)
+    return _Untrained()
+
+
+def _result_summary(result, resumed_from: Path | None, wall_time_s: float) -> dict:
+    """The ``result`` entry of the settings: steps, losses, statistics, the step resumed from and the wall time."""
+    return {"steps": result.steps, "final_loss": result.final_loss,
+            "mean_loss_last_100": (sum(result.losses[-100:]) / len(result.losses[-100:])) if result.losses else None,
+            "skipped_steps": result.skipped_steps, "stats": result.stats,
+            "resumed_from_step": int(resumed_from.name.split("-")[1]) if resumed_from else None,
+            "wall_time_s": wall_time_s}
+
+
+def _write_output(out: Path, target, method, config: FinetuneConfig, identity: dict, result, settings: dict) -> None:
+    """Write the fine-tuned pipeline folder ``out`` in one atomic step: the adapter (any method but full), the LoRA
+    in diffusers' format (lora), the merged pipeline and the settings (``settings`` gains the folders written)."""
     save_dtype = resolve_dtype(config.save_dtype)
     with output_directory(out, "finetune") as tmp:
         if config.method != "full":
-            from memaudit.mitigate.adapter import save_adapter
-
-            save_adapter(method, tmp / ADAPTER_DIR, base=identity["base"], mask=config.mask, learning_rate=config.learning_rate,
-                         steps=result.steps, seed=config.seed, extra={"mitigation": config.mitigation})
+            save_adapter(method, tmp / ADAPTER_DIR, base=identity["base"], mask=config.mask,
+                         learning_rate=config.learning_rate, steps=result.steps, seed=config.seed,
+                         extra={"mitigation": config.mitigation})
             settings["adapter"] = ADAPTER_DIR
         if config.method == "lora":
             save_diffusers_lora(target, tmp / LORA_DIR)
@@ -278,39 +300,12 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
             item.rename(tmp / item.name)
         (tmp / "pipeline").rmdir()
         atomic_write_json(tmp / SETTINGS_FILE, settings)
-    shutil.rmtree(work, ignore_errors=True)
-    logger.info("fine-tuned %s for %d steps -> %s", base, result.steps, out)
-    return settings
 
 
 class _Untrained:
     steps, final_loss, losses, skipped_steps, stats = 0, None, [], 0, {}
 
 
-def save_diffusers_lora(target, folder: Path) -> Path:
-    """The LoRA trained on the target's denoiser (before it is merged), written in diffusers' LoRA format by the
-    family's own pipeline class, so ``pipe.load_lora_weights(folder)`` applies it without memaudit. A family whose
-    diffusers pipeline has no LoRA loader (PixArt) gets a peft adapter folder instead (``adapter_config.json`` +
-    ``adapter_model.safetensors``: ``peft.PeftModel.from_pretrained(pipe.transformer, folder)``, or ``--lora``)."""
-    from peft import get_peft_model_state_dict
-
-    from memaudit.mitigate.methods.lora import ADAPTER_NAME
-
-    layers = get_peft_model_state_dict(target.denoiser, adapter_name=ADAPTER_NAME)
-    folder.mkdir(parents=True, exist_ok=True)  # inside the fine-tune's atomic output folder
-    if hasattr(type(target.pipe), "save_lora_weights"):
-        kind = "unet" if target.family.denoiser_name == "unet" else "transformer"
-        type(target.pipe).save_lora_weights(str(folder), **{f"{kind}_lora_layers": layers}, safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
-
-        target.denoiser.peft_config[ADAPTER_NAME].save_pretrained(str(folder))
-        save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in layers.items()},
-                  str(folder / "adapter_model.safetensors"))
-    return folder
-
-
 def _no_pipeline(target, path: Path) -> None:
     """Checkpoints keep only the trained parameters and optimizer state: a full pipeline copy per checkpoint would
     cost disk (4 GB for Stable Diffusion) and nothing for resuming."""
-

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from memaudit.tokenizers import build_clip_tokenizer
+
 SCHEDULERS = ("ddim", "dpm", "ddpm", "pndm", "euler")
 
 
@@ -72,7 +74,6 @@ def build_pipeline(spec: ModelSpec | None = None, tokenizer=None, words: Iterabl
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from memaudit.tokenizers import build_clip_tokenizer
 
     spec = spec or ModelSpec()
     if tokenizer is None:

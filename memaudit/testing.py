@@ -7,12 +7,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from memaudit.models import ModelSpec, build_pipeline
+from memaudit.tokenizers import build_clip_tokenizer
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(max_length: int):
-    from memaudit.tokenizers import build_clip_tokenizer
-
+def clip_tokenizer(max_length: int):
+    """The full CLIP tokenizer padding and truncating to ``max_length`` tokens, as :func:`tiny_pipeline` uses it
+    (cached: do not modify)."""
     return build_clip_tokenizer(model_max_length=max_length)
 
 
@@ -25,7 +26,7 @@ def tiny_pipeline(prediction_type: str = "epsilon", scheduler: str = "ddim", ima
     """
     spec = ModelSpec(image_channels=image_channels, resolution=resolution, prediction_type=prediction_type,
                      scheduler=scheduler, max_length=max_length)
-    return build_pipeline(spec, tokenizer=_tokenizer(max_length), seed=seed)
+    return build_pipeline(spec, tokenizer=clip_tokenizer(max_length), seed=seed)
 
 
 def save_tiny_pipeline(path: str | os.PathLike, **kwargs) -> Path:

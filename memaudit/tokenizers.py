@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import regex
 
+from memaudit.core.errors import TargetError
+
 N_MERGES = 49152 - 256 - 2
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -25,7 +27,6 @@ def _bpe_file() -> str:
 
     path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     if not os.path.exists(path):  # pragma: no cover - depends on the installed open_clip
-        from memaudit.core.errors import TargetError
 
         raise TargetError(f"open_clip's BPE vocabulary is missing ({path}); reinstall open_clip_torch.")
     return path

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from memaudit.core.errors import ConfigError
+from memaudit.index import NeighborIndex
 from memaudit.metrics.amd import AMDAccumulator, AMDResult, amd, amd_bruteforce
-from memaudit.neighbors import NeighborIndex
 
 
 def _independent_amd(gen: np.ndarray, train: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

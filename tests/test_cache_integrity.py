@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from memaudit.data import load_dataset
+from memaudit.index import NeighborIndex, ThumbnailLookup, build_or_load
 from memaudit.latents import latent_cache_root, latents_for
-from memaudit.lookup import ThumbnailLookup
-from memaudit.neighbors import NeighborIndex, build_or_load
 from memaudit.target import load_target
 from memaudit.testing import count_encodes, save_image_folder
 
@@ -46,12 +45,12 @@ def test_a_damaged_feature_index_is_rebuilt_to_the_fresh_one(tmp_path, caplog, k
     build_or_load(train, tmp_path, kind=kind, nlist=4 if kind == "ivf" else None)
     (saved,) = tmp_path.glob("index-*.faiss")
     zero_middle(saved, 8192)
-    with caplog.at_level(logging.WARNING, logger="memaudit.neighbors"):
+    with caplog.at_level(logging.WARNING, logger="memaudit.index"):
         key = saved.stem.removeprefix("index-")
         assert NeighborIndex.load(tmp_path, key) is None
     assert str(saved) in caplog.text and "checksum" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="memaudit.neighbors"):
+    with caplog.at_level(logging.WARNING, logger="memaudit.index"):
         rebuilt = build_or_load(train, tmp_path, kind=kind, nlist=4 if kind == "ivf" else None)
     assert str(saved) in caplog.text
     for got, exp in zip(rebuilt.search(queries, k=5), want):
@@ -66,7 +65,7 @@ def test_metadata_damaged_into_other_valid_json_are_not_trusted(tmp_path, caplog
     meta_path = tmp_path / "index-k1.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "metric": "l2"}))  # still valid JSON, another metric
-    with caplog.at_level(logging.WARNING, logger="memaudit.neighbors"):
+    with caplog.at_level(logging.WARNING, logger="memaudit.index"):
         assert NeighborIndex.load(tmp_path, "k1") is None
     assert str(meta_path) in caplog.text and "seal" in caplog.text
     meta_path.write_text(json.dumps(meta))  # put back: loads, and searches as before
@@ -92,7 +91,7 @@ def test_a_damaged_thumbnail_index_is_rebuilt_and_finds_the_same_images(tmp_path
     build().save(tmp_path, "thumbs")
     faiss_file = tmp_path / "index-thumbs.faiss"
     zero_middle(faiss_file, 2048)
-    with caplog.at_level(logging.WARNING, logger="memaudit.neighbors"):
+    with caplog.at_level(logging.WARNING, logger="memaudit.index"):
         loaded = ThumbnailLookup.load(tmp_path, "thumbs", read, images.shape[1:], n=40)
     assert loaded is None and str(faiss_file) in caplog.text
     lookup = loaded or build()  # what the audit does: build again and save

@@ -12,7 +12,7 @@ import torch
 
 from memaudit.core.errors import ConfigError
 from memaudit.target import load_target
-from memaudit.train import (
+from memaudit.training import (
     LATEST,
     MANIFEST_FILE,
     STATE_FILE,

@@ -265,7 +265,7 @@ def test_mixed_prompt_clique_members(train_images):
 
 
 def test_analyze_prompt_takes_a_lookup_and_gives_the_same_verdict(train_images):
-    from memaudit.lookup import ExhaustiveLookup, ThumbnailLookup
+    from memaudit.index import ExhaustiveLookup, ThumbnailLookup
 
     thumbs = ThumbnailLookup(lambda idx: train_images[idx], (3, 16, 16)).add(train_images)
     cfg = ExtractionConfig()

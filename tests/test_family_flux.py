@@ -24,7 +24,7 @@ from memaudit.families.flux import Flux, latent_image_ids
 from memaudit.sampling import Sampler
 from memaudit.target import from_pipeline, load_target
 from memaudit.tiny_families import RESOLUTION, call_kwargs, tiny_flux
-from memaudit.train import TrainConfig, train_unet
+from memaudit.training import TrainConfig, train_unet
 
 PROMPTS = ["a photo of a face", "a chest x-ray"]
 GENERATIONS = 2

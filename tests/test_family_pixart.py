@@ -171,7 +171,7 @@ def _dataset(images: np.ndarray, captions):
 
 
 def test_training_runs_and_lowers_the_loss_on_one_image():
-    from memaudit.train import TrainConfig, train_unet
+    from memaudit.training import TrainConfig, train_unet
 
     rng = np.random.default_rng(0)
     target = from_pipeline(_pipe(), device="cpu")

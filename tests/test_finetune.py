@@ -128,8 +128,7 @@ def test_cli_finetune_and_its_errors(tmp_path, tiny_dir_eps, data_dir):
 
 
 def test_peft_method_with_mask_resumes_and_saves_its_adapter(tmp_path, tiny_dir_eps, tiny_dataset):
-    from memaudit.mitigate.adapter import load_adapter
-    from memaudit.mitigate.methods import get_method
+    from memaudit.peft import get_method, load_adapter
 
     n_units = len(get_method("svdiff", load_target(tiny_dir_eps, device="cpu").unet).units())
     mask = [1, 0] * (n_units // 2) + [1] * (n_units % 2)
@@ -156,7 +155,7 @@ def test_peft_method_with_mask_resumes_and_saves_its_adapter(tmp_path, tiny_dir_
 
 
 def test_an_all_zero_mask_writes_the_base_unchanged(tmp_path, tiny_dir_eps, tiny_dataset):
-    from memaudit.mitigate.methods import get_method
+    from memaudit.peft import get_method
 
     n_units = len(get_method("difffit", load_target(tiny_dir_eps, device="cpu").unet).units())
     s = finetune(tiny_dir_eps, tiny_dataset, tmp_path / "ft", _cfg(method="difffit", mask=[0] * n_units), device="cpu")

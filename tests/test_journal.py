@@ -209,14 +209,14 @@ def test_ctrl_c_says_what_the_journal_kept_and_the_same_command_resumes(tmp_path
     out = tmp_path / "out"
     args = ["audit", str(tiny_dir_eps), "--train", str(data), "--out", str(out), "--generations", "4", "--min-clique",
             "2", "--steps", "2", "--batch-size", "4", "--device", "cpu"]
-    real_update = cli._PlainProgress.update
+    real_update = cli.PlainProgress.update
 
     def interrupt(self, task, completed=None, **kw):
         real_update(self, task, completed=completed, **kw)
         if self.tasks[task]["description"] == "sampling" and completed == 8:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli._PlainProgress, "update", interrupt)
+    monkeypatch.setattr(cli.PlainProgress, "update", interrupt)
     monkeypatch.setattr(sys, "argv", ["memaudit", *args])
     with pytest.raises(SystemExit) as e:
         cli.main()
@@ -224,7 +224,7 @@ def test_ctrl_c_says_what_the_journal_kept_and_the_same_command_resumes(tmp_path
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"Interrupted. Kept 2 of 6 prompts in {journal_dir(out)}; none is sampled again. Resume with "
                     f"the same command: memaudit {' '.join(args)}"), last
-    monkeypatch.setattr(cli._PlainProgress, "update", real_update)
+    monkeypatch.setattr(cli.PlainProgress, "update", real_update)
     calls = count_calls(monkeypatch)
     with pytest.raises(SystemExit) as e:
         cli.main()

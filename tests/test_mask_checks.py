@@ -47,7 +47,7 @@ def wide_dir(tmp_path_factory):
 
 def test_mask_json_records_its_units_and_model(searched, tiny_dir_eps):
     from memaudit.mitigate.finetune import mask_units, read_mask
-    from memaudit.mitigate.methods import get_method
+    from memaudit.peft import get_method
     from memaudit.target import load_target
 
     doc = read_mask(searched)
@@ -64,7 +64,7 @@ def test_mask_json_records_its_units_and_model(searched, tiny_dir_eps):
 
 def test_units_of_another_width_are_refused_naming_the_first_unit(searched, wide_dir):
     from memaudit.mitigate.finetune import mask_units, read_mask
-    from memaudit.mitigate.methods import get_method
+    from memaudit.peft import get_method
     from memaudit.target import load_target
 
     doc = read_mask(searched)

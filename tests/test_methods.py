@@ -1,4 +1,4 @@
-"""Tests for memaudit.mitigate.methods and memaudit.mitigate.adapter on the tiny UNet.
+"""Tests for memaudit.peft and memaudit.peft on the tiny UNet.
 
 Expected parameter counts are computed here independently of the methods, by walking the UNet's modules.
 """
@@ -12,11 +12,18 @@ import pytest
 import torch
 
 from memaudit.core.errors import ConfigError
-from memaudit.mitigate import methods as registry
-from memaudit.mitigate.adapter import export_merged, load_adapter, read_adapter_info, save_adapter
-from memaudit.mitigate.methods import PEFTMethod, available_methods, get_method
+from memaudit.peft import (
+    PEFTMethod,
+    available_methods,
+    export_merged,
+    get_method,
+    load_adapter,
+    read_adapter_info,
+    registry,
+    save_adapter,
+)
 from memaudit.target import load_target
-from memaudit.train import TrainConfig, train_unet
+from memaudit.training import TrainConfig, train_unet
 
 ALL = ["full", "freeze", "bias", "norm", "attention", "svdiff", "difffit", "lora"]
 WRAPPING = ["svdiff", "difffit", "lora"]
@@ -283,7 +290,7 @@ def test_a_mask_of_the_wrong_length_says_how_many_units_and_how_to_list_them(tar
 @pytest.mark.parametrize("granularity", ["block", "layer"])
 @pytest.mark.parametrize("name", ["svdiff", "difffit", "lora", "freeze"])
 def test_unit_table_lists_the_units_in_mask_order_with_their_share(target, name, granularity):
-    from memaudit.mitigate.methods import unit_table
+    from memaudit.peft import unit_table
 
     base_size = sum(p.numel() for p in target.unet.parameters())
     expected = _expected_count(name, target.unet)  # counted on the plain UNet, before the method changes it
@@ -295,7 +302,7 @@ def test_unit_table_lists_the_units_in_mask_order_with_their_share(target, name,
 
 
 def test_list_units_loads_the_base_and_checks_its_arguments_first(tiny_dir_eps):
-    from memaudit.mitigate.methods import list_units
+    from memaudit.peft import list_units
 
     rows = list_units(tiny_dir_eps, "difffit")
     fresh = load_target(tiny_dir_eps, device="cpu").unet

@@ -16,7 +16,7 @@ from functools import cache
 import pytest
 import torch
 
-from memaudit.mitigate.methods import get_method
+from memaudit.peft import get_method
 from memaudit.tiny_families import FAMILY_NAMES
 
 METHODS = ["full", "svdiff", "difffit", "attention", "bias", "norm", "lora"]
@@ -221,7 +221,7 @@ def test_the_methods_find_layers_in_every_block(family, method):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_lora_targets_come_from_the_denoiser(family):
-    from memaudit.mitigate.methods.lora import lora_targets
+    from memaudit.peft.lora import lora_targets
 
     target = _fresh(family)
     expected = list(FLUX_LORA_LAYERS if family.startswith(("flux", "sd3")) else LORA_LAYERS)

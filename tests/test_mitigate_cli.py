@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memaudit.cli import app, main
-from memaudit.mitigate.methods import get_method, method_class
+from memaudit.peft import get_method, method_class
 from memaudit.target import load_target
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memaudit.core.errors import ConfigError
-from memaudit.neighbors import IVF_TRAIN_PER_CELL, NeighborIndex, build_or_load, index_key, ivf_training_rows
+from memaudit.index import IVF_TRAIN_PER_CELL, NeighborIndex, build_or_load, index_key, ivf_training_rows
 
 
 def test_exact_cosine_known_answer():
@@ -154,14 +154,14 @@ def test_input_errors():
 
 def test_cuda_without_gpu_faiss_falls_back_to_cpu(caplog, monkeypatch):
     monkeypatch.delattr(faiss, "StandardGpuResources", raising=False)
-    with caplog.at_level("WARNING", logger="memaudit.neighbors"):
+    with caplog.at_level("WARNING", logger="memaudit.index"):
         index = NeighborIndex(device="cuda").add(np.eye(2, dtype=np.float32))
     assert "GPU support" in caplog.text
     assert index.search(np.array([[1.0, 0.0]]))[1].tolist() == [[0]]
 
 
 def test_default_nprobe_grows_with_the_cells():
-    from memaudit.neighbors import NeighborIndex, default_nprobe
+    from memaudit.index import NeighborIndex, default_nprobe
 
     assert [default_nprobe(n) for n in (1, 256, 1024, 1025, 4000)] == [16, 16, 16, 17, 63]
     data = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)

@@ -177,8 +177,8 @@ def test_report_never_replaces_its_results_or_other_files(copies, tmp_path):
 
 
 def test_search_and_export_refuse_inputs_and_foreign_folders(copies, tmp_path):
-    from memaudit.mitigate.adapter import export_merged
     from memaudit.mitigate.search import SearchConfig, run_mask_search
+    from memaudit.peft import export_merged
 
     model, data = copies
     _refused(lambda: run_mask_search(str(model), data, data, SearchConfig()), "is --train", data, model)

@@ -31,6 +31,9 @@ from memaudit.report import (
     write_report,
     write_results,
 )
+from memaudit.report import html as report_html
+from memaudit.report import plots as report_plots
+from memaudit.report import write as report_write
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EVIL_PROMPT = 'a <script>alert("x")</script> & "friends"'
@@ -106,8 +109,8 @@ def fast_plots(monkeypatch):
 
         return plot
 
-    monkeypatch.setattr(report, "histogram_svg", fake("hist", svg=True))
-    monkeypatch.setattr(report, "roc_png", fake("roc"))
+    monkeypatch.setattr(report_html, "histogram_svg", fake("hist", svg=True))
+    monkeypatch.setattr(report_html, "roc_png", fake("roc"))
     return calls
 
 
@@ -345,8 +348,8 @@ def test_render_without_optional_data(audit, fast_plots):
 def test_write_report(audit, fast_plots, monkeypatch):
     folder, _, grids, train = audit
     calls = []
-    real = report.atomic_write_text
-    monkeypatch.setattr(report, "atomic_write_text", lambda p, t: calls.append(p) or real(p, t))
+    real = report_write.atomic_write_text
+    monkeypatch.setattr(report_write, "atomic_write_text", lambda p, t: calls.append(p) or real(p, t))
     path = write_report(folder / "results.json")
     assert path == folder / "report.html" and calls == [path]
     text = path.read_text(encoding="utf-8")
@@ -584,8 +587,9 @@ def test_reference_scores_are_drawn_beside_the_audited_ones(audit, fast_plots, m
     # and the SVG plots both series on shared bins
     monkeypatch.undo()
     seen = []
-    real = report.histogram_counts
-    monkeypatch.setattr(report, "histogram_counts", lambda series, **kw: seen.append(series) or real(series, **kw))
+    real = report_plots.histogram_counts
+    monkeypatch.setattr(report_plots, "histogram_counts",
+                        lambda series, **kw: seen.append(series) or real(series, **kw))
     both = histogram_svg([3.217, 2.5, 0.75], "t", "x", threshold=2.875, reference=[0.5, 1.25, 2.0])
     alone = histogram_svg([3.217, 2.5, 0.75], "t", "x", threshold=2.875)
     assert seen == [[[3.217, 2.5, 0.75], [0.5, 1.25, 2.0]], [[3.217, 2.5, 0.75]]]

@@ -7,8 +7,8 @@ import torch
 
 from memaudit.baselines.rwa import RWAHook, insert_random_words, random_tokens, rwa_prompts
 from memaudit.core.errors import ConfigError
-from memaudit.testing import _tokenizer
-from memaudit.train import TrainConfig, TrainHook, train_unet
+from memaudit.testing import clip_tokenizer as _tokenizer
+from memaudit.training import TrainConfig, TrainHook, train_unet
 
 CAPTION = "a photo of the face of person two six two"
 

@@ -56,7 +56,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_results_in_any_order_are_logged_in_ask_order_and_each_mask_once(tmp_path, monkeypatch):
-    import memaudit.mitigate.search as search
+    import memaudit.mitigate.search.nsga2 as search  # nsga2_search looks decode up in its own module
 
     # three learning rates on two genes: the gene value 3 decodes to the first rate, like 0, so two genomes of a
     # generation can stand for one evaluation

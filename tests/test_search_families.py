@@ -66,9 +66,9 @@ def test_search_then_stage_two_then_export_on_each_family(tmp_path, family, save
 
     import memaudit.target
     from memaudit.cli import app
-    from memaudit.mitigate.adapter import load_adapter
     from memaudit.mitigate.finetune import finetune_with_mask, read_mask
     from memaudit.mitigate.search import run_mask_search
+    from memaudit.peft import load_adapter
     from memaudit.target import load_target
 
     base = saved(family)

@@ -15,7 +15,7 @@ from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt, normal
 from memaudit.audit import AuditConfig, run_audit
 from memaudit.core.errors import ConfigError, DataError
 from memaudit.data import ImageCaptionDataset, from_arrays, load_dataset
-from memaudit.lookup import (
+from memaudit.index import (
     ExhaustiveLookup,
     ThumbnailLookup,
     dataset_reader,

@@ -8,7 +8,7 @@ import torch
 from memaudit.baselines.threshold import ThresholdHook, batch_strength
 from memaudit.core.errors import ConfigError
 from memaudit.target import load_target
-from memaudit.train import LossContext, TrainConfig, TrainHook, train_unet
+from memaudit.training import LossContext, TrainConfig, TrainHook, train_unet
 
 
 def _ctx(n):

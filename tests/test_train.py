@@ -1,4 +1,4 @@
-"""Tests for memaudit.train: the shared UNet training loop, its checkpoints and hooks, and VAE training."""
+"""Tests for memaudit.training: the shared UNet training loop, its checkpoints and hooks, and VAE training."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from memaudit.data import ImageCaptionDataset, load_dataset
 from memaudit.latents import DatasetLatents
 from memaudit.target import Target, load_target
 from memaudit.testing import save_image_folder
-from memaudit.train import (
+from memaudit.training import (
     TrainConfig,
     TrainHook,
     VAEConfig,

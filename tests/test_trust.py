@@ -31,13 +31,15 @@ def _main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    """Loading a model fails the test: the mistakes below must be caught before it."""
-    import memaudit.target
+    """Loading a model fails the test: the mistakes below must be caught before it. The refusal sits inside
+    ``load_target`` (its first step, resolving the device), since every caller binds ``load_target`` itself when it is
+    imported."""
+    import memaudit.target.load
 
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the output location was checked")
 
-    monkeypatch.setattr(memaudit.target, "load_target", refuse)
+    monkeypatch.setattr(memaudit.target.load, "resolve_device", refuse)
 
 
 @pytest.mark.parametrize("where", ["proc", "under_a_file"])
@@ -119,7 +121,7 @@ def test_prompts_given_a_folder_say_so_before_any_model_loads(tmp_path, monkeypa
 def test_plain_progress_lines_with_an_estimate():
     now = [0.0]
     stream = io.StringIO()
-    bar = cli._PlainProgress(step=25, stream=stream, clock=lambda: now[0])
+    bar = cli.PlainProgress(step=25, stream=stream, clock=lambda: now[0])
     loading = bar.add_task("loading model", total=1)
     now[0] = 3.0
     bar.update(loading, completed=1)  # one-step stages say nothing
@@ -144,14 +146,14 @@ def test_progress_is_printed_when_stderr_is_not_a_terminal(tmp_path, monkeypatch
 
 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, capsys, tiny_dir_eps, data_dir):
-    real_update = cli._PlainProgress.update
+    real_update = cli.PlainProgress.update
 
     def interrupt_at_step_5(self, task, completed=None, **kw):
         real_update(self, task, completed=completed, **kw)
         if completed == 5:  # the checkpoint of step 4 is on disk
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli._PlainProgress, "update", interrupt_at_step_5)
+    monkeypatch.setattr(cli.PlainProgress, "update", interrupt_at_step_5)
     out = tmp_path / "ft"
     args = ["finetune", str(tiny_dir_eps), "--train", str(data_dir), "--out", str(out), "--steps", "6",
             "--batch-size", "2", "--checkpoint-every", "2", "--device", "cpu"]
@@ -160,14 +162,14 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, monkeypatch, caps
     last = err.strip().splitlines()[-1]
     assert last.startswith("Interrupted. Kept the checkpoint") and "(step 4)" in last, last
     assert last.endswith("Resume with the same command: memaudit finetune " + " ".join(args[1:])), last
-    monkeypatch.setattr(cli._PlainProgress, "update", real_update)
+    monkeypatch.setattr(cli.PlainProgress, "update", real_update)
     code, _, err = _main(monkeypatch, capsys, *args)
     assert code in (0, None), err
     assert json.loads((out / "memaudit_finetune.json").read_text())["result"]["resumed_from_step"] == 4
 
 
 def test_ctrl_c_in_an_audit_says_nothing_was_written(monkeypatch):
-    message = cli._interrupt_message(["audit", "m", "--train", "my data"], None)
+    message = cli.interrupt_message(["audit", "m", "--train", "my data"], None)
     assert message == ("Interrupted; nothing was written. Run it again from the start: "
                        "memaudit audit m --train 'my data'")
 
@@ -176,8 +178,8 @@ def test_threads_default_to_the_cpu_affinity_mask(monkeypatch, capsys):
     before = torch.get_num_threads()
     try:
         monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
-        assert cli._use_threads(None) == 3 and torch.get_num_threads() == 3
-        assert cli._use_threads(1) == 1 and torch.get_num_threads() == 1
+        assert cli.use_threads(None) == 3 and torch.get_num_threads() == 3
+        assert cli.use_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     code, _, err = _main(monkeypatch, capsys, "demo", "--threads", "0")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from memaudit.core.errors import ConfigError
-from memaudit.train import Batch, TrainHook, TrainState
+from memaudit.training import Batch, TrainHook, TrainState
 
 MAX_DRAWS = 64
 
@@ -85,7 +85,7 @@ class RWAPrompts:
 
 
 class RWAHook(TrainHook):
-    """Training-time RWA for :func:`memaudit.train.train_unet`: perturbs each caption with probability ``p``.
+    """Training-time RWA for :func:`memaudit.training.train_denoiser`: perturbs each caption with probability ``p``.
 
     Empty captions (classifier-free guidance dropout) stay empty. ``state.stats['rwa_perturbed']`` counts the
     perturbed captions.

@@ -17,7 +17,7 @@ import torch
 
 from memaudit.core.errors import ConfigError
 from memaudit.families import Conditioning
-from memaudit.train import LossContext, TrainHook, TrainState
+from memaudit.training import LossContext, TrainHook, TrainState
 
 StrengthFn = Callable[[LossContext, TrainState], torch.Tensor]
 

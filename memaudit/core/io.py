@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from memaudit.core.errors import ConfigError
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -100,8 +102,6 @@ def check_writable(path: str | os.PathLike, what: str, *, folder: bool = True) -
     replaced: it is written as a temporary sibling renamed into place, so the nearest existing ancestor of its parent
     must be a writable folder. Raises a one-line :class:`~memaudit.core.errors.ConfigError` naming ``what`` (e.g.
     ``--out``) otherwise."""
-    from memaudit.core.errors import ConfigError
-
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} is a file; pass a folder.")

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from memaudit import __version__
 from memaudit.core.errors import ConfigError
 from memaudit.core.io import atomic_directory, atomic_write_json, check_writable
 
@@ -171,8 +172,6 @@ def check_partial(folder: str | os.PathLike, record: str, what: str) -> None:
 
 def write_marker(folder: str | os.PathLike, command: str, *, listed: bool = True) -> Path:
     """Mark ``folder`` as memaudit's output of ``command``; with ``listed``, name every file in it (written last)."""
-    from memaudit import __version__
-
     folder = Path(folder)
     doc = {"kind": MARKER_KIND, "command": command, "memaudit": __version__,
            "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

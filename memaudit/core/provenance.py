@@ -7,15 +7,15 @@ import platform
 import numpy as np
 import torch
 
+from memaudit import __version__
+
 
 def versions(*, faiss: bool = True) -> dict:
     """Versions of memaudit and the libraries a result depends on (``faiss`` too when asked and installed)."""
     import diffusers  # measured import cost (about 1 s): only when a result is written
     import transformers
 
-    import memaudit
-
-    out = {"memaudit": memaudit.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+    out = {"memaudit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
            "transformers": transformers.__version__, "numpy": np.__version__, "python": platform.python_version()}
     if faiss:
         try:

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memaudit.core.errors import DataError
+from memaudit.data import from_arrays
+
 DEMO_DIR = Path(__file__).resolve().parent
 BASE_MODEL = DEMO_DIR / "base"
 FULL_FT_MODEL = DEMO_DIR / "full_ft"
@@ -63,9 +66,6 @@ def read_faces_csv(path: str | Path = FACES_CSV) -> list[dict]:
 
 def faces_dataset(split: str = "train", resolution: int = RESOLUTION, recipe: str | Path = FACES_CSV):
     """The bundled faces as an :class:`~memaudit.data.ImageCaptionDataset` (``train``, ``heldout`` or ``all``)."""
-    from memaudit.core.errors import DataError
-    from memaudit.data import from_arrays
-
     if split not in ("train", "heldout", "all"):
         raise DataError(f"faces split {split!r} does not exist; use train, heldout or all.")
     rows = [r for r in read_faces_csv(recipe) if split == "all" or r["split"] == split]

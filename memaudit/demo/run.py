@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from memaudit import demo
+from memaudit.audit import AuditConfig, run_audit
 from memaudit.core.errors import ConfigError
 
 DEMO_SETTINGS = dict(generations=10, min_clique=5, steps=25, guidance=4.0, batch_size=50, features="pixels",
@@ -21,7 +22,6 @@ DEMO_SETTINGS = dict(generations=10, min_clique=5, steps=25, guidance=4.0, batch
 
 def run_demo(out: str | Path, model: str = "full_ft", redact: bool = False, device: str = "auto", seed: int = 0,
              progress: Callable[[str, int, int], None] | None = None, **overrides) -> dict:
-    from memaudit.audit import AuditConfig, run_audit
 
     models = {"full_ft": demo.FULL_FT_MODEL, "base": demo.BASE_MODEL}
     if model not in models:

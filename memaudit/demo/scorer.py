@@ -30,6 +30,9 @@ from torch import nn
 
 from memaudit import demo
 from memaudit.core.errors import ConfigError, DataError
+from memaudit.core.io import atomic_write_bytes
+from memaudit.features import FeatureExtractor
+from memaudit.target import load_target
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +138,6 @@ def alignment_factory(device="cpu", **options) -> DemoAlignment:
 def feature_factory(device="cpu", batch_size: int = 64, **options):
     """``get_extractor("demo")`` (an entry point in pyproject.toml): the classifier's 64-d penultimate features
     (option ``weights=PATH``)."""
-    from memaudit.features import FeatureExtractor
-
     unknown = set(options) - {"weights"}
     if unknown:
         raise ConfigError(f"feature extractor 'demo' has no option(s) {sorted(unknown)}; it takes weights=PATH.")
@@ -162,8 +163,6 @@ def training_images(vae_model: str | Path | None = None,
     n = len(mnist)
     source = torch.cat([torch.arange(n), n + torch.arange(100).repeat(copies), n + 100 + torch.arange(100).repeat(copies)])
     if vae_model is not None:
-        from memaudit.target import load_target
-
         target = load_target(vae_model, device="cpu")
         images = torch.cat([images, target.round_trip(images).clamp(-1, 1)])
         labels, source = torch.cat([labels, labels]), torch.cat([source, source])
@@ -208,8 +207,6 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, source: torch.T
 
 def save_classifier(model: DemoClassifier, path: str | Path = SCORER_FILE) -> Path:
     from safetensors.torch import save_file
-
-    from memaudit.core.io import atomic_write_bytes
 
     path = Path(path)
     tmp = path.with_name(path.name + ".part")

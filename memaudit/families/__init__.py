@@ -1,20 +1,23 @@
 """Model families: one file each, one registry line each (:data:`FAMILIES`).
 
-A family is found from ``model_index.json``'s ``_class_name`` (:func:`family_for_class`) or from an in-memory
-pipeline's class (:func:`family_of`). See :mod:`memaudit.families.base` for what a family provides.
+A family is found from ``model_index.json``'s ``_class_name`` (:func:`family_for_class`), from an in-memory
+pipeline's class (:func:`family_of`) or from its denoiser's class (:func:`family_for_denoiser`). See
+:mod:`memaudit.families.base` for what a family provides, :mod:`memaudit.families.pipeline` for sampling through the
+family's pipeline, and :mod:`memaudit.families.tiny` for what the families' tiny test pipelines share.
 """
 
 from __future__ import annotations
 
-from memaudit.families.base import Conditioning, DDPMFamily, Family, FlowMatchingFamily, PipelineRun, sample
+from memaudit.families.base import Conditioning, DDPMFamily, Family, FlowMatchingFamily
 from memaudit.families.flux import Flux
+from memaudit.families.pipeline import PipelineRun, sample
 from memaudit.families.pixart import PixArt
 from memaudit.families.sd import StableDiffusion
 from memaudit.families.sd3 import StableDiffusion3
 from memaudit.families.sdxl import StableDiffusionXL
 
 __all__ = ["FAMILIES", "Conditioning", "DDPMFamily", "Family", "FlowMatchingFamily", "PipelineRun", "family_for_class",
-           "family_of", "sample", "supported_text"]
+           "family_for_denoiser", "family_of", "sample", "supported_text"]
 
 #: name -> family, in the order messages list them
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -40,6 +43,17 @@ def family_of(pipe) -> Family | None:
         family = family_for_class(cls.__name__)
         if family is not None:
             return family
+    return None
+
+
+def family_for_denoiser(denoiser) -> Family | None:
+    """The family whose denoiser class (its component's accepted class names) is ``denoiser``'s class or a base
+    class of it, the first in :data:`FAMILIES` order where several share one (SD and SDXL share
+    ``UNet2DConditionModel``, and its block layout); None if memaudit has none."""
+    for cls in type(denoiser).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.components.get(family.denoiser_name, ()):
+                return family
     return None
 
 

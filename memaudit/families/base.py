@@ -1,4 +1,4 @@
-"""What every model family provides, and the sampling through diffusers' own pipeline that they share.
+"""What every model family provides.
 
 A *family* (one file each in this package: Stable Diffusion 1.x/2.x, SDXL, SD3, Flux, PixArt) knows, for its
 diffusers pipeline class:
@@ -12,26 +12,23 @@ diffusers pipeline class:
 - how to noise a clean latent at a timestep and what the training target is (DDPM-style families: ``alpha_bar``;
   flow-matching families: ``x_t = (1 - s) x0 + s noise``, target ``noise - x0``);
 - how images become scaled (and shifted) latents and back;
-- which blocks the denoiser has (the mask units of the PEFT methods).
+- which blocks the denoiser has, and which of them are transformer blocks (the mask units of the PEFT methods);
+- how a LoRA trained on its denoiser is saved for its pipeline to load.
 
 Timesteps are always in the scheduler's units: integers in ``[0, num_train_timesteps)`` for DDPM-style families,
 ``sigma * num_train_timesteps`` for flow-matching ones.
 
-Sampling (:func:`sample`) drives the family's own diffusers pipeline, so images equal plain diffusers' for the same
-seeds by construction, and reads the conditional and unconditional predictions with a forward hook on the
-denoiser: the denoising strength ``||eps_c - eps_u||`` of Wen et al. comes free with classifier-free guidance.
-(Flow-matching families measure it on the velocity: in eps space it is identically zero at the first step; see
-:class:`FlowMatchingFamily`.) When
-a call carries no unconditional half (a guidance-distilled model such as Flux dev, or guidance <= 1), the hook makes
-one extra denoiser call with the empty prompt at the steps the score needs.
+Sampling (:func:`memaudit.families.pipeline.sample`) drives the family's own diffusers pipeline and reads the
+denoising strength on the way; see :mod:`memaudit.families.pipeline`.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -43,8 +40,7 @@ logger = logging.getLogger(__name__)
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 __all__ = ["PREDICTION_TYPES", "call_default", "output_to_eps", "training_target", "Conditioning", "Family",
-           "FlowMatchingFamily", "DDPMFamily", "PipelineRun", "sample", "alpha_bar_at", "nonfinite_prediction_error",
-           "pack_2x2", "unpack_2x2"]
+           "FlowMatchingFamily", "DDPMFamily", "alpha_bar_at", "nonfinite_prediction_error", "pack_2x2", "unpack_2x2"]
 
 
 @dataclass
@@ -196,8 +192,15 @@ class Family:
         return int(pipe.scheduler.config.num_train_timesteps)
 
     def blocks(self, denoiser: torch.nn.Module) -> list[str]:
-        """The denoiser's blocks (module names), in order: the units of the PEFT methods' block granularity."""
+        """The denoiser's blocks (module names), in forward order: its transformer blocks (a DiT), or the top-level
+        blocks that hold them (a UNet's down, mid and up blocks)."""
         return [n for n, _ in denoiser.named_children()]
+
+    def transformer_blocks(self, denoiser: torch.nn.Module) -> list[str]:
+        """The denoiser's transformer blocks (module names), in forward order: one unit each of the PEFT methods'
+        block granularity. Default: :meth:`blocks` (a DiT's blocks are its transformer blocks); *family* where its
+        blocks hold them (a UNet's ``Transformer2DModel`` modules)."""
+        return self.blocks(denoiser)
 
     # -- prompts -------------------------------------------------------------------------------------------------
     def encode(self, pipe, prompts: list[str], device: torch.device) -> Conditioning:  # pragma: no cover - abstract
@@ -287,6 +290,25 @@ class Family:
     def ready(self, pipe) -> str | None:
         """Why this pipeline cannot be audited as the family (None when it can)."""
         return None
+
+    # -- saving ----------------------------------------------------------------------------------------------------
+    def save_lora(self, pipe, layers: dict[str, torch.Tensor], adapter_config, folder: Path) -> None:
+        """Write a LoRA trained on the denoiser to the existing ``folder``, for the family's own pipeline class to
+        load: ``layers`` is the denoiser's peft LoRA state dict, ``adapter_config`` its ``peft`` ``LoraConfig``.
+
+        Default: diffusers' LoRA format, written by the pipeline class's ``save_lora_weights``, so
+        ``pipe.load_lora_weights(folder)`` applies it without memaudit. A pipeline without a LoRA loader (PixArt)
+        gets a peft adapter folder instead (``adapter_config.json`` + ``adapter_model.safetensors``:
+        ``peft.PeftModel.from_pretrained(pipe.transformer, folder)``, or ``--lora``)."""
+        if hasattr(type(pipe), "save_lora_weights"):
+            kind = "unet" if self.denoiser_name == "unet" else "transformer"
+            type(pipe).save_lora_weights(str(folder), **{f"{kind}_lora_layers": layers}, safe_serialization=True)
+        else:
+            from safetensors.torch import save_file  # safetensors: only needed when a LoRA is saved
+
+            adapter_config.save_pretrained(str(folder))
+            save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in layers.items()},
+                      str(folder / "adapter_model.safetensors"))
 
 
 class DDPMFamily(Family):
@@ -408,20 +430,6 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tens
     raise TargetError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}.")
 
 
-# -- sampling through the pipeline ---------------------------------------------------------------------------------
-@dataclass
-class PipelineRun:
-    """What :func:`sample` returns for one batch."""
-
-    images: torch.Tensor  # [B, C, H, W] in [0, 1], float32, CPU
-    norms: torch.Tensor  # [B, steps]: ||eps_c - eps_u||; NaN at steps not scored
-    timesteps: torch.Tensor  # [steps], scheduler units
-    #: denoiser evaluations made only for the score, one per image and scored step (a batch of B images scored at
-    #: one step is one batched call that counts B): what "one extra call per image" costs
-    extra_calls: int = 0
-    calls: list = field(default_factory=list)
-
-
 def nonfinite_prediction_error(model: str, dtype: torch.dtype, nan: bool = True) -> TargetError:
     """The one-line error for a denoiser whose first prediction is not finite: the model's fault, not the images'."""
     what = "NaN" if nan else "infinite values"
@@ -430,77 +438,3 @@ def nonfinite_prediction_error(model: str, dtype: torch.dtype, nan: bool = True)
            "(--dtype float32) or check the checkpoint and its LoRA adapters" if low else
            "its weights (or its LoRA adapters') are broken; check the checkpoint")
     return TargetError(f"{model} predicts {what} at the first sampling step: {why}. Sampling stopped.")
-
-
-class _Recorder:
-    """The forward hook on the denoiser: per call, the guidance norm of each image. With ``check_finite`` the
-    first call's output is checked once (one device sync) and a non-finite one stops sampling at once."""
-
-    def __init__(self, family: Family, pipe, n: int, uncond: Conditioning, score_steps: Callable[[int], bool],
-                 check_finite: bool = False, model: str = "the model"):
-        self.family, self.pipe, self.n, self.uncond, self.score_steps = family, pipe, n, uncond, score_steps
-        self.check_finite, self.model = check_finite, model
-        self.norms: list[torch.Tensor] = []
-        self.timesteps: list[torch.Tensor] = []
-        self.extra_calls = 0
-        self.busy = False
-
-    def __call__(self, module, args, kwargs, output):
-        if self.busy:  # our own extra call
-            return None
-        x, t, out = self.family.call_parts(self.pipe, args, kwargs, output)
-        step = len(self.norms)
-        if self.check_finite and step == 0 and not bool(torch.isfinite(out).all()):
-            raise nonfinite_prediction_error(self.model, out.dtype, nan=bool(torch.isnan(out).any()))
-        n = self.n
-        t = t.reshape(-1)
-        self.timesteps.append(t[0].detach().float().cpu())
-        if x.shape[0] == 2 * n:
-            eps = self.family.score_output(self.pipe, out, x.float(), t.expand(2 * n) if t.numel() == 1 else t)
-            self.norms.append((eps[n:] - eps[:n]).flatten(1).norm(dim=1).float())
-        elif x.shape[0] == n and self.score_steps(step):
-            self.busy = True
-            try:
-                out_u = self.family.recall(self.pipe, module, args, kwargs, self.uncond)
-            finally:
-                self.busy = False
-            self.extra_calls += n
-            tt = t.expand(n) if t.numel() == 1 else t
-            eps_c = self.family.score_output(self.pipe, out, x.float(), tt)
-            eps_u = self.family.score_output(self.pipe, out_u, x.float(), tt)
-            self.norms.append((eps_c - eps_u).flatten(1).norm(dim=1).float())
-        else:
-            self.norms.append(torch.full((n,), float("nan"), device=x.device))
-        return None
-
-
-@torch.no_grad()
-def sample(family: Family, pipe, cond: Conditioning, uncond: Conditioning, seeds: Sequence[int], *, steps: int,
-           guidance: float, resolution: int, latents: torch.Tensor | None = None,
-           score_steps: Callable[[int], bool] = lambda i: i == 0, check_finite: bool = False,
-           model: str = "the model") -> PipelineRun:
-    """One batch through the family's diffusers pipeline: images of ``cond`` (batch ``B``) from the seeds' initial
-    latents (``latents``, else :meth:`Family.initial_latents`), and per step the guidance norm of every image.
-
-    ``uncond`` is the unconditional conditioning, batch ``B``. Where the pipeline's denoiser call has no
-    unconditional half, the norm is computed by one extra call at the steps where ``score_steps(i)`` is true and is
-    NaN elsewhere. With ``check_finite`` the denoiser's first prediction is checked (one device sync): NaN or inf
-    there raises :func:`nonfinite_prediction_error` naming ``model`` at once, before the other steps run."""
-    n = len(cond)
-    denoiser = family.denoiser(pipe)
-    if latents is None:
-        latents = family.initial_latents(pipe, seeds, resolution)
-    device = denoiser.device
-    recorder = _Recorder(family, pipe, n, uncond.to(device), score_steps, check_finite=check_finite, model=model)
-    handle = denoiser.register_forward_hook(recorder, with_kwargs=True)
-    try:
-        out = pipe(**family.pipeline_kwargs(cond.to(device), uncond.to(device)), num_inference_steps=steps,
-                   guidance_scale=guidance, height=resolution, width=resolution, latents=latents.to(device),
-                   generator=[torch.Generator().manual_seed(int(s)) for s in seeds], output_type="pt",
-                   return_dict=False)
-    finally:
-        handle.remove()
-    images = out[0] if isinstance(out, (tuple, list)) else out
-    norms = torch.stack(recorder.norms, dim=1).cpu() if recorder.norms else torch.empty(n, 0)
-    timesteps = torch.stack(recorder.timesteps) if recorder.timesteps else torch.empty(0)
-    return PipelineRun(images=images.float().cpu(), norms=norms, timesteps=timesteps, extra_calls=recorder.extra_calls)

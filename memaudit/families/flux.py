@@ -47,12 +47,31 @@ import numpy as np
 import torch
 
 from memaudit.families.base import Conditioning, FlowMatchingFamily, call_default, pack_2x2, unpack_2x2
-from memaudit.families.sd3 import flow_scheduler_problem, transformer_call_parts
+from memaudit.families.common import flow_scheduler_problem, transformer_call_parts
+from memaudit.families.tiny import (
+    CLIP_MAX_LENGTH,
+    T5_MAX_LENGTH,
+    clip_text_encoder,
+    clip_tokenizer,
+    t5_text_encoder,
+    t5_tokenizer,
+    tiny_vae,
+)
 
 #: the pipeline's default T5 length (``max_sequence_length`` of ``FluxPipeline.__call__``)
 FLUX_MAX_SEQUENCE_LENGTH = 512
 #: FluxPipeline's default ``guidance_scale`` and train_dreambooth_flux.py's ``--guidance_scale``
 FLUX_GUIDANCE = 3.5
+
+# The released variants' scheduler configurations and the Flux VAE's latent statistics, for the tiny test pipeline
+_FLUX_SCHEDULERS = {
+    "dev": dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096),
+    "schnell": dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False, base_shift=0.5, max_shift=1.15,
+                    base_image_seq_len=256, max_image_seq_len=4096),
+}
+_FLUX_VAE = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                 use_post_quant_conv=False)
 
 
 def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -191,3 +210,35 @@ class Flux(FlowMatchingFamily):
 
     def ready(self, pipe):
         return flow_scheduler_problem(pipe)
+
+
+# -- the tiny test pipeline ----------------------------------------------------------------------------------------
+def tiny(variant: str = "dev", seed: int = 0):
+    """A tiny ``FluxPipeline`` of the ``"dev"`` (guidance-distilled: guidance embedding, dynamic shifting) or
+    ``"schnell"`` (no guidance embedding, shift 1) variant: FluxTransformer2DModel (1 double + 1 single block,
+    64 packed input channels), a CLIP text model (pooled, hidden 16), a T5 encoder (d_model 32) and a 16-channel
+    VAE with Flux's shift/scaling. Pass ``height``/``width`` (:data:`memaudit.families.tiny.RESOLUTION`) when
+    calling it: Flux's own default is 256 px here."""
+    from diffusers import (  # diffusers: a measured import cost, paid only for test models
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+
+    if variant not in _FLUX_SCHEDULERS:
+        raise ValueError(f"Flux variant {variant!r} is not one of {', '.join(_FLUX_SCHEDULERS)}")
+    tokenizer = clip_tokenizer(CLIP_MAX_LENGTH)
+    tokenizer_2 = t5_tokenizer(T5_MAX_LENGTH)
+    text_encoder = clip_text_encoder(seed, tokenizer, hidden=16, layers=2, heads=2)
+    text_encoder_2 = t5_text_encoder(seed, tokenizer_2)
+    latent_channels = _FLUX_VAE["latent_channels"]
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_encoder_2.config.d_model,
+        pooled_projection_dim=text_encoder.config.hidden_size, guidance_embeds=variant == "dev",
+        axes_dims_rope=(4, 4, 8)).eval()
+    return FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**_FLUX_SCHEDULERS[variant]),
+        vae=tiny_vae(seed, **_FLUX_VAE), text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2, image_encoder=None, feature_extractor=None)

@@ -38,9 +38,16 @@ from __future__ import annotations
 import torch
 
 from memaudit.families.base import Conditioning, DDPMFamily, call_default
+from memaudit.families.tiny import LATENT_SIZE, SDXL_VAE, T5_MAX_LENGTH, t5_text_encoder, t5_tokenizer, tiny_vae
 
 #: max_sequence_length defaults of the pipelines, used when the pipeline's signature does not say
 DEFAULT_MAX_SEQUENCE_LENGTH = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
+
+# PixArt-Sigma's scheduler configuration (the defaults of DPMSolverMultistepScheduler, which diffusers' conversion
+# script uses), for the tiny test pipeline
+_PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                         prediction_type="epsilon", solver_order=2, algorithm_type="dpmsolver++",
+                         solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace", steps_offset=0)
 
 
 def _is_alpha(pipe) -> bool:
@@ -161,3 +168,29 @@ class PixArt(DDPMFamily):
             return (f"its transformer takes resolution and aspect-ratio conditions, but {type(pipe).__name__} passes "
                     f"none (only PixArtAlphaPipeline does, for transformers of sample_size 128).")
         return None
+
+
+# -- the tiny test pipeline ----------------------------------------------------------------------------------------
+def tiny(seed: int = 0):
+    """A tiny ``PixArtSigmaPipeline``: PixArtTransformer2DModel (2 blocks, patch 2, adaLN-single, learned sigma:
+    8 output channels for 4 latent ones), a T5 encoder (d_model 32), DPMSolverMultistepScheduler and a 4-channel VAE
+    with the SDXL VAE's scaling factor. Call it with ``use_resolution_binning=False``."""
+    from diffusers import (  # diffusers: a measured import cost, paid only for test models
+        DPMSolverMultistepScheduler,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+
+    tokenizer = t5_tokenizer(T5_MAX_LENGTH)
+    text_encoder = t5_text_encoder(seed, tokenizer)
+    heads, head_dim = 2, 8
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=LATENT_SIZE, num_layers=2, patch_size=2, attention_head_dim=head_dim, num_attention_heads=heads,
+        in_channels=4, out_channels=8, cross_attention_dim=heads * head_dim,
+        caption_channels=text_encoder.config.d_model, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        use_additional_conditions=False).eval()
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=tiny_vae(seed, **SDXL_VAE),
+        scheduler=DPMSolverMultistepScheduler(**_PIXART_SCHEDULER))

@@ -1,27 +1,14 @@
 """Stable Diffusion 1.x and 2.x: a UNet conditioned on one CLIP text encoder's hidden states; epsilon, v or sample
-prediction under a DDPM-type scheduler."""
+prediction under a DDPM-type scheduler.
+
+Its tiny test pipeline is built by :func:`memaudit.testing.tiny_pipeline` (:mod:`memaudit.models` builds SD-layout
+pipelines of any size), which :func:`memaudit.tiny_families.tiny_sd` calls.
+"""
 
 from __future__ import annotations
 
-import torch
-
 from memaudit.families.base import Conditioning, DDPMFamily
-
-
-def unet_call_parts(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latent input, timestep and output of a ``UNet2DConditionModel`` call as diffusers' pipelines make it."""
-    x = args[0] if args else kwargs["sample"]
-    t = args[1] if len(args) > 1 else kwargs["timestep"]
-    out = output[0] if isinstance(output, tuple) else output.sample
-    return x, torch.as_tensor(t, device=x.device).reshape(-1), out
-
-
-def unet_blocks(unet: torch.nn.Module) -> list[str]:
-    """A UNet's transformer-bearing blocks in forward order: each down block, the mid block, each up block."""
-    names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
-    if getattr(unet, "mid_block", None) is not None:
-        names.append("mid_block")
-    return names + [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+from memaudit.families.common import unet_blocks, unet_call_parts, unet_transformer_blocks
 
 
 class StableDiffusion(DDPMFamily):
@@ -53,3 +40,6 @@ class StableDiffusion(DDPMFamily):
 
     def blocks(self, denoiser):
         return unet_blocks(denoiser)
+
+    def transformer_blocks(self, denoiser):
+        return unet_transformer_blocks(denoiser)

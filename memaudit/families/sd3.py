@@ -34,26 +34,25 @@ import copy
 import torch
 
 from memaudit.families.base import Conditioning, FlowMatchingFamily, call_default
+from memaudit.families.common import flow_scheduler_problem, transformer_call_parts
+from memaudit.families.tiny import (
+    CLIP_MAX_LENGTH,
+    LATENT_SIZE,
+    T5_MAX_LENGTH,
+    clip_text_encoder,
+    clip_tokenizer,
+    t5_text_encoder,
+    t5_tokenizer,
+    tiny_vae,
+)
 
 #: the pipeline's default T5 length (``max_sequence_length`` of ``StableDiffusion3Pipeline.__call__``)
 SD3_MAX_SEQUENCE_LENGTH = 256
 
-
-def transformer_call_parts(kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latent input, timestep and output of a transformer call made with keywords (``hidden_states``,
-    ``timestep``) and ``return_dict=False``, as the SD3 and Flux pipelines make it."""
-    x = kwargs["hidden_states"]
-    out = output[0] if isinstance(output, tuple) else output.sample
-    return x, torch.as_tensor(kwargs["timestep"], device=x.device).reshape(-1), out
-
-
-def flow_scheduler_problem(pipe) -> str | None:
-    """Why ``pipe.scheduler`` cannot drive a rectified-flow family (None when it can)."""
-    name = type(pipe.scheduler).__name__
-    if not name.startswith("FlowMatch"):
-        return (f"its scheduler is a {name}; a rectified-flow model needs its FlowMatchEulerDiscreteScheduler "
-                "(sigma-valued timesteps).")
-    return None
+# The released SD3's scheduler configuration and VAE latent statistics, for the tiny test pipeline
+_SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+_SD3_VAE = dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False)
 
 
 class StableDiffusion3(FlowMatchingFamily):
@@ -140,3 +139,35 @@ class StableDiffusion3(FlowMatchingFamily):
 
     def ready(self, pipe):
         return flow_scheduler_problem(pipe)
+
+
+# -- the tiny test pipeline ----------------------------------------------------------------------------------------
+def tiny(seed: int = 0):
+    """A tiny ``StableDiffusion3Pipeline``: an SD3Transformer2DModel (2 joint blocks, patch 2), CLIP-L (hidden 8)
+    and CLIP-G (hidden 16), both with projection, a T5 encoder (d_model 32: the CLIP states, 24 wide, are zero-padded
+    to it as in SD3), FlowMatchEulerDiscreteScheduler (shift 3) and a 16-channel VAE with SD3's shift/scaling."""
+    from diffusers import (  # diffusers: a measured import cost, paid only for test models
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tokenizer = clip_tokenizer(CLIP_MAX_LENGTH)
+    tokenizer_3 = t5_tokenizer(T5_MAX_LENGTH)
+    text_encoder = clip_text_encoder(seed, tokenizer, hidden=8, layers=2, heads=2, with_projection=True)
+    text_encoder_2 = clip_text_encoder(seed, tokenizer, hidden=16, layers=2, heads=2, with_projection=True,
+                                       hidden_act="gelu")
+    text_encoder_3 = t5_text_encoder(seed, tokenizer_3)
+    heads, head_dim = 2, 8
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=head_dim, num_attention_heads=heads, caption_projection_dim=heads * head_dim,
+        joint_attention_dim=text_encoder_3.config.d_model,
+        pooled_projection_dim=text_encoder.config.projection_dim + text_encoder_2.config.projection_dim,
+        pos_embed_max_size=2 * LATENT_SIZE).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**_SD3_SCHEDULER),
+        vae=tiny_vae(seed, **_SD3_VAE), text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, image_encoder=None,
+        feature_extractor=None)

@@ -41,11 +41,17 @@ from pathlib import Path
 import torch
 
 from memaudit.families.base import Conditioning, DDPMFamily
-from memaudit.families.sd import unet_blocks, unet_call_parts
+from memaudit.families.common import unet_blocks, unet_call_parts, unet_transformer_blocks
+from memaudit.families.tiny import CLIP_MAX_LENGTH, LATENT_SIZE, SDXL_VAE, clip_text_encoder, clip_tokenizer, tiny_vae
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StableDiffusionXL", "sigma_alpha_bar"]
+__all__ = ["StableDiffusionXL", "sigma_alpha_bar", "tiny"]
+
+# SDXL's scheduler configuration (the released model's scheduler_config.json), for the tiny test pipeline
+_SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                       prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                       interpolation_type="linear", use_karras_sigmas=False)
 
 
 def sigma_alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor, log_sigma: bool = False) -> torch.Tensor:
@@ -130,6 +136,9 @@ class StableDiffusionXL(DDPMFamily):
     def blocks(self, denoiser):
         return unet_blocks(denoiser)
 
+    def transformer_blocks(self, denoiser):
+        return unet_transformer_blocks(denoiser)
+
     # -- prompts -------------------------------------------------------------------------------------------------
     def encode(self, pipe, prompts, device):
         embeds, _, pooled, _ = pipe.encode_prompt(list(prompts), device=device, num_images_per_prompt=1,
@@ -176,3 +185,30 @@ class StableDiffusionXL(DDPMFamily):
         kw["added_cond_kwargs"] = added
         out = module(*args, **kw)
         return out[0] if isinstance(out, tuple) else out.sample
+
+
+# -- the tiny test pipeline ----------------------------------------------------------------------------------------
+def tiny(seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline``: CLIPTextModel + CLIPTextModelWithProjection (hidden 16 each, so a
+    32-wide cross attention context and a 16-wide pooled embedding), a two-level UNet with SDXL's ``text_time``
+    added conditioning, SDXL's EulerDiscreteScheduler, a 4-channel VAE with scaling factor 0.13025."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # measured cost
+
+    tokenizer = clip_tokenizer(CLIP_MAX_LENGTH)
+    text_encoder = clip_text_encoder(seed, tokenizer, hidden=16, layers=2, heads=2)
+    text_encoder_2 = clip_text_encoder(seed, tokenizer, hidden=16, layers=2, heads=2, projection=16,
+                                       with_projection=True, hidden_act="gelu")
+    time_dim = 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + text_encoder_2.config.projection_dim,
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        norm_num_groups=4).eval()
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(seed, **SDXL_VAE), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(**_SDXL_SCHEDULER),
+        image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True, add_watermarker=False)

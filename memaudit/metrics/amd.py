@@ -6,7 +6,7 @@ For generated features ``g_i`` and training features ``t_j``,
 
 A low AMD means generated images sit close to training images (a sign of memorization); 0 means every generated
 image has an exact (up to scale) copy among the training features. :func:`amd` uses a faiss
-:class:`~memaudit.neighbors.NeighborIndex`; :func:`amd_bruteforce` is the plain numpy reference used to cross-check
+:class:`~memaudit.index.NeighborIndex`; :func:`amd_bruteforce` is the plain numpy reference used to cross-check
 it. :class:`AMDAccumulator` computes the same value from batches fed one at a time, so an audit need not keep its
 generated images.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from memaudit.core.errors import ConfigError
-from memaudit.neighbors import NeighborIndex, as_feature_array
+from memaudit.index import NeighborIndex, as_feature_array
 
 __all__ = ["AMDResult", "amd", "amd_bruteforce", "AMDAccumulator"]
 
@@ -61,7 +61,7 @@ def amd(generated_features: torch.Tensor | np.ndarray, training_features: torch.
     """AMD of ``generated_features`` ``[N, d]`` against the training set.
 
     Give either ``training_features`` ``[M, d]`` (an index is built from them: exact below 100,000 vectors) or a
-    prebuilt cosine ``index`` (e.g. from :func:`memaudit.neighbors.build_or_load`), not both.
+    prebuilt cosine ``index`` (e.g. from :func:`memaudit.index.build_or_load`), not both.
     """
     if (training_features is None) == (index is None):
         raise ConfigError("amd() needs exactly one of training_features or index")

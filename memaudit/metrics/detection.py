@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from memaudit.core.errors import ConfigError
+from memaudit.core.io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,6 @@ def plot_roc(summary_or_list: DetectionSummary | dict[str, DetectionSummary], pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from memaudit.core.io import atomic_write_bytes
 
     curves = summary_or_list if isinstance(summary_or_list, dict) else {"detector": summary_or_list}
     if not curves:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from memaudit.core.errors import ConfigError
 from memaudit.features import FeatureExtractor, get_extractor
+from memaudit.index import as_feature_array
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ _IMAG_ATOL = 1e-3  # largest imaginary part on the diagonal of sqrtm(S1 S2) take
 
 def _as_float64(features: Any, name: str) -> np.ndarray:
     """``features`` (tensor or array-like ``[N, d]``) as a float64 numpy array, validated."""
-    from memaudit.neighbors import as_feature_array
-
     return as_feature_array(features, name, dtype=np.float64)
 
 

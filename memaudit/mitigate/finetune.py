@@ -4,7 +4,7 @@
 the mask, the learning rate, and the units the mask was made for (names and parameter counts, and the model: family
 and denoiser class); :func:`finetune_with_mask` trains with exactly those on any dataset of the same kind, and refuses
 a base model whose units differ. Applying a mask found on one dataset to another is the paper's *transfer*
-experiment: the units are those of the UNet, not of the data, so a mask transfers between datasets fine-tuned from
+experiment: the units are those of the denoiser, not of the data, so a mask transfers between datasets fine-tuned from
 the same base architecture.
 """
 
@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from memaudit.core.errors import ConfigError
+from memaudit.finetune import FinetuneConfig, finetune
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def read_mask(path: str | os.PathLike) -> dict:
 
 
 def mask_units(doc: dict) -> dict | None:
-    """What a mask was made for, for :meth:`memaudit.mitigate.methods.base.PEFTMethod.check_units`: its units
+    """What a mask was made for, for :meth:`memaudit.peft.base.PEFTMethod.check_units`: its units
     ``[[name, parameters], ...]`` in mask order and the model it was searched on (``base``, ``family``,
     ``denoiser``); None for a mask file that records no units (not written by memaudit mitigate search)."""
     if "units" not in doc:
@@ -67,8 +68,6 @@ def finetune_with_mask(base, train, mask_file, out, *, steps: int, batch_size: i
     """Fine-tune ``base`` on ``train`` with the method, mask and learning rate of ``mask_file``; returns the
     fine-tune's settings (as :func:`memaudit.finetune.finetune`, whose ``cache_dir`` and ``cache_progress`` these
     are: the latent cache the search filled is found here when the images are the same)."""
-    from memaudit.finetune import FinetuneConfig, finetune
-
     doc = read_mask(mask_file)
     made_for = mask_units(doc)
     if made_for is None:
