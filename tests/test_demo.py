@@ -11,6 +11,8 @@ from memaudit import demo
 from memaudit.demo.build import ZooSettings, face_captions
 from memaudit.demo.check import normalized_l2, reproduction_check
 
+pytestmark = pytest.mark.slow  # the demo end to end: CI runs it; `pytest -m 'not slow'` leaves it out
+
 
 def test_faces_recipe_is_deterministic_and_complete():
     rows = demo.read_faces_csv()

@@ -13,6 +13,8 @@ from memaudit.families import FAMILIES
 from memaudit.target import from_pipeline, load_target
 from memaudit.tiny_families import FAMILY_NAMES, RESOLUTION, call_kwargs, tiny_family
 
+pytestmark = pytest.mark.slow  # every family end to end: CI runs it; `pytest -m 'not slow'` leaves it out
+
 STEPS = 2
 
 

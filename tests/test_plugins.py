@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import memaudit
-from memaudit import features, plugins
+from memaudit import features
+from memaudit.core import plugins
 from memaudit.core.errors import ConfigError
 from memaudit.metrics import alignment
 

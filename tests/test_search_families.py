@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every family end to end: CI runs it; `pytest -m 'not slow'` leaves it out
+
 #: family -> the method searched on it (every search also runs the method's default and full fine-tuning)
 SEARCHED = {"sd3": "svdiff", "flux-dev": "lora", "pixart-sigma": "difffit", "sdxl": "attention"}
 
