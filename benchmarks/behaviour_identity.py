@@ -6,8 +6,9 @@ fine-tune's weights, compared byte for byte with times (and the folders they wer
     python benchmarks/behaviour_identity.py compare A.json B.json  # exit 1 and the differing keys when they differ
 
 Run it on the commit before and the commit after (each in its own checkout, one at a time: it takes about ten
-minutes on two CPU cores). Keys whose names say they are times or places (``wall``, ``time``, ``seconds``,
-``started``, ``path`` ...) and version strings are dropped before comparing; everything else must be equal.
+minutes on two CPU cores). Keys whose values are times, the machine, versions or places on disk (``wall_time_s``,
+``created_utc``, ``machine``, ``versions``, ``cache_dir``, ``model``, ``journal`` ...: :data:`VOLATILE`) are set
+aside before comparing; everything else must be equal.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 # Keys that hold clocks, dates, machine facts or where a run wrote: they differ between any two runs.
 VOLATILE = re.compile(r"(_time|^time|wall|seconds|elapsed|_s$|date|started|finished|created|machine|host|pid|"
-                      r"^versions$|path|cache_dir|folder)", re.IGNORECASE)
+                      r"^versions$|path|cache_dir|folder|^model$|^journal$)", re.IGNORECASE)
 
 
 def normalized(value, dropped: set[str], key: str = ""):
