@@ -1,7 +1,7 @@
 """What every family can do, end to end on its tiny pipeline: fine-tuning (full, SV-DIFF, LoRA) lowers the loss and
 writes a folder plain diffusers loads; a LoRA adapter saved by diffusers changes the audit and equals plain
 diffusers with the adapter; RWA and threshold inference-time mitigations run. (The mask search and its export are
-in tests/test_search_families.py; images and scores in tests/test_family_<name>.py.)"""
+in tests/mitigate/test_search_families.py; images and scores in tests/test_family_<name>.py.)"""
 
 from __future__ import annotations
 

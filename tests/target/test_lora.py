@@ -103,7 +103,7 @@ def test_audit_cli_records_the_adapter(tiny_dir_eps, adapter, data_dir, tmp_path
                                 "modules_matched": 56, "partial": False}]
     bad = CliRunner().invoke(app, ["audit", str(tiny_dir_eps), "--train", str(data_dir), "--out", str(tmp_path / "x"),
                                    "--lora", str(adapter), "--lora-scale", "0.5", "--lora-scale", "1"])
-    # main() turns this into one line and exit 2 (tests/test_cli.py checks that for every MemauditError)
+    # main() turns this into one line and exit 2 (tests/cli/test_cli.py checks that for every MemauditError)
     assert isinstance(bad.exception, ConfigError) and "--lora-scale" in str(bad.exception)
     assert not (tmp_path / "x").exists()
 
