@@ -101,3 +101,27 @@ def copying_sampler(monkeypatch):
         monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
 
     return install
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """``run_cli(*args)``: ``memaudit ARGS`` run in this process (``memaudit.cli.main``, as the console script runs
+    it), with its exit code and output as a finished subprocess would give them (``returncode``, ``stdout``,
+    ``stderr``). One subprocess smoke test (tests/cli/test_cli.py) keeps the real entry point covered."""
+    import sys
+    from types import SimpleNamespace
+
+    from memaudit import cli
+
+    def run(*args) -> SimpleNamespace:
+        monkeypatch.setattr(sys, "argv", ["memaudit", *map(str, args)])
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+
+    return run

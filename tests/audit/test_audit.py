@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -122,11 +120,7 @@ def test_user_mistakes_write_nothing(tmp_path, tiny_dir_eps, train):
     assert not out.exists()
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "memaudit", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_cli_mistakes_one_line_exit_2(tmp_path, tiny_dir_eps):
+def test_cli_mistakes_one_line_exit_2(tmp_path, tiny_dir_eps, run_cli):
     data = tmp_path / "data"
     data.mkdir()
     for i in range(3):
@@ -139,7 +133,7 @@ def test_cli_mistakes_one_line_exit_2(tmp_path, tiny_dir_eps):
         (["--train", str(data), "--convert-channels", "--prompts", str(tmp_path / "none.txt")], "does not exist"),
     ]
     for extra, needle in cases:
-        res = _cli("audit", str(tiny_dir_eps), "--out", str(out), *extra)
+        res = run_cli("audit", str(tiny_dir_eps), "--out", str(out), *extra)
         assert res.returncode == 2, res.stderr
         assert needle in res.stderr and "Traceback" not in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
@@ -148,7 +142,7 @@ def test_cli_mistakes_one_line_exit_2(tmp_path, tiny_dir_eps):
 
     shutil.copytree(tiny_dir_eps, no_te)
     shutil.rmtree(no_te / "text_encoder")
-    res = _cli("audit", str(no_te), "--train", str(data), "--out", str(out))
+    res = run_cli("audit", str(no_te), "--train", str(data), "--out", str(out))
     assert res.returncode == 2 and "text_encoder" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
 

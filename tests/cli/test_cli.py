@@ -30,25 +30,26 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "memaudit", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_user_errors_are_one_line_with_exit_code_2(tmp_path):
+def test_user_errors_are_one_line_with_exit_code_2(tmp_path, run_cli):
+    # the one subprocess smoke test: the real entry point, `python -m memaudit`
     res = _run("info", str(tmp_path / "missing"))
     assert res.returncode == 2
     assert res.stderr.strip().startswith("Error:") and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     (tmp_path / "empty").mkdir()
-    res = _run("info", str(tmp_path / "empty"))
+    res = run_cli("info", str(tmp_path / "empty"))
     assert res.returncode == 2 and "model_index.json" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_bad_options_and_inputs_exit_2_without_partial_results(tmp_path, tiny_dir_eps):
+def test_bad_options_and_inputs_exit_2_without_partial_results(tmp_path, tiny_dir_eps, run_cli):
     out = tmp_path / "o"
-    res = _run("audit", str(tiny_dir_eps), "--train", str(tmp_path / "nodata"), "--out", str(out))
+    res = run_cli("audit", str(tiny_dir_eps), "--train", str(tmp_path / "nodata"), "--out", str(out))
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
-    res = _run("demo", "--no-such-option")
+    res = run_cli("demo", "--no-such-option")
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    res = _run("demo", "--model", "nope", "--out", str(out))
+    res = run_cli("demo", "--model", "nope", "--out", str(out))
     assert res.returncode == 2 and "full_ft or base" in res.stderr
     (tmp_path / "file").write_text("x")
-    res = _run("demo", "--out", str(tmp_path / "file"))
+    res = run_cli("demo", "--out", str(tmp_path / "file"))
     assert res.returncode == 2 and "is a file" in res.stderr
     assert not out.exists()
