@@ -163,7 +163,7 @@ def register(name: str, factory: Callable[..., FeatureExtractor]) -> None:
         raise ConfigError(f"feature extractor name must be a non-empty string without spaces at the ends: {name!r}")
     if not callable(factory):
         raise ConfigError(f"feature extractor {name!r}: the factory must be callable")
-    if name in _REGISTRY:
+    if name in _REGISTRY or name in plugins.names(plugins.FEATURE_EXTRACTORS):  # a plugin not loaded yet counts too
         raise ConfigError(f"feature extractor {name!r} is already registered; choose another name")
     _REGISTRY[name] = factory
 
@@ -199,7 +199,7 @@ def get_extractor(name: str | nn.Module | FeatureExtractor, device: str | torch.
             raise ConfigError(f"feature options {sorted(options)} do not apply to a custom nn.Module extractor; "
                               "remove them")
         return FeatureExtractor(name, f"custom:{type(name).__name__}", None, device=device, batch_size=batch_size)
-    factory = plugins.resolve(_REGISTRY, plugins.FEATURE_EXTRACTORS, name, register) if isinstance(name, str) else None
+    factory = plugins.resolve(_REGISTRY, plugins.FEATURE_EXTRACTORS, name) if isinstance(name, str) else None
     if factory is None:
         raise ConfigError(f"feature extractor {name!r} does not exist; choose one of: {', '.join(available())} "
                           "(or pass an nn.Module)")

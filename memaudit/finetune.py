@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,6 +45,7 @@ from memaudit.core.outputs import (
 )
 from memaudit.core.provenance import versions
 from memaudit.core.runs import differences, listed
+from memaudit.core.settings import setting, shared
 from memaudit.data import dataset_for_target
 from memaudit.latents import latent_cache_root, latents_for
 from memaudit.peft import GRANULARITIES, available_methods, get_method, method_class, save_adapter
@@ -63,33 +64,34 @@ SAVE_DTYPES = ("float32", "float16", "bfloat16")
 Progress = Callable[[int, int, dict], None]
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class FinetuneConfig:
     """Settings of :func:`finetune`; each field's ``help`` metadata documents it."""
 
-    method: str = _help('which parameters train: full, freeze, bias, norm, attention, svdiff, difffit, lora', default="full")
-    granularity: str = _help("mask units of the method: block or layer", default="block")
-    mask: list | None = _help('0/1 per unit of the method, e.g. 0110100 (default: all units)', default=None)
-    mask_units: dict | None = _help("what the mask was made for, as mask.json records it "
+    method: str = setting('which parameters train: full, freeze, bias, norm, attention, svdiff, difffit, lora', default="full")
+    granularity: str = setting("mask units of the method: block or layer", default="block")
+    mask: list | None = setting('0/1 per unit of the method, e.g. 0110100 (default: all units)', default=None)
+    mask_units: dict | None = setting("what the mask was made for, as mask.json records it "
                                     "(memaudit.mitigate.finetune.mask_units; None: not checked)", default=None)
-    mitigation: str = _help("training-time mitigation: none, rwa or threshold", default="none")
-    steps: int = _help("optimizer steps", default=1000)
-    batch_size: int = _help("images per step", default=32)
-    learning_rate: float | None = _help("AdamW learning rate (constant; None: the method's default)", default=None)
-    seed: int = _help('seed of every random draw', default=0)
-    caption_dropout: float = _help("probability of training on the empty prompt (for guidance)", default=0.1)
-    mixed_precision: str = _help("no, fp16 or bf16 autocast (CUDA only)", default="no")
-    checkpoint_every: int = _help("write a resumable checkpoint every N steps", default=100)
-    rwa_words: int = _help("rwa: random tokens inserted per caption", default=2)
-    rwa_probability: float = _help('rwa: probability a caption is perturbed at a step', default=0.5)
-    threshold: float | str = _help('threshold: strength at/above which samples drop, or auto (top decile)', default="auto")
-    threshold_quantile: float = _help("threshold: the batch quantile of 'auto'", default=0.9)
-    save_dtype: str = _help('dtype of the saved denoiser and VAE: float32, float16, bfloat16', default="float32")
-    loras: list = _help("LoRA adapters fused into the base before training: [[path, scale], ...]", default_factory=list)
+    mitigation: str = setting("training-time mitigation: none, rwa or threshold", default="none")
+    steps: int = shared(TrainConfig, "steps")
+    batch_size: int = shared(TrainConfig, "batch_size", "images per step")
+    learning_rate: float | None = shared(TrainConfig, "learning_rate", "AdamW learning rate (constant; None: the "
+                                         "method's default)", differs="each PEFT method has its own", default=None)
+    seed: int = shared(TrainConfig, "seed", 'seed of every random draw')
+    caption_dropout: float = shared(TrainConfig, "caption_dropout", "probability of training on the empty prompt "
+                                    "(for guidance)")
+    mixed_precision: str = shared(TrainConfig, "mixed_precision")
+    checkpoint_every: int = shared(TrainConfig, "checkpoint_every", "write a resumable checkpoint every N steps",
+                                   differs="a user's fine-tune resumes after a crash; the library's own short "
+                                   "trainings (demo build, tests) checkpoint only at the end", default=100)
+    rwa_words: int = setting("rwa: random tokens inserted per caption", default=2)
+    rwa_probability: float = setting('rwa: probability a caption is perturbed at a step', default=0.5)
+    threshold: float | str = setting('threshold: strength at/above which samples drop, or auto (top decile)', default="auto")
+    threshold_quantile: float = setting("threshold: the batch quantile of 'auto'", default=0.9)
+    save_dtype: str = setting('dtype of the saved denoiser and VAE: float32, float16, bfloat16', default="float32")
+    loras: list = setting("LoRA adapters fused into the base before training: [[path, scale], ...]", default_factory=list)
 
     def __post_init__(self):
         if self.method not in available_methods():
@@ -119,9 +121,10 @@ class FinetuneConfig:
         self.train_config()  # validates the shared training settings
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
-                           seed=self.seed, caption_dropout=self.caption_dropout, mixed_precision=self.mixed_precision,
-                           checkpoint_every=self.checkpoint_every, keep_checkpoints=1, log_every=0)
+        """The training loop's settings: the fields shared with :class:`TrainConfig`, one checkpoint kept."""
+        own = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.metadata.get("shared_from", "").startswith("TrainConfig.")}
+        return TrainConfig(**own, keep_checkpoints=1, log_every=0)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -125,3 +125,13 @@ def run_cli(monkeypatch, capsys):
         return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
     return run
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run in parallel (pytest-xdist, ``-n auto`` in pyproject.toml) a file at a time, so a module's fixtures are
+    built once; the files that start Ray go first and one after the other on one worker (a Ray instance takes both
+    cores of CI's machine; two at once slow each other several-fold), while the other worker runs the rest."""
+    for item in items:
+        ray = item.get_closest_marker("ray") is not None
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("ray") is None)

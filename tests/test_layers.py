@@ -49,7 +49,8 @@ LAZY: dict[tuple[str, str], str] = {
     # and model modules 4.5 to 5.7 s each (torch, diffusers; measured with /usr/bin/time on two CPU cores), so
     # `memaudit --help` and a mistyped option answer at once
     **{("memaudit.cli.audit", m): "measured import cost (torch, diffusers): the CLI stays fast"
-       for m in ("memaudit.models", "memaudit.target", "memaudit.audit", "memaudit.report", "memaudit.demo.run")},
+       for m in ("memaudit.models", "memaudit.target", "memaudit.audit", "memaudit.report", "memaudit.demo.run",
+                 "memaudit.demo.settings")},
     ("memaudit.cli.finetune", "memaudit.finetune"): "measured import cost (torch, diffusers): the CLI stays fast",
     ("memaudit.cli.finetune", "memaudit.training"): "measured import cost (torch): the CLI stays fast",
     **{("memaudit.cli.mitigate", m): "measured import cost (torch, diffusers): the CLI stays fast"

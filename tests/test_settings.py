@@ -14,12 +14,14 @@ import re
 import pytest
 import typer.main
 
+from memaudit.attacks.extraction import ExtractionConfig
 from memaudit.audit import AuditConfig
 from memaudit.cli import app
 from memaudit.features import available as available_extractors
 from memaudit.finetune import FinetuneConfig
 from memaudit.mitigate.search import SearchConfig
 from memaudit.peft import available_methods
+from memaudit.training import TrainConfig
 
 COMMAND = typer.main.get_command(app)
 
@@ -88,8 +90,9 @@ def test_method_lists_in_help_are_the_registrys():
 
 def test_feature_lists_in_help_are_the_registrys():
     help_text = next(p.help for p in command(("audit",)).params if p.name == "features")
-    # every built-in extractor; "demo" is the bundled demo's plugin (an entry point), for its own small model only
-    assert listed(help_text) == set(available_extractors()) - {"demo"}
+    # every built-in extractor; "demo" and "fashion" are the bundled settings' plugins (entry points), for their own
+    # small models only
+    assert listed(help_text) == set(available_extractors()) - {"demo", "fashion"}
 
 
 def test_the_check_catches_a_drifted_default(monkeypatch):
@@ -98,3 +101,62 @@ def test_the_check_catches_a_drifted_default(monkeypatch):
     param = next(p for p in command(("audit",)).params if p.name == "generations")
     assert same_default(param.default, field_default(f))
     assert not same_default(param.default + 1, field_default(f))
+
+
+#: (a command's config, a config it passes settings on to): a field of the first with the name of a field of the
+#: second is that setting, so it takes the default from where the setting is declared (core.settings.shared)
+SHARED = [(AuditConfig, ExtractionConfig), (FinetuneConfig, TrainConfig), (SearchConfig, TrainConfig),
+          (SearchConfig, ExtractionConfig)]
+
+
+@pytest.mark.parametrize("config,source", SHARED, ids=lambda c: c.__name__)
+def test_a_setting_passed_on_takes_its_default_from_where_it_is_declared(config, source):
+    theirs = {f.name: f for f in dataclasses.fields(source)}
+    wrong = []
+    for f in dataclasses.fields(config):
+        if f.name not in theirs:
+            continue
+        here = f"{config.__name__}.{f.name}"
+        if f.metadata.get("shared_from") != f"{source.__name__}.{f.name}":
+            wrong.append(f"{here} re-declares {source.__name__}.{f.name}: declare it with "
+                         f"shared({source.__name__}, {f.name!r})")
+        elif f.metadata.get("differs") is None and field_default(f) != field_default(theirs[f.name]):
+            wrong.append(f"{here}: default {field_default(f)!r}, {source.__name__}'s {field_default(theirs[f.name])!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_shared_settings_pass_on_what_the_user_set():
+    """The audit's and the search's extraction settings, and the fine-tune's training settings, are the ones the
+    attack and the training loop run with."""
+    audit = AuditConfig(tiles=2, edge_threshold=0.2, min_clique=3, delta=0.3, generations=4)
+    assert audit.extraction() == ExtractionConfig(tiles=2, edge_threshold=0.2, min_clique=3, delta=0.3)
+    assert audit.extraction(edge_threshold=0.05).edge_threshold == 0.05
+    assert SearchConfig().extraction().min_clique == 3 and AuditConfig().extraction() == ExtractionConfig()
+    train = FinetuneConfig(steps=7, batch_size=3, seed=5, caption_dropout=0.2, checkpoint_every=2,
+                           learning_rate=1e-3).train_config()
+    assert (train.steps, train.batch_size, train.seed, train.caption_dropout, train.checkpoint_every,
+            train.learning_rate, train.keep_checkpoints) == (7, 3, 5, 0.2, 2, 1e-3, 1)
+
+
+def test_a_redeclared_setting_is_caught():
+    """Not vacuous: a field with a shared name declared on its own, or with another default and no reason, fails."""
+    from memaudit.core.settings import setting, shared
+
+    @dataclasses.dataclass
+    class Copy:
+        tiles: int = setting("tiles", default=4)
+        delta: float = shared(ExtractionConfig, "delta")
+
+    with pytest.raises(AssertionError, match="re-declares ExtractionConfig.tiles"):
+        test_a_setting_passed_on_takes_its_default_from_where_it_is_declared(Copy, ExtractionConfig)
+    with pytest.raises(TypeError, match="needs differs"):
+        shared(ExtractionConfig, "delta", default=0.3)
+
+
+def test_demo_setting_list_in_help_is_the_registrys():
+    from memaudit.cli.audit import DEMO_SETTINGS
+    from memaudit.demo.settings import DEFAULT_SETTING, setting_names
+
+    assert list(DEMO_SETTINGS) == setting_names() and DEMO_SETTINGS[0] == DEFAULT_SETTING
+    help_text = next(p.help for p in command(("demo",)).params if p.name == "setting")
+    assert all(name in help_text for name in setting_names())

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from memaudit.attacks.clique import greedy_clique, max_clique, medoid
 from memaudit.core.errors import ConfigError
+from memaudit.core.settings import setting
 from memaudit.index.lookup import ExhaustiveLookup, ImageLookup
 
 logger = logging.getLogger(__name__)
@@ -42,25 +43,22 @@ __all__ = ["ExtractionConfig", "PromptVerdict", "analyze_prompt", "calibrate_edg
 _CHUNK_VALUES = 1 << 24
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class ExtractionConfig:
     """Settings of :func:`analyze_prompt`; each field's ``help`` metadata is its documentation."""
 
-    tiles: int = _help("the image is split into a tiles x tiles grid for the max-over-tiles L2 (paper: 4); "
+    tiles: int = setting("the image is split into a tiles x tiles grid for the max-over-tiles L2 (paper: 4); "
                        "the image side must be at least this", default=4)
-    edge_threshold: float = _help("two generations are joined when their max-over-tiles normalized L2 is below "
+    edge_threshold: float = setting("two generations are joined when their max-over-tiles normalized L2 is below "
                                   "this (calibrate it on prompts known not to be memorized)", default=0.10)
-    min_clique: int = _help("k: flag a prompt when its largest clique has at least this many members (paper: 10)",
+    min_clique: int = setting("k: flag a prompt when its largest clique has at least this many members (paper: 10)",
                             default=10)
-    delta: float = _help("extracted when the clique medoid's normalized L2 to its training image is below this "
+    delta: float = setting("extracted when the clique medoid's normalized L2 to its training image is below this "
                          "(paper: 0.15)", default=0.15)
-    max_clique_nodes: int = _help("refuse graphs with more generations than this (the exact clique search is "
+    max_clique_nodes: int = setting("refuse graphs with more generations than this (the exact clique search is "
                                   "exponential in the worst case)", default=2000)
-    max_clique_steps: int | None = _help("give up (ConfigError) after this many branch-and-bound search nodes on one "
+    max_clique_steps: int | None = setting("give up (ConfigError) after this many branch-and-bound search nodes on one "
                                   "prompt's graph (20-80 us each); None: no limit", default=2_000_000)
 
     def __post_init__(self):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from memaudit.attacks.extraction import ExtractionConfig
 from memaudit.core.errors import ConfigError
+from memaudit.core.settings import setting, shared
 
 __all__ = ["MAX_GENERATIONS", "NOT_IN_IDENTITY", "AuditConfig", "Progress", "identity_settings", "reference_seed",
            "score_window"]
@@ -20,51 +21,48 @@ Progress = Callable[[str, int, int], None]
 MAX_GENERATIONS = ExtractionConfig.__dataclass_fields__["max_clique_nodes"].default
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class AuditConfig:
     """Settings of an audit; each field's ``help`` metadata documents it."""
 
-    generations: int = _help('images per prompt', default=16)
-    steps: int = _help('denoising steps', default=25)
-    guidance: float = _help("classifier-free guidance scale", default=7.5)
-    batch_size: int = _help('images per denoiser batch', default=16)
-    seed: int = _help('seed of every random draw', default=0)
-    features: str = _help('AMD feature space: pixels, open_clip, torchscript, inception', default="pixels")
-    feature_options: dict = _help("options of the feature extractor (e.g. weights=PATH)", default_factory=dict)
-    tiles: int = _help("extraction attack: tiles per side for the max-over-tiles L2", default=4)
-    edge_threshold: float = _help('tiled L2 under which two generations are joined', default=0.10)
-    min_clique: int = _help('flag a prompt when its largest clique has this many members', default=10)
-    delta: float = _help('extracted when the medoid is this close to a training image', default=0.15)
-    extraction_size: int = _help("compare generations at most at this side length (bounds memory)", default=64)
-    calibrate_edge: bool = _help('set the edge threshold from the reference prompts', default=False)
-    edge_quantile: float = _help("quantile of reference within-prompt distances used as edge threshold", default=0.001)
-    denoising_window: tuple = _help("steps [start, stop) the denoising score averages over (stop None: all)", default=(0, None))
-    denoising_generations: int | None = _help("generations per prompt the denoising score averages over (None: all)", default=None)
-    fpr: float = _help('false-positive rate of the calibrated denoising threshold', default=0.01)
-    max_grid: int = _help("generations shown per flagged prompt in the report", default=16)
-    redact: bool = _help("leave every training-image pixel out of the outputs", default=False)
-    cache_dir: str | None = _help('where the training-feature index is cached for later audits; never inside --out', default=None)
-    device: str = _help("auto, cpu or cuda", default="auto")
-    dtype: str = _help("float32, float16 or bfloat16", default="float32")
-    loras: list = _help("LoRA adapters applied to the model before the audit: [[path, scale], ...]",
+    generations: int = setting('images per prompt', default=16)
+    steps: int = setting('denoising steps', default=25)
+    guidance: float = setting("classifier-free guidance scale", default=7.5)
+    batch_size: int = setting('images per denoiser batch', default=16)
+    seed: int = setting('seed of every random draw', default=0)
+    features: str = setting('AMD feature space: pixels, open_clip, torchscript, inception', default="pixels")
+    feature_options: dict = setting("options of the feature extractor (e.g. weights=PATH)", default_factory=dict)
+    tiles: int = shared(ExtractionConfig, "tiles", "extraction attack: tiles per side for the max-over-tiles L2")
+    edge_threshold: float = shared(ExtractionConfig, "edge_threshold", 'tiled L2 under which two generations are joined')
+    min_clique: int = shared(ExtractionConfig, "min_clique", 'flag a prompt when its largest clique has this many members')
+    delta: float = shared(ExtractionConfig, "delta", 'extracted when the medoid is this close to a training image')
+    extraction_size: int = setting("compare generations at most at this side length (bounds memory)", default=64)
+    calibrate_edge: bool = setting('set the edge threshold from the reference prompts', default=False)
+    edge_quantile: float = setting("quantile of reference within-prompt distances used as edge threshold", default=0.001)
+    denoising_window: tuple = setting("steps [start, stop) the denoising score averages over (stop None: all)", default=(0, None))
+    denoising_generations: int | None = setting("generations per prompt the denoising score averages over (None: all)", default=None)
+    fpr: float = setting('false-positive rate of the calibrated denoising threshold', default=0.01)
+    max_grid: int = setting("generations shown per flagged prompt in the report", default=16)
+    redact: bool = setting("leave every training-image pixel out of the outputs", default=False)
+    cache_dir: str | None = setting('where the training-feature index is cached for later audits; never inside --out', default=None)
+    device: str = setting("auto, cpu or cuda", default="auto")
+    dtype: str = setting("float32, float16 or bfloat16", default="float32")
+    loras: list = setting("LoRA adapters applied to the model before the audit: [[path, scale], ...]",
                         default_factory=list)
-    mitigation: str = _help('inference-time mitigation: none, rwa or threshold', default="none")
-    rwa_words: int = _help("rwa: random tokens inserted in every prompt", default=2)
-    mitigation_target: float | str = _help('threshold: per-image norm target, or auto (median of the reference '
+    mitigation: str = setting('inference-time mitigation: none, rwa or threshold', default="none")
+    rwa_words: int = setting("rwa: random tokens inserted in every prompt", default=2)
+    mitigation_target: float | str = setting('threshold: per-image norm target, or auto (median of the reference '
                                            'prompts)', default="auto")
-    mitigation_steps: int = _help("threshold: at most this many AdamW steps on the prompt embedding", default=10)
-    mitigation_lr: float = _help("threshold: AdamW learning rate of the prompt-embedding optimization", default=0.05)
-    quality_features: str | None = _help('KID/FID feature space (default: --features)', default=None)
-    quality_feature_options: dict = _help("options of the quality feature extractor", default_factory=dict)
-    alignment: str | None = _help('text-image alignment scorer, e.g. demo', default=None)
-    kid_subsets: int = _help("KID: random subsets averaged over", default=100)
-    workers: int = _help('sample on N Ray workers, one model replica each (a GPU each when there are GPUs); 1 runs in'
+    mitigation_steps: int = setting("threshold: at most this many AdamW steps on the prompt embedding", default=10)
+    mitigation_lr: float = setting("threshold: AdamW learning rate of the prompt-embedding optimization", default=0.05)
+    quality_features: str | None = setting('KID/FID feature space (default: --features)', default=None)
+    quality_feature_options: dict = setting("options of the quality feature extractor", default_factory=dict)
+    alignment: str | None = setting('text-image alignment scorer, e.g. demo', default=None)
+    kid_subsets: int = setting("KID: random subsets averaged over", default=100)
+    workers: int = setting('sample on N Ray workers, one model replica each (a GPU each when there are GPUs); 1 runs in'
                          ' this process, without Ray. Same results either way', default=1)
-    ray_address: str | None = _help('Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); '
+    ray_address: str | None = setting('Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); '
                                     'default: a local Ray instance', default=None)
 
     def __post_init__(self):
@@ -107,6 +105,11 @@ class AuditConfig:
         if self.min_clique > self.generations:
             raise ConfigError(f"min clique ({self.min_clique}) is larger than the generations per prompt "
                               f"({self.generations}), so nothing could be flagged; raise --generations or lower --min-clique.")
+
+    def extraction(self, edge_threshold: float | None = None) -> ExtractionConfig:
+        """The extraction attack's settings (``edge_threshold``: the calibrated one, when calibrated)."""
+        return ExtractionConfig(tiles=self.tiles, min_clique=self.min_clique, delta=self.delta,
+                                edge_threshold=self.edge_threshold if edge_threshold is None else edge_threshold)
 
     def to_dict(self) -> dict:
         return asdict(self)

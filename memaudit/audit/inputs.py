@@ -125,8 +125,7 @@ def load_inputs(model, train, heldout, prompts, reference_prompts, checked: Chec
         else:
             q_extractor = get_extractor(config.quality_features, device=here, **config.quality_feature_options)
     scorer = get_scorer(config.alignment, device=here) if config.alignment else None
-    ext_cfg = ExtractionConfig(tiles=config.tiles, edge_threshold=config.edge_threshold, min_clique=config.min_clique,
-                               delta=config.delta)
+    ext_cfg = config.extraction()
     own_of = {}
     for i, cap in enumerate(dataset.captions):
         own_of.setdefault(cap, i)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt
+from memaudit.attacks.extraction import analyze_prompt
 from memaudit.audit.config import AuditConfig, reference_seed, score_window
 from memaudit.baselines.rwa import RWAPrompts
 from memaudit.baselines.threshold import EmbeddingMitigation
@@ -120,8 +120,7 @@ class AuditWorker:
             hook = EmbeddingMitigation(self.target, float(norm_target), lr=config.mitigation_lr,
                                        max_steps=config.mitigation_steps)
         sampler.embedding_hook = hook
-        ext_cfg = ExtractionConfig(tiles=config.tiles, edge_threshold=edge_threshold, min_clique=config.min_clique,
-                                   delta=config.delta)
+        ext_cfg = config.extraction(edge_threshold)
         jobs = [(start + p, j) for p in range(len(prompts)) for j in range(generations)]
         extra_before, unet_time = sampler.extra_calls, 0.0
         batches, per_prompt, shown = [], {}, {}

@@ -140,19 +140,35 @@ def report(
     make_console().print(f"report: {path}")
 
 
+#: the bundled settings, as memaudit.demo.settings.SETTINGS names them (tests/test_settings.py checks it): listed
+#: here so that ``memaudit --help`` does not import torch (see memaudit.cli.app)
+DEMO_SETTINGS = ("faces", "fashion")
+
+
 def demo(
     out: OutDir = Path("memaudit-demo"),
+    setting: Annotated[str, typer.Option(help="bundled setting: " + ", ".join(DEMO_SETTINGS) + " (what each is: "
+                                         "--list-settings)")] = DEMO_SETTINGS[0],
     model: Annotated[str, typer.Option(help="bundled model to audit: full_ft or base")] = "full_ft",
+    list_settings: Annotated[bool, typer.Option("--list-settings", help="print the bundled settings, one per line "
+                                                "(name, then what it is), and stop")] = False,
     seed: Seed = 0,
     device: Device = "auto",
     redact: Redact = False,
     threads: Threads = None,
 ) -> None:
-    """Audit the bundled model fine-tuned on 80 faces (a few minutes on two CPU cores)."""
+    """Audit a bundled fine-tuned model (default: the one fine-tuned on 80 faces; a few minutes on two CPU cores)."""
+    if list_settings:
+        from memaudit.demo.settings import SETTINGS  # heavy import (torch, diffusers): see memaudit.cli.app
+
+        for name, chosen in SETTINGS.items():
+            typer.echo(f"{name}\t{chosen.summary}")
+        return
     from memaudit.demo.run import run_demo  # heavy import (torch, diffusers): see memaudit.cli.app
 
     use_threads(threads)
 
     quiet_loading()
-    results = run_with_progress(run_demo, out=out, model=model, seed=seed, device=device, redact=redact)
+    results = run_with_progress(run_demo, out=out, setting=setting, model=model, seed=seed, device=device,
+                                redact=redact)
     print_summary(results, out)

@@ -21,7 +21,7 @@ from memaudit.cli.options import (
     use_threads,
     user_error,
 )
-from memaudit.cli.progress import make_console, progress_display, quiet_loading
+from memaudit.cli.progress import finetune_callbacks, make_console, progress_display, quiet_loading
 from memaudit.core.outputs import partial_dir
 
 __all__ = ["finetune", "finetune_kept"]
@@ -72,20 +72,7 @@ def finetune(
                             loras=parse_loras(lora, lora_scale))
     quiet_loading()
     with progress_display(lambda: finetune_kept(out)) as bar:
-        tasks: dict[str, int] = {}  # each stage's bar starts with its first event, so its time estimate is its own
-
-        def progress(step: int, total: int, logs: dict) -> None:
-            loss = logs.get("running_loss", logs.get("loss"))
-            if "fine-tuning" not in tasks:
-                tasks["fine-tuning"] = bar.add_task("fine-tuning", total=total)
-            bar.update(tasks["fine-tuning"], completed=step, total=total,
-                       description=f"fine-tuning (loss {loss:.4f})" if loss == loss and loss is not None else "fine-tuning")
-
-        def cache_progress(done: int, total: int) -> None:
-            if "latent cache" not in tasks:
-                tasks["latent cache"] = bar.add_task("latent cache", total=total)
-            bar.update(tasks["latent cache"], completed=done, total=total)
-
+        progress, cache_progress = finetune_callbacks(bar)
         settings = run_finetune(base, train, out, config, device=device, convert_channels=convert_channels,
                                 overwrite=overwrite, progress=progress, cache_dir=cache_dir,
                                 cache_progress=cache_progress)

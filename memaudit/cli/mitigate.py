@@ -26,7 +26,7 @@ from memaudit.cli.options import (
     use_threads,
     user_error,
 )
-from memaudit.cli.progress import make_console, progress_display, quiet_loading, run_with_progress
+from memaudit.cli.progress import finetune_callbacks, make_console, progress_display, quiet_loading, run_with_progress
 
 __all__ = ["mitigate_app", "mitigate_export", "mitigate_finetune", "mitigate_search", "mitigate_units"]
 
@@ -192,18 +192,11 @@ def mitigate_finetune(
     use_threads(threads)
     quiet_loading()
     with progress_display(lambda: finetune_kept(out)) as bar:
-        tasks: dict[str, int] = {}  # each stage's bar starts with its first event, so its time estimate is its own
-
-        def stage(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done, total=total)
-
+        progress, cache_progress = finetune_callbacks(bar)
         settings = finetune_with_mask(base, train, mask, out, steps=steps, batch_size=batch_size, seed=seed,
                                       mitigation=mitigation, device=device, convert_channels=convert_channels,
                                       overwrite=overwrite, cache_dir=cache_dir, loras=parse_loras(lora, lora_scale),
-                                      progress=lambda s, t, _logs: stage("fine-tuning", s, t),
-                                      cache_progress=lambda d, t: stage("latent cache", d, t))
+                                      progress=progress, cache_progress=cache_progress)
     cache = settings.get("latent_cache")
     make_console().print(f"fine-tuned {settings['trainable_parameters']:,} parameters "
                          f"({settings['trainable_percent']:.3f}% of the denoiser); pipeline: {out}"

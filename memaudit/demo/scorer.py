@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ FEATURE_DIM = 64
 class DemoClassifier(nn.Module):
     """Three conv blocks and two linear layers on ``[N, 1, 32, 32]`` images in [0, 1]."""
 
-    def __init__(self):
+    def __init__(self, n_classes: int = len(CLASSES)):
         super().__init__()
 
         def block(cin, cout):
@@ -53,7 +54,7 @@ class DemoClassifier(nn.Module):
 
         self.body = nn.Sequential(block(1, 16), block(16, 32), block(32, 64), nn.Flatten(),
                                   nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.ReLU())
-        self.head = nn.Linear(FEATURE_DIM, len(CLASSES))
+        self.head = nn.Linear(FEATURE_DIM, n_classes)
         # features() are multiplied by this, set after training to 1 / (RMS feature value over the training images),
         # so that feature values are O(1) as Inception's are and KID lands in its usual range
         self.register_buffer("feature_scale", torch.ones(()))
@@ -73,7 +74,9 @@ class DemoClassifier(nn.Module):
         return self.head(self.body(self.prepare(x)))
 
 
-class _Features(nn.Module):
+class ClassifierFeatures(nn.Module):
+    """A classifier's scaled penultimate features, as a module for :class:`~memaudit.features.FeatureExtractor`."""
+
     def __init__(self, classifier: DemoClassifier):
         super().__init__()
         self.classifier = classifier
@@ -82,14 +85,15 @@ class _Features(nn.Module):
         return self.classifier.features(x)
 
 
-def load_classifier(path: str | Path = SCORER_FILE, device: str | torch.device = "cpu") -> DemoClassifier:
-    """The bundled classifier (safetensors only)."""
+def load_classifier(path: str | Path = SCORER_FILE, device: str | torch.device = "cpu",
+                    n_classes: int = len(CLASSES)) -> DemoClassifier:
+    """A bundled classifier (safetensors only): the faces setting's, or another setting's with its classes."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"the demo classifier {path} is missing; run python -m memaudit.demo.build to rebuild it.")
-    model = DemoClassifier()
+    model = DemoClassifier(n_classes)
     model.load_state_dict(load_file(str(path)))
     return model.to(device).eval().requires_grad_(False)
 
@@ -111,13 +115,16 @@ class DemoAlignment:
 
     name = "demo"
 
-    def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None):
+    def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None,
+                 classes: Callable[[str], int | None] | None = None, n_classes: int = len(CLASSES)):
+        """``classes``: the class a caption names (default: the faces setting's :func:`caption_class`)."""
         self.device = torch.device(device)
-        self.model = load_classifier(weights or SCORER_FILE, self.device)
+        self.model = load_classifier(weights or SCORER_FILE, self.device, n_classes=n_classes)
+        self.caption_class = classes or caption_class
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> np.ndarray:
-        classes = [caption_class(p) for p in prompts]
+        classes = [self.caption_class(p) for p in prompts]
         out = np.full(len(prompts), np.nan)
         for s in range(0, len(prompts), 256):
             probs = self.model(images[s:s + 256].to(self.device, torch.float32)).softmax(-1).cpu().numpy()
@@ -142,7 +149,7 @@ def feature_factory(device="cpu", batch_size: int = 64, **options):
     if unknown:
         raise ConfigError(f"feature extractor 'demo' has no option(s) {sorted(unknown)}; it takes weights=PATH.")
     model = load_classifier(options.get("weights") or SCORER_FILE)
-    return FeatureExtractor(_Features(model), "demo", None, device=device, batch_size=batch_size,
+    return FeatureExtractor(ClassifierFeatures(model), "demo", None, device=device, batch_size=batch_size,
                             probe_shape=(1, 1, demo.RESOLUTION, demo.RESOLUTION))
 
 
@@ -170,10 +177,12 @@ def training_images(vae_model: str | Path | None = None,
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, source: torch.Tensor, steps: int = 1500,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                     val_fraction: float = 0.1) -> tuple[DemoClassifier, dict]:
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0, val_fraction: float = 0.1,
+                     n_classes: int = len(CLASSES), groups: dict[str, list[int]] | None = None,
+                     ) -> tuple[DemoClassifier, dict]:
     """Train on the images of a seeded ``1 - val_fraction`` of the source images (every copy of a held-out original
-    is held out); returns the model and its validation accuracy per class group (digits, faces, photos)."""
+    is held out); returns the model and its validation accuracy per group of classes (``groups``: name -> class
+    indices; default: the faces setting's digits, faces and photos)."""
     g = torch.Generator().manual_seed(seed)
     sources = source.unique()
     held = sources[torch.randperm(len(sources), generator=g)[: int(len(sources) * val_fraction)]]
@@ -181,7 +190,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, source: torch.T
     val, train = torch.nonzero(is_val).flatten(), torch.nonzero(~is_val).flatten()
     n_val = len(val)
     torch.manual_seed(seed)
-    model = DemoClassifier()
+    model = DemoClassifier(n_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     for step in range(steps):
         idx = train[torch.randint(0, len(train), (batch_size,), generator=g)]
@@ -192,15 +201,16 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, source: torch.T
         loss.backward()
         opt.step()
         if (step + 1) % 500 == 0:
-            logger.info("demo classifier %d/%d loss %.4f", step + 1, steps, loss.item())
+            logger.info("classifier %d/%d loss %.4f", step + 1, steps, loss.item())
     model.eval().requires_grad_(False)
     with torch.no_grad():
         feats = torch.cat([model.body(model.prepare(images[train[i:i + 512]])) for i in range(0, len(train), 512)])
         model.feature_scale.fill_(1.0 / float(feats.pow(2).mean().sqrt()))
         pred = torch.cat([model(images[val[i:i + 512]]).argmax(-1) for i in range(0, n_val, 512)])
     truth = labels[val]
-    groups = {"digits": truth < 10, "faces": truth == FACE, "photos": truth == PHOTO}
-    acc = {k: float((pred[m] == truth[m]).float().mean()) for k, m in groups.items() if m.any()}
+    groups = groups or {"digits": list(range(10)), "faces": [FACE], "photos": [PHOTO]}
+    masks = {k: torch.isin(truth, torch.as_tensor(v)) for k, v in groups.items()}
+    acc = {k: float((pred[m] == truth[m]).float().mean()) for k, m in masks.items() if m.any()}
     return model, {"feature_scale": float(model.feature_scale), "val_accuracy": acc, "val_images": n_val, "train_images": len(train), "steps": steps,
                    "batch_size": batch_size, "lr": lr, "seed": seed}
 

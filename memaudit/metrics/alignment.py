@@ -33,7 +33,7 @@ def register_scorer(name: str, factory: Callable[..., Scorer]) -> None:
     """Make ``factory(device=..., **options) -> scorer`` available as ``get_scorer(name)``."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"alignment scorer name must be a non-empty string (got {name!r}).")
-    if name in _REGISTRY:
+    if name in _REGISTRY or name in plugins.names(plugins.ALIGNMENT_SCORERS):  # a plugin not loaded yet counts too
         raise ConfigError(f"alignment scorer {name!r} is already registered; choose another name.")
     _REGISTRY[name] = factory
 
@@ -63,7 +63,7 @@ def get_scorer(scorer: str | Scorer, device: str | torch.device = "cpu", **optio
         return scorer
     if callable(scorer) and not isinstance(scorer, str):
         return NamedScorer(getattr(scorer, "name", type(scorer).__name__), scorer)
-    factory = plugins.resolve(_REGISTRY, plugins.ALIGNMENT_SCORERS, scorer, register_scorer)
+    factory = plugins.resolve(_REGISTRY, plugins.ALIGNMENT_SCORERS, scorer)
     if factory is None:
         raise ConfigError(f"alignment scorer {scorer!r} does not exist; choose one of: {', '.join(available_scorers())} "
                           "(or register your own with memaudit.metrics.alignment.register_scorer).")

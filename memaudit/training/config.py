@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from memaudit.core.errors import ConfigError
+from memaudit.core.settings import setting
 
 __all__ = ["TrainConfig", "VAEConfig"]
 
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 @dataclass
@@ -20,22 +18,22 @@ class TrainConfig:
     """Settings of :func:`~memaudit.training.loop.train_denoiser`; each field's ``help`` metadata is its
     documentation."""
 
-    steps: int = _help("optimizer steps", default=1000)
-    batch_size: int = _help("images per micro-batch", default=32)
-    learning_rate: float = _help("AdamW learning rate (constant)", default=1e-4)
-    weight_decay: float = _help("AdamW weight decay", default=1e-2)
-    adam_beta1: float = _help("AdamW beta1", default=0.9)
-    adam_beta2: float = _help("AdamW beta2", default=0.999)
-    adam_epsilon: float = _help("AdamW epsilon", default=1e-8)
-    max_grad_norm: float = _help("clip the gradient norm to this (0: no clipping)", default=1.0)
-    caption_dropout: float = _help("probability of replacing a caption by the empty prompt (for guidance)", default=0.1)
-    gradient_accumulation: int = _help("micro-batches per optimizer step", default=1)
-    mixed_precision: str = _help("no, fp16 or bf16 autocast (CUDA only)", default="no")
-    seed: int = _help("seed of every random draw of the run", default=0)
-    checkpoint_every: int = _help("write a resumable checkpoint every N steps (0: only at the end)", default=0)
-    keep_checkpoints: int = _help("how many checkpoints to keep", default=1)
-    train_text_encoder: bool = _help("also train the text encoder (building a model from scratch)", default=False)
-    log_every: int = _help("report the running loss every N steps", default=50)
+    steps: int = setting("optimizer steps", default=1000)
+    batch_size: int = setting("images per micro-batch", default=32)
+    learning_rate: float = setting("AdamW learning rate (constant)", default=1e-4)
+    weight_decay: float = setting("AdamW weight decay", default=1e-2)
+    adam_beta1: float = setting("AdamW beta1", default=0.9)
+    adam_beta2: float = setting("AdamW beta2", default=0.999)
+    adam_epsilon: float = setting("AdamW epsilon", default=1e-8)
+    max_grad_norm: float = setting("clip the gradient norm to this (0: no clipping)", default=1.0)
+    caption_dropout: float = setting("probability of replacing a caption by the empty prompt (for guidance)", default=0.1)
+    gradient_accumulation: int = setting("micro-batches per optimizer step", default=1)
+    mixed_precision: str = setting("no, fp16 or bf16 autocast (CUDA only)", default="no")
+    seed: int = setting("seed of every random draw of the run", default=0)
+    checkpoint_every: int = setting("write a resumable checkpoint every N steps (0: only at the end)", default=0)
+    keep_checkpoints: int = setting("how many checkpoints to keep", default=1)
+    train_text_encoder: bool = setting("also train the text encoder (building a model from scratch)", default=False)
+    log_every: int = setting("report the running loss every N steps", default=50)
 
     def __post_init__(self):
         checks = [
@@ -62,12 +60,12 @@ class TrainConfig:
 class VAEConfig:
     """Settings of :func:`~memaudit.training.vae.train_vae`."""
 
-    steps: int = _help("optimizer steps", default=1200)
-    batch_size: int = _help("images per batch", default=64)
-    learning_rate: float = _help("AdamW learning rate", default=1e-3)
-    kl_weight: float = _help("weight of the KL term (Stable Diffusion's VAE uses about 1e-6)", default=1e-6)
-    max_grad_norm: float = _help("gradient clipping", default=1.0)
-    seed: int = _help("seed", default=0)
+    steps: int = setting("optimizer steps", default=1200)
+    batch_size: int = setting("images per batch", default=64)
+    learning_rate: float = setting("AdamW learning rate", default=1e-3)
+    kl_weight: float = setting("weight of the KL term (Stable Diffusion's VAE uses about 1e-6)", default=1e-6)
+    max_grad_norm: float = setting("gradient clipping", default=1.0)
+    seed: int = setting("seed", default=0)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or not self.learning_rate > 0:

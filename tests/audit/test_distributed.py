@@ -26,7 +26,7 @@ from memaudit.core.errors import ConfigError, MemauditError
 from memaudit.data import from_arrays
 from memaudit.sampling import Sampler
 
-pytestmark = pytest.mark.slow  # Ray: CI runs it; `pytest -m 'not slow'` leaves it out
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # CI runs it; `pytest -m "not slow"` leaves it out
 
 ray = pytest.importorskip("ray")
 

@@ -30,7 +30,7 @@ import memaudit.cli as cli
 from memaudit.core.errors import ConfigError
 from memaudit.mitigate.search import EvaluationLog, MaskEvaluator, SearchConfig, key_of, nsga2_search, run_mask_search
 
-pytestmark = pytest.mark.slow  # Ray: CI runs it; `pytest -m 'not slow'` leaves it out
+pytestmark = [pytest.mark.slow, pytest.mark.ray]  # CI runs it; `pytest -m "not slow"` leaves it out
 
 #: what may differ between a search in this process and one on Ray workers
 DIFFERENT = {"wall_time_s", "workers", "ray_address", "versions", "path"}

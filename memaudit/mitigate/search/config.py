@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from memaudit.attacks.extraction import ExtractionConfig
 from memaudit.core.digests import tree_digest
 from memaudit.core.errors import ConfigError
 from memaudit.core.runs import differences, listed
+from memaudit.core.settings import setting, shared
 from memaudit.mitigate.search.nsga2 import size_problem
 from memaudit.peft import GRANULARITIES, available_methods
+from memaudit.training.config import TrainConfig
 
 __all__ = ["MEMORIZATION", "NOT_IN_IDENTITY", "OBJECTIVES", "OBJECTIVES_USAGE", "QUALITY", "SCHEDULES",
            "SETTINGS_FILE", "SearchConfig", "check_resume", "identity_before_loading", "parse_objectives"]
@@ -42,48 +45,46 @@ def parse_objectives(text: str) -> tuple[str, str]:
     return mem, quality
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class SearchConfig:
     """Settings of :func:`run_mask_search`; each field's ``help`` metadata documents it."""
 
-    method: str = _help('PEFT method whose units the mask switches: full, freeze, bias, norm, attention, svdiff, '
+    method: str = setting('PEFT method whose units the mask switches: full, freeze, bias, norm, attention, svdiff, '
                         'difffit, lora', default="svdiff")
-    granularity: str = _help('block (one unit per transformer block, plus the rest) or layer', default="block")
-    population: int = _help("NSGA-II population", default=8)
-    generations: int = _help("NSGA-II generations", default=4)
-    lr_choices: tuple = _help('comma-separated learning rates the search chooses from', default=(3e-4, 1e-3, 3e-3, 1e-2))
-    inner_steps: int = _help('fine-tuning steps per evaluation', default=200)
-    batch_size: int = _help("images per fine-tuning step", default=32)
-    proxy_fraction: float = _help('share of the training images the inner loop uses', default=0.5)
-    val_fraction: float = _help("share of the training images held out for the quality objective", default=0.2)
-    memorization: str = _help("memorization objective: denoising (training-time strength on the proxy images), "
+    granularity: str = setting('block (one unit per transformer block, plus the rest) or layer', default="block")
+    population: int = setting("NSGA-II population", default=8)
+    generations: int = setting("NSGA-II generations", default=4)
+    lr_choices: tuple = setting('comma-separated learning rates the search chooses from', default=(3e-4, 1e-3, 3e-3, 1e-2))
+    inner_steps: int = setting('fine-tuning steps per evaluation', default=200)
+    batch_size: int = shared(TrainConfig, "batch_size", "images per fine-tuning step")
+    proxy_fraction: float = setting('share of the training images the inner loop uses', default=0.5)
+    val_fraction: float = setting("share of the training images held out for the quality objective", default=0.2)
+    memorization: str = setting("memorization objective: denoising (training-time strength on the proxy images), "
                               "extraction (extracted proxy images), amd (negated AMD of proxy generations)",
                               default="denoising")
-    quality: str = _help("quality objective on the validation split: kid or fid", default="kid")
-    quality_features: str = _help("feature space of the quality objective", default="pixels")
-    generations_per_prompt: int = _help("generations per caption when an objective samples", default=4)
-    sample_steps: int = _help("denoising steps when an objective samples", default=25)
-    guidance: float = _help("guidance scale when an objective samples", default=4.0)
-    min_clique: int = _help("extraction objective: clique size that flags a caption", default=3)
-    max_trainable_percent: float | None = _help('constraint: at most this % of the denoiser trains', default=None)
-    preference: tuple | None = _help('weights MEM,QUALITY for the pick (default: knee point)', default=None)
-    schedule: str = _help('plain, or screen: search on short fine-tunes (--screen-steps), then train only the '
+    quality: str = setting("quality objective on the validation split: kid or fid", default="kid")
+    quality_features: str = setting("feature space of the quality objective", default="pixels")
+    generations_per_prompt: int = setting("generations per caption when an objective samples", default=4)
+    sample_steps: int = setting("denoising steps when an objective samples", default=25)
+    guidance: float = setting("guidance scale when an objective samples", default=4.0)
+    min_clique: int = shared(ExtractionConfig, "min_clique", "extraction objective: clique size that flags a caption",
+                             differs="an objective samples 4 generations per caption, not the audit's 16", default=3)
+    max_trainable_percent: float | None = setting('constraint: at most this % of the denoiser trains', default=None)
+    preference: tuple | None = setting('weights MEM,QUALITY for the pick (default: knee point)', default=None)
+    schedule: str = setting('plain, or screen: search on short fine-tunes (--screen-steps), then train only the '
                           'screening front for --inner-steps', default="plain")
-    screen_steps: int | None = _help('screen: steps of a screening fine-tune (default: inner steps / 5)',
+    screen_steps: int | None = setting('screen: steps of a screening fine-tune (default: inner steps / 5)',
                                      default=None)
-    promote: int | None = _help('screen: train at most this many screening-front masks for --inner-steps, spread '
+    promote: int | None = setting('screen: train at most this many screening-front masks for --inner-steps, spread '
                                 'along the front (default: all)',
                                 default=None)
-    seed: int = _help('seed of every random draw', default=0)
-    device: str = _help("auto, cpu or cuda", default="auto")
-    loras: list = _help("LoRA adapters fused into the base before the search: [[path, scale], ...]", default_factory=list)
-    workers: int = _help("run each generation's evaluations on N Ray workers, one model replica each (a GPU each when"
+    seed: int = shared(TrainConfig, "seed", 'seed of every random draw')
+    device: str = setting("auto, cpu or cuda", default="auto")
+    loras: list = setting("LoRA adapters fused into the base before the search: [[path, scale], ...]", default_factory=list)
+    workers: int = setting("run each generation's evaluations on N Ray workers, one model replica each (a GPU each when"
                          ' there are GPUs); 1 runs in this process, without Ray. Same results either way', default=1)
-    ray_address: str | None = _help('Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); '
+    ray_address: str | None = setting('Ray cluster for the workers (HOST:PORT, as `ray start --head` prints it); '
                                     'default: a local Ray instance', default=None)
 
     def __post_init__(self):
@@ -121,6 +122,10 @@ class SearchConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"search setting invalid: {msg}.")
+
+    def extraction(self) -> ExtractionConfig:
+        """The extraction objective's settings: the attack's defaults but for the clique size."""
+        return ExtractionConfig(min_clique=self.min_clique)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,7 +10,7 @@ from functools import cached_property
 import torch
 
 from memaudit.attacks.denoising import training_strength
-from memaudit.attacks.extraction import ExtractionConfig, analyze_prompt
+from memaudit.attacks.extraction import analyze_prompt
 from memaudit.features import get_extractor
 from memaudit.latents import latents_for
 from memaudit.metrics.amd import amd_bruteforce
@@ -158,7 +158,7 @@ class MaskEvaluator:
             feats = self.extractor(images).numpy()
             value = float(amd_bruteforce(feats, self.proxy_features.numpy()).amd)
             return -value, {"amd": value}
-        ext = ExtractionConfig(min_clique=cfg.min_clique)
+        ext = cfg.extraction()
         per = images.reshape(len(self.proxy), cfg.generations_per_prompt, *images.shape[1:])
         extracted = 0
         # each prompt's medoid is compared with its own image only: the proxy images are read a batch at a time

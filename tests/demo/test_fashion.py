@@ -1,0 +1,71 @@
+"""The fashion setting's data: the idx reader, the product recipe, captions and the classifier's caption classes."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from memaudit.core.errors import DataError
+from memaudit.demo import fashion
+from memaudit.demo.fashion_scorer import caption_class
+
+
+def write_idx(path, array: np.ndarray, gz: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_idx_reader_reads_what_was_written_and_refuses_damage(tmp_path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", images)
+    write_idx(tmp_path / "b", images, gz=False)
+    assert np.array_equal(fashion.read_idx(tmp_path / "a.gz"), images)
+    assert np.array_equal(fashion.read_idx(tmp_path / "b"), images)
+    (tmp_path / "c").write_bytes((tmp_path / "b").read_bytes()[:-1])
+    with pytest.raises(DataError, match="truncated"):
+        fashion.read_idx(tmp_path / "c")
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        fashion.read_idx(tmp_path / "missing.gz")
+
+
+def test_caption_names_class_and_number_and_the_scorer_reads_the_class():
+    assert fashion.caption(7, 407) == "a photo of a sneaker, product four zero seven"
+    assert fashion.caption(9, 5) == "a photo of a ankle boot, product zero zero five"
+    for label in range(10):
+        assert caption_class(fashion.caption(label, 123)) == label
+    assert caption_class("a handwritten digit seven") is None
+
+
+def test_products_are_balanced_disjoint_and_deterministic():
+    labels = np.repeat(np.arange(10), 1000)  # the test split's 1,000 per class
+    a, b = fashion.choose_products(labels, 0), fashion.choose_products(labels, 0)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["index"], fashion.choose_products(labels, 1)["index"])
+    n_train = fashion.PER_LEVEL * len(fashion.COPIES)
+    assert len(set(a["index"].tolist())) == len(a["index"]) == n_train + fashion.N_HELDOUT  # each item once
+    assert len(set(a["number"].tolist())) == len(a["number"])  # each product its own number, so its own caption
+    assert np.array_equal(labels[a["index"]], a["label"])
+    for copies in fashion.COPIES:  # every level has every class equally often
+        level = a["label"][a["copies"] == copies]
+        assert np.array_equal(np.bincount(level, minlength=10), np.full(10, fashion.PER_LEVEL // 10))
+    assert (a["copies"][a["split"] == "heldout"] == 0).all()
+
+
+def test_duplicated_set_repeats_each_product_by_its_level(tmp_path):
+    labels = np.repeat(np.arange(10), 1000)
+    images = np.random.default_rng(0).integers(0, 256, size=(10000, 28, 28), dtype=np.uint8)
+    path = tmp_path / "products.npz"
+    fashion.write_products(path, images, labels, seed=0)
+    train = fashion.products_dataset("train", path=path)
+    dup = fashion.products_dataset("train", duplicated=True, path=path)
+    held = fashion.products_dataset("heldout", path=path)
+    assert len(train) == fashion.PER_LEVEL * len(fashion.COPIES) and len(held) == fashion.N_HELDOUT
+    assert len(dup) == fashion.PER_LEVEL * sum(fashion.COPIES)
+    counts = {c: dup.captions.count(c) for c in set(dup.captions)}
+    assert sorted(set(counts.values())) == list(fashion.COPIES)
+    assert len(set(train.captions)) == len(train) and not set(train.captions) & set(held.captions)
+    with pytest.raises(DataError, match="split"):
+        fashion.products_dataset("test", path=path)
