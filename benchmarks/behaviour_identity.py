@@ -39,7 +39,15 @@ def normalized(value, dropped: set[str], key: str = ""):
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's SHA-256; for safetensors, of its header with keys sorted and its tensor bytes: the safetensors
+    writer orders the ``__metadata__`` keys differently from one process to the next (a Rust HashMap), so the
+    same weights can give different file bytes."""
+    data = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(data).hexdigest()
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True).encode()
+    return hashlib.sha256(header + data[8 + n:]).hexdigest()
 
 
 def run(work: Path) -> dict:

@@ -250,24 +250,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.setting == "fashion":
-        settings = _overridden(FashionSettings(), args.set)
+        settings = overridden(FashionSettings(), args.set)
         info = build_fashion(args.work or Path("zoo-build-fashion"), args.out or fashion.FASHION_DIR, settings,
                              source=args.source or fashion.SOURCE_DIR, device=args.device, check=not args.no_check)
     else:
         work, out = args.work or Path("zoo-build"), args.out or demo.DEMO_DIR
-        info = build(work, out, _overridden(ZooSettings(), args.set), device=args.device, check=not args.no_check)
+        info = build(work, out, overridden(ZooSettings(), args.set), device=args.device, check=not args.no_check)
         shutil.copyfile(work / "build_info.json", out / "build_info.json")
     logger.info("done in %.0f s", info["wall_time_s"]["total"])
     return 0
 
 
-def _overridden(settings, assignments: list[str]):
+def overridden(settings, assignments: list[str]):
     """``settings`` with ``NAME=VALUE`` assignments applied (each value of the field's type)."""
     for kv in assignments:
         k, v = kv.split("=", 1)
         if not hasattr(settings, k):
             raise SystemExit(f"--set {kv}: no setting {k!r}; the settings are {', '.join(vars(settings))}.")
-        setattr(settings, k, type(getattr(settings, k))(v))
+        kind = type(getattr(settings, k))
+        if kind is bool:  # bool("false") is True: read the word
+            if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise SystemExit(f"--set {kv}: {k} is true or false.")
+            setattr(settings, k, v.lower() in ("true", "1", "yes"))
+        else:
+            setattr(settings, k, kind(v))
     return settings
 
 

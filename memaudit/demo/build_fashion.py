@@ -50,13 +50,16 @@ class FashionSettings:
     base_steps: int = 4000
     base_batch: int = 64
     base_lr: float = 3e-4
-    ft_steps: int = 1500
+    ft_steps: int = 4000
     ft_batch: int = 32
     ft_lr: float = 2e-4
     scorer_steps: int = 3000
     check_generations: int = 4
     check_steps: int = 25
     check_guidance: float = 4.0
+    #: base captions carry a random product number (the committed build): its text encoder learned to wash numbers
+    #: out, so the fine-tune cannot tell products apart (RESULTS.md section 16); false: the class alone
+    base_numbers: bool = True
     spec: dict = field(default_factory=model_spec)
 
 
@@ -140,10 +143,13 @@ def _vae(vae_dir: Path, train_x: np.ndarray, products: Path, spec: ModelSpec, se
             "product_round_trip_rms_pm1": rms, "params": count_parameters(vae)}
 
 
-def base_captions(labels: np.ndarray, seed: int) -> list[str]:
-    """Each training image's caption: its class and a random product number (the number says nothing)."""
-    numbers = np.random.default_rng(seed + 2).integers(0, 1000, size=len(labels))
-    return [fashion.caption(lb, nb) for lb, nb in zip(labels, numbers)]
+def base_captions(labels: np.ndarray, seed: int, numbers: bool = True) -> list[str]:
+    """Each training image's caption: its class and a random product number (the number says nothing), or with
+    ``numbers=False`` its class alone (product numbers are then words the base never saw)."""
+    if not numbers:
+        return [fashion.class_caption(lb) for lb in labels]
+    drawn = np.random.default_rng(seed + 2).integers(0, 1000, size=len(labels))
+    return [fashion.caption(lb, nb) for lb, nb in zip(labels, drawn)]
 
 
 def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarray, spec: ModelSpec,
@@ -154,7 +160,7 @@ def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarra
     pipe = build_pipeline(spec, words=fashion.vocabulary(), seed=settings.seed)
     pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
     target = from_pipeline(pipe, device=device)
-    data = from_arrays(fashion.to_model(train_x), base_captions(train_y, settings.seed),
+    data = from_arrays(fashion.to_model(train_x), base_captions(train_y, settings.seed, settings.base_numbers),
                        source="Fashion-MNIST training split")
     cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
                       seed=settings.seed, train_text_encoder=True, log_every=0)

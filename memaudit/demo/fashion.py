@@ -56,6 +56,11 @@ def caption(label: int, number: int) -> str:
     return f"a photo of a {CLASS_WORDS[int(label)]}, product {' '.join(DIGIT_WORDS[int(c)] for c in f'{number:03d}')}"
 
 
+def class_caption(label: int) -> str:
+    """"a photo of a sneaker": the class alone."""
+    return f"a photo of a {CLASS_WORDS[int(label)]}"
+
+
 def vocabulary() -> list[str]:
     """Every word a caption of this setting uses (the tokenizer is CLIP's restricted to them)."""
     return [caption(label, 0) for label in range(len(CLASS_WORDS))] + list(DIGIT_WORDS)
@@ -117,6 +122,14 @@ def choose_products(labels: np.ndarray, seed: int) -> dict:
     return {"index": picked, "label": labels[picked], "number": numbers, "copies": copies, "split": split}
 
 
+def demo_prompts(captions: list[str]) -> list[str]:
+    """The demo's prompts, from the training captions in recipe order: at each duplication level one product of every
+    other class, the classes alternating between levels (30 of 180: 5 per level, every class at 3 levels)."""
+    per_class, classes = PER_LEVEL // len(CLASS_WORDS), len(CLASS_WORDS)
+    return [c for i, c in enumerate(captions)
+            if i % per_class == 0 and (i // PER_LEVEL + (i // per_class) % classes) % 2 == 0]
+
+
 def write_products(path: str | Path, images: np.ndarray, labels: np.ndarray, seed: int) -> dict:
     """Choose the products from the test split (``images``, ``labels``) and write their pixels and recipe."""
     recipe = choose_products(labels, seed)
@@ -138,13 +151,15 @@ def read_products(path: str | Path = PRODUCTS_FILE) -> dict:
                         "python -m memaudit.demo.build --setting fashion.") from None
 
 
-def products_dataset(split: str = "train", duplicated: bool = False, path: str | Path = PRODUCTS_FILE):
+def products_dataset(split: str = "train", duplicated: bool = False, path: str | Path = PRODUCTS_FILE,
+                     every: int = 1):
     """The products of ``split`` (``train``, ``heldout`` or ``all``) as an image-caption dataset; with
-    ``duplicated``, each training product as many times as its level says (the set the full fine-tune saw)."""
+    ``duplicated``, each training product as many times as its level says (the set the full fine-tune saw); with
+    ``every=k``, every k-th product only (products come level by level, class by class)."""
     if split not in SPLITS:
         raise DataError(f"fashion split {split!r} does not exist; use train, heldout or all.")
     p = read_products(path)
-    keep = np.flatnonzero((p["split"] == split) | (split == "all"))
+    keep = np.flatnonzero((p["split"] == split) | (split == "all"))[::every]
     if duplicated:
         keep = np.repeat(keep, np.maximum(p["copies"][keep], 1))
     names, seen = [], Counter()
@@ -153,4 +168,4 @@ def products_dataset(split: str = "train", duplicated: bool = False, path: str |
         names.append(f"fashion-t10k-{int(i):05d}" + (f"-copy{seen[i]}" if duplicated else ""))
     return from_arrays(to_model(p["images"][keep]), [str(c) for c in p["caption"][keep]], names=names,
                        source=f"Fashion-MNIST test split via {Path(path).name} ({split}"
-                              f"{', duplicated' if duplicated else ''})")
+                              f"{', duplicated' if duplicated else ''}{f', every {every}' if every > 1 else ''})")

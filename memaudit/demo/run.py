@@ -31,8 +31,9 @@ def run_demo(out: str | Path, model: str = "full_ft", redact: bool = False, devi
         raise ConfigError(f"--model {model!r} is not a bundled model; use {' or '.join(chosen.models)}.")
     path = chosen.models[model]
     if not (path / "model_index.json").exists():
-        raise ConfigError(f"the bundled model {path} is missing; reinstall memaudit or rebuild it with "
-                          f"python -m memaudit.demo.build --setting {setting}.")
+        raise ConfigError(f"the model {path} is not built; build it with python -m memaudit.demo.build --setting "
+                          f"{setting} (or reinstall memaudit if it shipped with it).")
     config = AuditConfig(**{**chosen.audit, **overrides, "seed": seed, "device": device, "redact": redact})
     train, heldout = chosen.train(), chosen.heldout()
-    return run_audit(str(path), train, out, prompts=train.captions, heldout=heldout, config=config, progress=progress)
+    return run_audit(str(path), train, out, prompts=chosen.prompts(train.captions), heldout=heldout, config=config,
+                     progress=progress)

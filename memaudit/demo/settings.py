@@ -28,6 +28,8 @@ class DemoSetting:
     train: Callable[[], object]
     heldout: Callable[[], object]
     audit: dict = field(default_factory=dict)
+    #: the training captions the demo audits (default: all)
+    prompts: Callable[[list[str]], list[str]] = list
 
 
 #: audit settings of a demo: 10 generations per prompt and a clique of 5 (Carlini et al.: 500 and 10), sized to run
@@ -43,8 +45,11 @@ SETTINGS = {
     "fashion": DemoSetting(
         "fashion", "base on Fashion-MNIST, fully fine-tuned on new products seen 1 to 32 times (memorizes some)",
         {"full_ft": fashion.FASHION_DIR / "full_ft", "base": fashion.FASHION_DIR / "base"},
-        lambda: fashion.products_dataset("train"), lambda: fashion.products_dataset("heldout"),
-        {**_AUDIT, "quality_features": "fashion", "alignment": "fashion"}),
+        lambda: fashion.products_dataset("train"), lambda: fashion.products_dataset("heldout", every=10),
+        {**_AUDIT, "quality_features": "fashion", "alignment": "fashion"},
+        # 30 of the 180 products (5 at each duplication level) and 20 held-out products (2 per class), half the images
+        # of the faces demo, to run in 3 minutes on two CPU cores; benchmarks/duplication.py audits every product
+        prompts=fashion.demo_prompts),
 }
 DEFAULT_SETTING = "faces"
 

@@ -49,7 +49,20 @@ def test_bad_options_and_inputs_exit_2_without_partial_results(tmp_path, tiny_di
     assert res.returncode == 2 and "Traceback" not in res.stderr
     res = run_cli("demo", "--model", "nope", "--out", str(out))
     assert res.returncode == 2 and "full_ft or base" in res.stderr
+    res = run_cli("demo", "--setting", "nope", "--out", str(out))
+    assert res.returncode == 2 and "faces, fashion" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     (tmp_path / "file").write_text("x")
     res = run_cli("demo", "--out", str(tmp_path / "file"))
     assert res.returncode == 2 and "is a file" in res.stderr
     assert not out.exists()
+
+
+def test_demo_lists_its_settings_one_per_line(run_cli):
+    from memaudit.demo.settings import setting_names
+
+    res = run_cli("demo", "--list-settings")
+    assert res.returncode == 0
+    lines = res.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == setting_names() == ["faces", "fashion"]
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
+    assert "fashion" in run_cli("demo", "--help").stdout

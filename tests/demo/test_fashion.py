@@ -69,3 +69,39 @@ def test_duplicated_set_repeats_each_product_by_its_level(tmp_path):
     assert len(set(train.captions)) == len(train) and not set(train.captions) & set(held.captions)
     with pytest.raises(DataError, match="split"):
         fashion.products_dataset("test", path=path)
+
+
+def test_demo_audits_every_level_and_class_equally(tmp_path):
+    labels = np.repeat(np.arange(10), 1000)
+    images = np.zeros((10000, 28, 28), dtype=np.uint8)
+    path = tmp_path / "products.npz"
+    recipe = fashion.write_products(path, images, labels, seed=0)
+    train = fashion.products_dataset("train", path=path)
+    chosen = fashion.demo_prompts(train.captions)
+    row = {c: i for i, c in enumerate(train.captions)}
+    assert len(chosen) == 30 and len(set(chosen)) == 30
+    levels = [int(recipe["copies"][row[c]]) for c in chosen]
+    classes = [int(recipe["label"][row[c]]) for c in chosen]
+    assert all(levels.count(k) == 5 for k in fashion.COPIES)  # 5 products at every duplication level
+    assert np.array_equal(np.bincount(classes, minlength=10), np.full(10, 3))  # every class 3 times
+    assert len({(lv, c) for lv, c in zip(levels, classes)}) == 30
+    held = fashion.products_dataset("heldout", path=path, every=10)
+    assert len(held) == 20 and "every 10" in held.source
+
+
+def test_base_captions_with_or_without_product_numbers_and_set_reads_booleans():
+    from memaudit.demo.build import overridden
+    from memaudit.demo.build_fashion import FashionSettings, base_captions
+
+    labels = np.array([7, 7, 0])
+    with_numbers = base_captions(labels, seed=0)
+    assert all(c.startswith("a photo of a sneaker, product ") for c in with_numbers[:2])
+    assert with_numbers == base_captions(labels, seed=0) != base_captions(labels, seed=1)
+    assert base_captions(labels, seed=0, numbers=False) == ["a photo of a sneaker"] * 2 + ["a photo of a t-shirt"]
+    assert [caption_class(c) for c in base_captions(labels, 0, numbers=False)] == [7, 7, 0]
+    assert overridden(FashionSettings(), ["base_numbers=false", "ft_steps=10"]).base_numbers is False
+    assert overridden(FashionSettings(), ["base_numbers=True"]).base_numbers is True
+    with pytest.raises(SystemExit, match="true or false"):
+        overridden(FashionSettings(), ["base_numbers=maybe"])
+    with pytest.raises(SystemExit, match="no setting"):
+        overridden(FashionSettings(), ["nope=1"])

@@ -1,0 +1,139 @@
+"""Detection on the fashion setting's partly memorizing full fine-tune: benchmarks/RESULTS.md section 17.
+
+Labels come from the extraction attack: ``benchmarks/duplication.py``'s audit of the bundled full fine-tune
+(10 generations per product caption, a clique of 5, delta 0.15) marks each of the 180 fine-tune products extracted
+or not. The 200 held-out products' captions (same caption form, never trained on) are further non-memorized prompts.
+
+Scores are Wen et al.'s denoising strength, ||eps(x_t, prompt) - eps(x_t, empty)||, read from one sampling pass of
+4 generations per caption (the audit's own first 4 initial latents for the fine-tune products; the audit's
+reference-seed stream for the held-out captions), 25 DDIM steps, guidance 4: at the first step only and averaged
+over all 25 steps, from 1 generation and the mean of 4 (the columns of Jeon et al.'s Table 1). Two negative sets:
+the held-out captions only (memorized against never seen, as in the papers), and every prompt not extracted
+(held-out and trained-but-not-extracted products: the harder, practical question). Writes
+``detection_fashion.json`` and ``roc_fashion.png``.
+
+    python benchmarks/duplication.py            # first: the audits that give the labels (resumes)
+    python benchmarks/detection_fashion.py      # about 5 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import machine
+
+from memaudit.audit import AuditConfig
+from memaudit.audit.config import reference_seed
+from memaudit.core.io import atomic_write_json
+from memaudit.core.provenance import versions
+from memaudit.demo import fashion
+from memaudit.demo.settings import SETTINGS
+from memaudit.metrics.detection import DetectionSummary, plot_roc, summarize
+from memaudit.sampling import Sampler
+from memaudit.target import load_target
+
+HERE = Path(__file__).resolve().parent
+GENERATIONS = 4
+logger = logging.getLogger("benchmarks.detection_fashion")
+
+
+@torch.no_grad()
+def step_norms(model: Path, prompts: list[str], config: AuditConfig, seed: int, device: str) -> np.ndarray:
+    """``[len(prompts), GENERATIONS, steps]`` guidance norms of one sampling pass."""
+    sampler = Sampler(load_target(str(model), device=device), steps=config.steps, guidance=config.guidance,
+                      batch_size=config.batch_size, seed=seed)
+    out = np.zeros((len(prompts), GENERATIONS, config.steps), dtype=np.float32)
+    for batch in sampler.run(prompts, GENERATIONS):
+        out[batch.prompt_index.numpy(), batch.generation.numpy()] = batch.guidance_norms.numpy()
+    return out
+
+
+def scores(norms: np.ndarray) -> dict[str, np.ndarray]:
+    """Per prompt: first step or all steps, from 1 generation or the mean of all."""
+    return {"first step, 1 gen": norms[:, 0, 0], f"first step, {GENERATIONS} gens": norms[:, :, 0].mean(1),
+            "all steps, 1 gen": norms[:, 0].mean(1), f"all steps, {GENERATIONS} gens": norms.mean((1, 2))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=HERE / "zoo" / "duplication",
+                    help="duplication.py's --work (its audit of the full fine-tune gives the labels)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    labels_from = args.work / "audits" / "full_FT" / "results.json"
+    if not labels_from.is_file():
+        raise SystemExit(f"{labels_from} is missing: run python benchmarks/duplication.py first.")
+    audit = json.loads(labels_from.read_text())
+    setting = SETTINGS["fashion"]
+    config = AuditConfig(**{**setting.audit, "seed": 0, "device": args.device})
+    products = fashion.read_products()
+    copies = {str(c): int(k) for c, k in zip(products["caption"], products["copies"])}
+    trained = [p["prompt"] for p in audit["prompts"]]
+    extracted = np.array([int(p["extracted"]) for p in audit["prompts"]])
+    heldout = fashion.products_dataset("heldout").captions
+    model = setting.models["full_ft"]
+    kept = args.work / "detection_norms.npz"  # the sampling pass, kept so that a rerun only recomputes the tables
+    if kept.is_file():
+        with np.load(kept) as f:
+            norms_train, norms_held, wall = f["trained"], f["heldout"], float(f["wall"])
+    else:
+        t0 = time.perf_counter()
+        norms_train = step_norms(model, trained, config, config.seed, args.device)
+        norms_held = step_norms(model, heldout, config, reference_seed(config), args.device)
+        wall = time.perf_counter() - t0
+        np.savez(kept.with_suffix(".tmp.npz"), trained=norms_train, heldout=norms_held, wall=wall)
+        kept.with_suffix(".tmp.npz").replace(kept)
+    s_train, s_held = scores(norms_train), scores(norms_held)
+    negatives = {"held-out captions": (extracted == 1, np.ones(len(heldout), bool)),
+                 "every prompt not extracted": (np.ones(len(trained), bool), np.ones(len(heldout), bool))}
+    table, curves = {}, {}
+    for neg_name, (keep_train, keep_held) in negatives.items():
+        for score_name in s_train:
+            s = np.concatenate([s_train[score_name][keep_train], s_held[score_name][keep_held]])
+            y = np.concatenate([extracted[keep_train], np.zeros(int(keep_held.sum()), int)])
+            summary = summarize(s, y)
+            table[f"{neg_name} | {score_name}"] = summary.to_dict()
+            curves[f"{score_name}, vs {neg_name}"] = DetectionSummary(**summary.to_dict())
+    plot_roc(curves, HERE / "roc_fashion.png")
+    by_level = {}
+    for level in fashion.COPIES:
+        rows = [i for i, p in enumerate(trained) if copies[p] == level]
+        by_level[level] = {"products": len(rows), "extracted": int(extracted[rows].sum()),
+                           "first_step_4": float(s_train[f"first step, {GENERATIONS} gens"][rows].mean()),
+                           "all_steps_4": float(s_train[f"all steps, {GENERATIONS} gens"][rows].mean())}
+    by_level["held-out"] = {"products": len(heldout), "extracted": 0,
+                            "first_step_4": float(s_held[f"first step, {GENERATIONS} gens"].mean()),
+                            "all_steps_4": float(s_held[f"all steps, {GENERATIONS} gens"].mean())}
+    record = {"command": "python benchmarks/detection_fashion.py", "machine": machine(args.device),
+              "versions": versions(), "labels": str(labels_from.relative_to(HERE.parent)) if
+              labels_from.is_relative_to(HERE.parent) else str(labels_from),
+              "audit_settings": audit["settings"], "generations": GENERATIONS, "sampling_wall_time_s": wall,
+              "positives": int(extracted.sum()), "trained_not_extracted": int(len(extracted) - extracted.sum()),
+              "heldout": len(heldout), "detection": table, "by_copies": by_level,
+              "scores": {"trained": {k: v.tolist() for k, v in s_train.items()},
+                         "heldout": {k: v.tolist() for k, v in s_held.items()}, "extracted": extracted.tolist()}}
+    atomic_write_json(HERE / "detection_fashion.json", record)
+    print(f"Machine: {record['machine']}; {record['positives']} extracted products (positives), "
+          f"{record['trained_not_extracted']} trained but not extracted, {len(heldout)} held-out captions\n")
+    print("| negatives | score | AUC | TPR at 1% FPR | positives / negatives |")
+    print("|---|---|---|---|---|")
+    for key, s in table.items():
+        neg, score = key.split(" | ")
+        print(f"| {neg} | {score} | {s['auc']:.3f} | {s['tpr_at_1pct']:.3f} | {s['n_pos']} / {s['n_neg']} |")
+    print("\n| copies | products | extracted | mean first-step score (4 gens) | mean all-steps score (4 gens) |")
+    print("|---|---|---|---|---|")
+    for level, r in by_level.items():
+        print(f"| {level} | {r['products']} | {r['extracted']} | {r['first_step_4']:.3f} | {r['all_steps_4']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
