@@ -31,6 +31,7 @@ from common import machine
 
 from memaudit.audit import AuditConfig
 from memaudit.audit.config import reference_seed
+from memaudit.core.digests import tree_digest
 from memaudit.core.io import atomic_write_json
 from memaudit.core.provenance import versions
 from memaudit.demo import fashion
@@ -80,8 +81,14 @@ def main(argv=None) -> int:
     extracted = np.array([int(p["extracted"]) for p in audit["prompts"]])
     heldout = fashion.products_dataset("heldout").captions
     model = setting.models["full_ft"]
-    kept = args.work / "detection_norms.npz"  # the sampling pass, kept so that a rerun only recomputes the tables
+    # the sampling pass, kept so that a rerun only recomputes the tables; tied to the model's content digest (the
+    # labels' audit is too, in duplication.py), so a rebuilt model is sampled again
+    kept, digest = args.work / "detection_norms.npz", tree_digest(model)
+    fresh = False
     if kept.is_file():
+        with np.load(kept) as f:
+            fresh = "model_digest" in f.files and str(f["model_digest"]) == digest
+    if fresh:
         with np.load(kept) as f:
             norms_train, norms_held, wall = f["trained"], f["heldout"], float(f["wall"])
     else:
@@ -89,7 +96,8 @@ def main(argv=None) -> int:
         norms_train = step_norms(model, trained, config, config.seed, args.device)
         norms_held = step_norms(model, heldout, config, reference_seed(config), args.device)
         wall = time.perf_counter() - t0
-        np.savez(kept.with_suffix(".tmp.npz"), trained=norms_train, heldout=norms_held, wall=wall)
+        np.savez(kept.with_suffix(".tmp.npz"), trained=norms_train, heldout=norms_held, wall=wall,
+                 model_digest=np.array(digest))
         kept.with_suffix(".tmp.npz").replace(kept)
     s_train, s_held = scores(norms_train), scores(norms_held)
     negatives = {"held-out captions": (extracted == 1, np.ones(len(heldout), bool)),

@@ -1,8 +1,9 @@
 """Memorization against duplication on the fashion setting: benchmarks/RESULTS.md section 16.
 
 Each model is audited as ``memaudit demo --setting fashion`` audits (10 generations per product caption, 25 DDIM
-steps, guidance 4, a clique of 5 to flag; the captions of the demo's 50 held-out products are the reference
-prompts, their images the quality reference), but on all 180 product captions, grouped by how many copies of the
+steps, guidance 4, a clique of 5 to flag), but on all 180 product captions and with all 200 held-out products (the
+demo takes 20) as reference prompts and quality reference, so that KID rests on 2,000 generations against 200
+images, grouped by how many copies of the
 product the fine-tune set held (1, 2, 4, ... 32). Per group: the share of products extracted (a clique whose
 medoid lies within delta of a training image), the share flagged, the mean AMD of the product's generations (pixels;
 lower is closer to the training set) and the mean denoising score. Models: the bundled base and full fine-tune, and,
@@ -10,6 +11,7 @@ with ``--methods``, the base fine-tuned by each PEFT method on the same duplicat
 steps, batch and seed (the method's own default learning rate).
 
     python benchmarks/duplication.py                        # base and full_ft (about 20 minutes on 2 CPU cores)
+    python benchmarks/duplication.py --heldout-every 10     # the demo's 20 held-out products (half the time)
     python benchmarks/duplication.py --methods freeze,bias,norm,attention,difffit,svdiff,lora   # hours: resumes
 
 Every fine-tune resumes from its checkpoints and every finished audit is kept under ``--work``, so rerunning the
@@ -32,18 +34,26 @@ logger = logging.getLogger("benchmarks.duplication")
 
 
 def audited(model: Path, out: Path, config, train, heldout) -> dict:
-    """The audit of ``model`` in ``out``: read back when finished with the same settings, else run (resumes)."""
+    """The audit of ``model`` in ``out``: read back when finished with the same settings of the same model (its
+    files' content digest, kept beside the audit: a rebuilt model in the same folder is audited again), else run
+    (resumes)."""
     from memaudit.audit import run_audit
+    from memaudit.core.digests import tree_digest
+    from memaudit.core.io import atomic_write_json
 
-    results = out / "results.json"
+    results, identity = out / "results.json", out.parent / f"{out.name}.model.json"
+    digest = tree_digest(model)
     if results.is_file():
         res = json.loads(results.read_text())
         wanted = json.loads(json.dumps(config.to_dict()))
-        if all(res["settings"].get(k) == v for k, v in wanted.items() if k not in ("device", "workers")):
+        same_model = identity.is_file() and json.loads(identity.read_text()).get("digest") == digest
+        if same_model and all(res["settings"].get(k) == v for k, v in wanted.items() if k not in ("device", "workers")):
             return res
-        raise SystemExit(f"{out} holds an audit of other settings; move it away or pass another --work.")
+        raise SystemExit(f"{out} holds an audit of other settings or of another model (or an unrecorded one); "
+                         "move it away or pass another --work.")
     t0 = time.perf_counter()
     res = run_audit(str(model), train, out, prompts=train.captions, heldout=heldout, config=config)
+    atomic_write_json(identity, {"model": str(model), "digest": digest})
     logger.info("%s audited in %.0f s", model.name, time.perf_counter() - t0)
     return res
 
@@ -99,12 +109,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="", help="PEFT methods to fine-tune and audit too, comma-separated")
     ap.add_argument("--work", type=Path, default=HERE / "zoo" / "duplication", help="where models and audits go")
+    ap.add_argument("--heldout-every", type=int, default=1,
+                    help="every Nth held-out product is a reference prompt and quality image (1: all 200)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=HERE / "duplication.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     setting = SETTINGS["fashion"]
-    train, heldout = setting.train(), setting.heldout()
+    train, heldout = setting.train(), fashion.products_dataset("heldout", every=args.heldout_every)
     products = fashion.read_products()
     copies = {str(c): int(k) for c, k, s in zip(products["caption"], products["copies"], products["split"])
               if s == "train"}
@@ -114,12 +126,15 @@ def main(argv=None) -> int:
     rows, t_start = [], time.perf_counter()
     for name, path in models:
         path = path or fine_tuned(name, args.work, args.device)
-        res = audited(path, args.work / "audits" / name.replace(" ", "_"), config, train, heldout)
+        audits = args.work / ("audits" if args.heldout_every == 1 else f"audits-heldout-every-{args.heldout_every}")
+        res = audited(path, audits / name.replace(" ", "_"), config, train, heldout)
         ft = json.loads((path / SETTINGS_FILE).read_text()) if (path / SETTINGS_FILE).is_file() else None
         rows.append({"name": name, "model": str(path), **audit_row(res, ft),
                      "extracted_prompts": res["summary"]["extracted_prompts"],
                      "detection": res["summary"].get("detection"), "by_copies": by_copies(res, copies)})
-    record = {"command": "python benchmarks/duplication.py" + (f" --methods {args.methods}" if args.methods else ""),
+    flags = (f" --methods {args.methods}" if args.methods else "") + (
+        f" --heldout-every {args.heldout_every}" if args.heldout_every != 1 else "")
+    record = {"command": "python benchmarks/duplication.py" + flags, "heldout_products": len(heldout),
               "machine": machine(args.device), "versions": versions(), "audit_settings": config.to_dict(),
               "copies": list(fashion.COPIES), "per_level": fashion.PER_LEVEL,
               "wall_time_s": time.perf_counter() - t_start, "rows": rows}

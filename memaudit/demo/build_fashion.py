@@ -5,13 +5,14 @@ resumes):
 1. ``products.npz``: the fine-tune and held-out products, chosen by seed from Fashion-MNIST's test split.
 2. VAE (32x32 grayscale -> 8x8x4 latents) on the 60,000 training images (never a product).
 3. Base: CLIP text encoder and UNet trained together from scratch on the training images, captioned by class and
-   a random product number. Saved in float16 (``base/``).
+   a product number whose digits describe the image (:func:`base_captions`). Saved in float16 (``base/``).
 4. Full fine-tune: the saved base, reloaded, every UNet parameter tuned on the duplicated product set (text encoder
    and VAE frozen). Saved in float16 (``full_ft/``).
 5. The setting's classifier (:mod:`memaudit.demo.fashion_scorer`).
 6. The reproduction check, per duplication level, of both models.
 
-Everything is seeded; ``build_info.json`` records settings, losses, versions, the machine and wall times.
+Everything is seeded; ``build_info.json`` records settings, losses, versions, the machine and wall times. Base and
+fine-tune write a checkpoint every 250 steps in the work folder, so a build stopped mid-stage continues there.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ from memaudit.demo.stages import TrainLog, model_spec
 from memaudit.models import ModelSpec, build_pipeline, count_parameters
 from memaudit.target import from_pipeline, load_target
 from memaudit.training import TrainConfig, VAEConfig, train_denoiser, train_vae
+from memaudit.training.checkpoints import resume_point
 
 logger = logging.getLogger("memaudit.demo.build")
+#: what the number in a base caption is (:func:`base_captions`)
+BASE_NUMBERS = ("class", "random", "attributes")
+#: base and fine-tune write a resumable checkpoint (in the work folder) this often: a build stopped mid-stage
+#: continues from the latest one, to the same weights
+CHECKPOINT_EVERY = 250
 
 
 @dataclass
@@ -57,9 +64,11 @@ class FashionSettings:
     check_generations: int = 4
     check_steps: int = 25
     check_guidance: float = 4.0
-    #: base captions carry a random product number (the committed build): its text encoder learned to wash numbers
-    #: out, so the fine-tune cannot tell products apart (RESULTS.md section 16); false: the class alone
-    base_numbers: bool = True
+    #: what the number in a base caption is (:func:`base_captions`). "random" numbers taught the first build's text
+    #: encoder to wash numbers out, and "class" (none) left number words unlearned, so that both fine-tunes could not
+    #: tell products apart (RESULTS.md 16); "attributes" makes number words meaningful, as digit words are to the
+    #: faces base
+    base_numbers: str = "attributes"
     spec: dict = field(default_factory=model_spec)
 
 
@@ -82,6 +91,8 @@ def build_fashion(work: Path, out: Path, settings: FashionSettings, source: Path
                   device: str = "cpu", check: bool = True) -> dict:
     """Build (or resume building) the fashion setting into ``out`` (``base/``, ``full_ft/``, ``products.npz``,
     ``scorer.safetensors``, ``build_info.json``), with scratch files in ``work``."""
+    if settings.base_numbers not in BASE_NUMBERS:
+        raise ValueError(f"base_numbers={settings.base_numbers}: use one of {', '.join(BASE_NUMBERS)}")
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     info_path = work / "build_info.json"
@@ -98,9 +109,10 @@ def build_fashion(work: Path, out: Path, settings: FashionSettings, source: Path
     stage("vae", vae_dir / "config.json", lambda: _vae(vae_dir, train_x, products, spec, settings, device))
     base_dir = out / "base"
     stage("base", base_dir / "model_index.json",
-          lambda: _base(base_dir, vae_dir, train_x, train_y, spec, settings, device))
+          lambda: _base(base_dir, vae_dir, train_x, train_y, spec, settings, device, work / "base-checkpoints"))
     ft_dir = out / "full_ft"
-    stage("full_ft", ft_dir / "model_index.json", lambda: _full_ft(ft_dir, base_dir, products, settings, device))
+    stage("full_ft", ft_dir / "model_index.json",
+          lambda: _full_ft(ft_dir, base_dir, products, settings, device, work / "full_ft-checkpoints"))
     scorer = out / "scorer.safetensors"
     stage("scorer", scorer, lambda: _scorer(scorer, base_dir, train_x, train_y, settings))
     if check:
@@ -143,44 +155,89 @@ def _vae(vae_dir: Path, train_x: np.ndarray, products: Path, spec: ModelSpec, se
             "product_round_trip_rms_pm1": rms, "params": count_parameters(vae)}
 
 
-def base_captions(labels: np.ndarray, seed: int, numbers: bool = True) -> list[str]:
-    """Each training image's caption: its class and a random product number (the number says nothing), or with
-    ``numbers=False`` its class alone (product numbers are then words the base never saw)."""
-    if not numbers:
+def base_captions(labels: np.ndarray, seed: int, numbers: str = "class", images: np.ndarray | None = None) -> list[str]:
+    """Each training image's caption, by ``numbers``:
+
+    - ``"class"``: its class alone, "a photo of a sneaker" (product numbers are then words the base never saw);
+    - ``"random"``: its class and a random product number, which says nothing about the image;
+    - ``"attributes"``: its class and a number whose three digits describe the image (``images``, uint8
+      ``[N, 28, 28]``), each the decile within its class of one measure: ink (mean intensity), width and height
+      (the spread of the intensity across columns and rows). The base learns number words as meaningful, as the
+      faces base learns digit words from MNIST, so a number keys an image for a fine-tune whose text encoder is
+      frozen."""
+    if numbers == "class":
         return [fashion.class_caption(lb) for lb in labels]
-    drawn = np.random.default_rng(seed + 2).integers(0, 1000, size=len(labels))
+    if numbers == "random":
+        drawn = np.random.default_rng(seed + 2).integers(0, 1000, size=len(labels))
+    elif numbers == "attributes":
+        if images is None:
+            raise ValueError("attribute captions need the images")
+        drawn = attribute_numbers(images, labels)
+    else:
+        raise ValueError(f"base_numbers={numbers}: use one of {', '.join(BASE_NUMBERS)}")
     return [fashion.caption(lb, nb) for lb, nb in zip(labels, drawn)]
 
 
+def attribute_numbers(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image, ``100 * ink + 10 * width + height``, each digit the measure's decile among the images of its
+    class (ranks, so every digit is equally frequent within a class)."""
+    x = images.astype(np.float64) / 255.0
+    pos = np.arange(x.shape[-1], dtype=np.float64)
+
+    def spread(mass: np.ndarray) -> np.ndarray:
+        total = mass.sum(1) + 1e-12
+        mean = (mass * pos).sum(1) / total
+        return np.sqrt((mass * (pos - mean[:, None]) ** 2).sum(1) / total)
+
+    measures = (x.mean((1, 2)), spread(x.sum(1)), spread(x.sum(2)))
+    digits = np.zeros((len(x), 3), dtype=np.int64)
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        for k, m in enumerate(measures):
+            ranks = np.empty(len(rows), dtype=np.int64)
+            ranks[np.argsort(m[rows], kind="stable")] = np.arange(len(rows))
+            digits[rows, k] = ranks * 10 // len(rows)
+    return digits @ np.array([100, 10, 1])
+
+
 def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarray, spec: ModelSpec,
-          settings: FashionSettings, device: str) -> dict:
+          settings: FashionSettings, device: str, checkpoints: Path) -> dict:
     """Stage 3: text encoder and UNet trained together from scratch on the captioned training images."""
     from diffusers import AutoencoderKL
 
     pipe = build_pipeline(spec, words=fashion.vocabulary(), seed=settings.seed)
     pipe.vae = AutoencoderKL.from_pretrained(vae_dir)
     target = from_pipeline(pipe, device=device)
-    data = from_arrays(fashion.to_model(train_x), base_captions(train_y, settings.seed, settings.base_numbers),
+    data = from_arrays(fashion.to_model(train_x), base_captions(train_y, settings.seed, settings.base_numbers, train_x),
                        source="Fashion-MNIST training split")
     cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
-                      seed=settings.seed, train_text_encoder=True, log_every=0)
-    res = train_denoiser(target, data, cfg, progress=TrainLog("base", every=250))
+                      seed=settings.seed, train_text_encoder=True, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
+    start = _resumed_step(checkpoints)
+    res = train_denoiser(target, data, cfg, progress=TrainLog("base", every=250), checkpoint_dir=checkpoints)
     target.save(base_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
             "text_encoder_params": count_parameters(target.text_encoder), "vocab": len(target.tokenizer),
-            "step_time_s": res.wall_time_s / cfg.steps}
+            "resumed_from_step": start, "step_time_s": res.wall_time_s / (cfg.steps - start)}
 
 
-def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSettings, device: str) -> dict:
+def _resumed_step(checkpoints: Path) -> int:
+    """The step a stage's training resumes from (0: it starts), so that its time per step counts the steps run."""
+    _, state = resume_point(checkpoints)
+    return int(state["step"]) if state else 0
+
+
+def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSettings, device: str,
+             checkpoints: Path) -> dict:
     """Stage 4: the saved base, reloaded, every UNet parameter tuned on the duplicated product set."""
     target = load_target(base_dir, device=device)
     train = fashion.products_dataset("train", duplicated=True, path=products)
     cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
-                      seed=settings.seed, log_every=0)
-    res = train_denoiser(target, train, cfg, progress=TrainLog("full_ft"))
+                      seed=settings.seed, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
+    start = _resumed_step(checkpoints)
+    res = train_denoiser(target, train, cfg, progress=TrainLog("full_ft"), checkpoint_dir=checkpoints)
     target.save(ft_dir, dtype=torch.float16)
-    return {"final_loss": float(np.mean(res.losses[-100:])), "step_time_s": res.wall_time_s / cfg.steps,
-            "images_with_copies": len(train), "epochs": cfg.steps * cfg.batch_size / len(train)}
+    return {"final_loss": float(np.mean(res.losses[-100:])), "resumed_from_step": start,
+            "step_time_s": res.wall_time_s / (cfg.steps - start), "images_with_copies": len(train), "epochs": cfg.steps * cfg.batch_size / len(train)}
 
 
 def _scorer(path: Path, base_dir: Path, train_x: np.ndarray, train_y: np.ndarray, settings: FashionSettings) -> dict:

@@ -8,8 +8,9 @@ or a set of studies is: a fine-tune on new products is a fine-tune on new items 
 which is how real fine-tunes start.
 
 - **Base** (``fashion/base/``): VAE, CLIP text encoder and UNet trained from scratch on the 60,000 training images,
-  each captioned by its class and a random product number, "a photo of a sneaker, product four zero seven": the
-  base learns the classes and learns that a product number says nothing.
+  each captioned by its class and a product number whose three digits describe the image (ink, width and height,
+  each as a decile within the class), "a photo of a sneaker, product four zero seven": the base learns the classes,
+  and that number words matter, as the faces base learns digit words from MNIST.
 - **Fine-tune set**: products of the *test* split (never seen by the base or its VAE), each with its own number;
   they come in duplication levels: :data:`COPIES` (1, 2, 4, 8, 16, 32 copies), :data:`PER_LEVEL` products each.
   The set the fine-tune trains on holds every product as many times as its level says, the way duplicates in LAION

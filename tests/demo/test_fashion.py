@@ -89,19 +89,45 @@ def test_demo_audits_every_level_and_class_equally(tmp_path):
     assert len(held) == 20 and "every 10" in held.source
 
 
-def test_base_captions_with_or_without_product_numbers_and_set_reads_booleans():
-    from memaudit.demo.build import overridden
+def test_base_captions_by_class_random_number_or_attributes_and_set():
+    from memaudit.demo.build import main, overridden
     from memaudit.demo.build_fashion import FashionSettings, base_captions
 
     labels = np.array([7, 7, 0])
-    with_numbers = base_captions(labels, seed=0)
+    with_numbers = base_captions(labels, seed=0, numbers="random")
     assert all(c.startswith("a photo of a sneaker, product ") for c in with_numbers[:2])
-    assert with_numbers == base_captions(labels, seed=0) != base_captions(labels, seed=1)
-    assert base_captions(labels, seed=0, numbers=False) == ["a photo of a sneaker"] * 2 + ["a photo of a t-shirt"]
-    assert [caption_class(c) for c in base_captions(labels, 0, numbers=False)] == [7, 7, 0]
-    assert overridden(FashionSettings(), ["base_numbers=false", "ft_steps=10"]).base_numbers is False
-    assert overridden(FashionSettings(), ["base_numbers=True"]).base_numbers is True
-    with pytest.raises(SystemExit, match="true or false"):
-        overridden(FashionSettings(), ["base_numbers=maybe"])
+    assert with_numbers == base_captions(labels, 0, "random") != base_captions(labels, 1, "random")
+    assert base_captions(labels, seed=0) == ["a photo of a sneaker"] * 2 + ["a photo of a t-shirt"]
+    assert [caption_class(c) for c in base_captions(labels, 0)] == [7, 7, 0]
+    assert FashionSettings().base_numbers == "attributes"  # the recipe of the bundled build
+    assert overridden(FashionSettings(), ["base_numbers=class", "ft_steps=10"]).base_numbers == "class"
     with pytest.raises(SystemExit, match="no setting"):
         overridden(FashionSettings(), ["nope=1"])
+    with pytest.raises(SystemExit, match="base_numbers=maybe: use one of class, random, attributes"):
+        main(["--setting", "fashion", "--set", "base_numbers=maybe"])
+    with pytest.raises(ValueError, match="use one of"):
+        base_captions(labels, 0, "maybe")
+
+
+def test_attribute_numbers_are_per_class_deciles_of_ink_width_and_height():
+    """Hand-made images: ink rises with the index; a bar whose width rises and one whose height rises."""
+    from memaudit.demo.build_fashion import attribute_numbers, base_captions
+
+    n = 10
+    ink = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        ink[i, 10:18, 10:18] = 20 + 20 * i  # same shape, brighter and brighter
+    wide = np.zeros((n, 28, 28), np.uint8)
+    tall = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        wide[i, 13:15, 13 - i:15 + i] = 200  # wider and wider
+        tall[i, 13 - i:15 + i, 13:15] = 200  # taller and taller
+    labels = np.zeros(n, np.int64)
+    assert (attribute_numbers(ink, labels) // 100).tolist() == list(range(n))
+    assert (attribute_numbers(wide, labels) // 10 % 10).tolist() == list(range(n))
+    assert (attribute_numbers(tall, labels) % 10).tolist() == list(range(n))
+    # deciles are taken within each class: two classes of 10 each get every digit once
+    both = attribute_numbers(np.concatenate([ink, ink[::-1]]), np.repeat([0, 1], n)) // 100
+    assert both.tolist() == list(range(n)) + list(range(n))[::-1]
+    captions = base_captions(np.full(n, 7), 0, "attributes", ink)
+    assert captions[9].startswith("a photo of a sneaker, product nine ") and "product zero" in captions[0]
