@@ -217,13 +217,18 @@ def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarra
     target.save(base_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
             "text_encoder_params": count_parameters(target.text_encoder), "vocab": len(target.tokenizer),
-            "resumed_from_step": start, "step_time_s": res.wall_time_s / (cfg.steps - start)}
+            "resumed_from_step": start, "step_time_s": _per_step(res.wall_time_s, cfg.steps - start)}
 
 
 def _resumed_step(checkpoints: Path) -> int:
     """The step a stage's training resumes from (0: it starts), so that its time per step counts the steps run."""
     _, state = resume_point(checkpoints)
     return int(state["step"]) if state else 0
+
+
+def _per_step(wall_s: float, steps: int) -> float | None:
+    """Seconds per step run (None: the run had finished in its checkpoint, and this call only saved the model)."""
+    return wall_s / steps if steps > 0 else None
 
 
 def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSettings, device: str,
@@ -237,7 +242,7 @@ def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSett
     res = train_denoiser(target, train, cfg, progress=TrainLog("full_ft"), checkpoint_dir=checkpoints)
     target.save(ft_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "resumed_from_step": start,
-            "step_time_s": res.wall_time_s / (cfg.steps - start), "images_with_copies": len(train), "epochs": cfg.steps * cfg.batch_size / len(train)}
+            "step_time_s": _per_step(res.wall_time_s, cfg.steps - start), "images_with_copies": len(train), "epochs": cfg.steps * cfg.batch_size / len(train)}
 
 
 def _scorer(path: Path, base_dir: Path, train_x: np.ndarray, train_y: np.ndarray, settings: FashionSettings) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-
 import numpy as np
 import pytest
 
@@ -12,13 +10,7 @@ from memaudit.demo import fashion
 from memaudit.demo.fashion_scorer import caption_class
 
 
-def write_idx(path, array: np.ndarray, gz: bool = True) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(raw) if gz else raw)
-
-
-def test_idx_reader_reads_what_was_written_and_refuses_damage(tmp_path):
+def test_idx_reader_reads_what_was_written_and_refuses_damage(tmp_path, write_idx):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     write_idx(tmp_path / "a.gz", images)
     write_idx(tmp_path / "b", images, gz=False)
