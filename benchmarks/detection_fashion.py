@@ -9,8 +9,10 @@ Scores are Wen et al.'s denoising strength, ||eps(x_t, prompt) - eps(x_t, empty)
 reference-seed stream for the held-out captions), 25 DDIM steps, guidance 4: at the first step only and averaged
 over all 25 steps, from 1 generation and the mean of 4 (the columns of Jeon et al.'s Table 1). Two negative sets:
 the held-out captions only (memorized against never seen, as in the papers), and every prompt not extracted
-(held-out and trained-but-not-extracted products: the harder, practical question). Writes
-``detection_fashion.json`` and ``roc_fashion.png``.
+(held-out and trained-but-not-extracted products: the harder, practical question). The triage
+(``triage_fashion.png``): rank the 180 trained captions by each score, attack only the top fraction, and count the
+extracted products found (the full attack's labels) against the denoiser evaluations spent, scoring included.
+Writes ``detection_fashion.json``, ``roc_fashion.png`` and ``triage_fashion.png``.
 
     python benchmarks/duplication.py            # first: the audits that give the labels (resumes)
     python benchmarks/detection_fashion.py      # about 5 minutes on 2 CPU cores
@@ -42,6 +44,8 @@ from memaudit.target import load_target
 
 HERE = Path(__file__).resolve().parent
 GENERATIONS = 4
+#: shares of the trained captions the triage attacks (highest scores first)
+TRIAGE_FRACTIONS = tuple(round(0.05 * k, 2) for k in range(1, 21))
 logger = logging.getLogger("benchmarks.detection_fashion")
 
 
@@ -60,6 +64,54 @@ def scores(norms: np.ndarray) -> dict[str, np.ndarray]:
     """Per prompt: first step or all steps, from 1 generation or the mean of all."""
     return {"first step, 1 gen": norms[:, 0, 0], f"first step, {GENERATIONS} gens": norms[:, :, 0].mean(1),
             "all steps, 1 gen": norms[:, 0].mean(1), f"all steps, {GENERATIONS} gens": norms.mean((1, 2))}
+
+
+def scoring_evals(score_name: str, steps: int) -> int:
+    """Denoiser evaluations per prompt that a score costs (one per image per step, a guided step counted once, as
+    in ``speed.py --part triage``): its generations times the steps it reads."""
+    gens = GENERATIONS if f"{GENERATIONS} gens" in score_name else 1
+    return gens * (1 if score_name.startswith("first step") else steps)
+
+
+def triage(score: np.ndarray, extracted: np.ndarray, score_evals: int, attack_evals: int,
+           fractions=TRIAGE_FRACTIONS) -> list[dict]:
+    """Score every trained caption, run the full attack on the highest-scoring ``fraction`` only: per fraction, the
+    share of the attack's extracted products found (the full attack's labels: a product counts as found when it
+    is among those attacked) and the share of the full attack's denoiser evaluations spent (scoring included)."""
+    order = np.argsort(-score, kind="stable")
+    n, total = len(score), int(extracted.sum())
+    rows = []
+    for fraction in fractions:
+        k = int(np.ceil(fraction * n))
+        found = int(extracted[order[:k]].sum())
+        spent = n * score_evals + k * attack_evals
+        rows.append({"fraction": fraction, "prompts": k, "found": found,
+                     "found_share": found / total if total else float("nan"),
+                     "evals": spent, "evals_share": spent / (n * attack_evals)})
+    return rows
+
+
+def plot_triage(curves: dict[str, list[dict]], path: Path) -> None:
+    """Extracted products found against the share of the full attack's denoiser evaluations spent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for name, rows in curves.items():
+        ax.plot([r["evals_share"] for r in rows], [r["found_share"] for r in rows], marker="o", ms=3, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="attack in random order")
+    ax.set_xlabel("denoiser evaluations spent (share of the full attack)")
+    ax.set_ylabel("extracted products found (share)")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def main(argv=None) -> int:
@@ -111,6 +163,10 @@ def main(argv=None) -> int:
             table[f"{neg_name} | {score_name}"] = summary.to_dict()
             curves[f"{score_name}, vs {neg_name}"] = DetectionSummary(**summary.to_dict())
     plot_roc(curves, HERE / "roc_fashion.png")
+    attack_evals = config.generations * config.steps
+    triaged = {name: triage(s_train[name], extracted, scoring_evals(name, config.steps), attack_evals)
+               for name in s_train}
+    plot_triage(triaged, HERE / "triage_fashion.png")
     by_level = {}
     for level in fashion.COPIES:
         rows = [i for i, p in enumerate(trained) if copies[p] == level]
@@ -125,7 +181,7 @@ def main(argv=None) -> int:
               labels_from.is_relative_to(HERE.parent) else str(labels_from),
               "audit_settings": audit["settings"], "generations": GENERATIONS, "sampling_wall_time_s": wall,
               "positives": int(extracted.sum()), "trained_not_extracted": int(len(extracted) - extracted.sum()),
-              "heldout": len(heldout), "detection": table, "by_copies": by_level,
+              "heldout": len(heldout), "detection": table, "by_copies": by_level, "triage": triaged,
               "scores": {"trained": {k: v.tolist() for k, v in s_train.items()},
                          "heldout": {k: v.tolist() for k, v in s_held.items()}, "extracted": extracted.tolist()}}
     atomic_write_json(HERE / "detection_fashion.json", record)
@@ -136,6 +192,11 @@ def main(argv=None) -> int:
     for key, s in table.items():
         neg, score = key.split(" | ")
         print(f"| {neg} | {score} | {s['auc']:.3f} | {s['tpr_at_1pct']:.3f} | {s['n_pos']} / {s['n_neg']} |")
+    print("\n| score | attacked | extracted found | evaluations spent (of the full attack) |\n|---|---|---|---|")
+    for name, rows in triaged.items():
+        for r in rows:
+            if r["fraction"] in (0.1, 0.2, 0.3, 0.5):
+                print(f"| {name} | {r['prompts']} | {r['found']} ({r['found_share']:.0%}) | {r['evals_share']:.1%} |")
     print("\n| copies | products | extracted | mean first-step score (4 gens) | mean all-steps score (4 gens) |")
     print("|---|---|---|---|---|")
     for level, r in by_level.items():
