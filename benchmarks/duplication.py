@@ -109,7 +109,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="", help="PEFT methods to fine-tune and audit too, comma-separated")
     ap.add_argument("--work", type=Path, default=HERE / "zoo" / "duplication", help="where models and audits go")
-    ap.add_argument("--heldout-every", type=int, default=1,
+    ap.add_argument("--heldout-every", type=lambda v: int(v) if v.isdigit() and int(v) > 0 else
+                    ap.error(f"--heldout-every {v}: a whole number from 1"), default=1,
                     help="every Nth held-out product is a reference prompt and quality image (1: all 200)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=HERE / "duplication.json")

@@ -37,7 +37,7 @@ from memaudit.core.io import atomic_write_json, atomic_write_text
 from memaudit.core.provenance import versions
 from memaudit.data import from_arrays
 from memaudit.demo import fashion
-from memaudit.demo.build_fashion import BASE_NUMBERS, FashionSettings, build_fashion
+from memaudit.demo.build_fashion import FashionSettings, build_fashion, settings_problem
 from memaudit.demo.check import reproduction_check
 from memaudit.demo.scorer import save_classifier, train_classifier, training_images
 from memaudit.demo.stages import TrainLog, model_spec
@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.setting == "fashion":
         settings = overridden(FashionSettings(), args.set)
-        if settings.base_numbers not in BASE_NUMBERS:
-            raise SystemExit(f"--set base_numbers={settings.base_numbers}: use one of {', '.join(BASE_NUMBERS)}.")
+        if settings_problem(settings):
+            raise SystemExit(f"--set {settings_problem(settings)}.")
         info = build_fashion(args.work or Path("zoo-build-fashion"), args.out or fashion.FASHION_DIR, settings,
                              source=args.source or fashion.SOURCE_DIR, device=args.device, check=not args.no_check)
     else:

@@ -87,12 +87,19 @@ class _Stage:
         atomic_write_json(self.path, self.info)
 
 
+def settings_problem(settings: FashionSettings) -> str | None:
+    """What is wrong with ``settings``, in one line (None: nothing), checked before any work."""
+    if settings.base_numbers not in BASE_NUMBERS:
+        return f"base_numbers={settings.base_numbers}: use one of {', '.join(BASE_NUMBERS)}"
+    return None
+
+
 def build_fashion(work: Path, out: Path, settings: FashionSettings, source: Path = fashion.SOURCE_DIR,
                   device: str = "cpu", check: bool = True) -> dict:
     """Build (or resume building) the fashion setting into ``out`` (``base/``, ``full_ft/``, ``products.npz``,
     ``scorer.safetensors``, ``build_info.json``), with scratch files in ``work``."""
-    if settings.base_numbers not in BASE_NUMBERS:
-        raise ValueError(f"base_numbers={settings.base_numbers}: use one of {', '.join(BASE_NUMBERS)}")
+    if settings_problem(settings):
+        raise ValueError(settings_problem(settings))
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     info_path = work / "build_info.json"
@@ -242,7 +249,8 @@ def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSett
     res = train_denoiser(target, train, cfg, progress=TrainLog("full_ft"), checkpoint_dir=checkpoints)
     target.save(ft_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "resumed_from_step": start,
-            "step_time_s": _per_step(res.wall_time_s, cfg.steps - start), "images_with_copies": len(train), "epochs": cfg.steps * cfg.batch_size / len(train)}
+            "step_time_s": _per_step(res.wall_time_s, cfg.steps - start), "images_with_copies": len(train),
+            "epochs": cfg.steps * cfg.batch_size / len(train)}
 
 
 def _scorer(path: Path, base_dir: Path, train_x: np.ndarray, train_y: np.ndarray, settings: FashionSettings) -> dict:
