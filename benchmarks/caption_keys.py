@@ -19,6 +19,7 @@ import torch
 from common import machine
 
 from memaudit import demo
+from memaudit.core.errors import MemauditError
 from memaudit.demo import fashion
 from memaudit.target import load_target
 
@@ -51,7 +52,10 @@ def main(argv=None) -> int:
     print(f"Machine: {machine('cpu')}; fashion base: {args.fashion_base}\n\n| base | captions differing in | "
           "cosine similarity to the first | at the 1st, 2nd, 3rd number word |\n|---|---|---|---|")
     for base, differ, model, captions in rows:
-        whole, words = similarities(model, captions)
+        try:
+            whole, words = similarities(model, captions)
+        except MemauditError as e:  # a missing or unreadable base: one line
+            raise SystemExit(f"{base}: {e}") from None
         at = "; ".join(", ".join(f"{s:.3f}" for s in w) for w in words)
         print(f"| {base} | {differ} | {', '.join(f'{s:.4f}' for s in whole)} | {at} |")
     return 0
