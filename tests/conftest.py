@@ -7,6 +7,7 @@ is faster than several (and does not fight other processes for the cores), so te
 
 from __future__ import annotations
 
+import gzip
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,6 +126,20 @@ def run_cli(monkeypatch, capsys):
         return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
 
     return run
+
+
+def _write_idx(path, array: np.ndarray, gz: bool = True) -> None:
+    """An idx file (MNIST's and Fashion-MNIST's format) of uint8 ``array``, gzipped unless ``gz`` is false."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+@pytest.fixture
+def write_idx():
+    """Writes idx files for the bundled settings' build tests (one conftest only: a second one named ``conftest``
+    would shadow this module for ``from conftest import ...``)."""
+    return _write_idx
 
 
 def pytest_collection_modifyitems(config, items):
