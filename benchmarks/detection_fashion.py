@@ -11,8 +11,9 @@ over all 25 steps, from 1 generation and the mean of 4 (the columns of Jeon et a
 the held-out captions only (memorized against never seen, as in the papers), and every prompt not extracted
 (held-out and trained-but-not-extracted products: the harder, practical question). The triage
 (``triage_fashion.png``): rank the 180 trained captions by each score, attack only the top fraction, and count the
-extracted products found (the full attack's labels) against the denoiser evaluations spent, scoring included.
-Writes ``detection_fashion.json``, ``roc_fashion.png`` and ``triage_fashion.png``.
+extracted products found (the full attack's labels) against the denoiser evaluations spent, scoring included. And where the unconditional branch (the empty prompt, the
+score's reference) draws: 100 unconditional generations of the base and of the full fine-tune, each matched to its
+nearest fine-tune product. Writes ``detection_fashion.json``, ``roc_fashion.png`` and ``triage_fashion.png``.
 
     python benchmarks/duplication.py            # first: the audits that give the labels (resumes)
     python benchmarks/detection_fashion.py      # about 5 minutes on 2 CPU cores
@@ -114,6 +115,32 @@ def plot_triage(curves: dict[str, list[dict]], path: Path) -> None:
     tmp.replace(path)
 
 
+@torch.no_grad()
+def unconditional_pull(model: Path, n: int, seed: int, steps: int) -> dict:
+    """Where ``model``'s unconditional generations (the empty prompt, no guidance: the branch the denoising score
+    subtracts) land: per duplication level, how many of ``n`` have their nearest fine-tune product (RMS over
+    pixels in [0, 1]) at that level, next to the level's share of the fine-tune set's images; and how many lie
+    within RMS 0.1 of it (near copies)."""
+    from diffusers import StableDiffusionPipeline
+
+    products = fashion.read_products()
+    train = products["split"] == "train"
+    refs = torch.as_tensor(fashion.to_model(products["images"][train])).reshape(int(train.sum()), -1).float()
+    copies = products["copies"][train]
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe([""] * n, num_inference_steps=steps, guidance_scale=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed)).images
+    flat = images.reshape(n, -1).float()
+    dist = torch.cdist(flat, refs) / flat.shape[1] ** 0.5
+    nearest, rms = dist.argmin(1).numpy(), dist.min(1).values.numpy()
+    weight = {int(c): int((copies == c).sum()) * int(c) for c in fashion.COPIES}
+    return {"generations": n, "seed": seed, "near_copies": int((rms < 0.1).sum()), "median_rms": float(np.median(rms)),
+            "by_copies": {int(c): {"nearest": int((copies[nearest] == c).sum()),
+                                   "share_of_fine_tune_images": weight[int(c)] / sum(weight.values())}
+                          for c in fashion.COPIES}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=HERE / "zoo" / "duplication",
@@ -176,12 +203,15 @@ def main(argv=None) -> int:
     by_level["held-out"] = {"products": len(heldout), "extracted": 0,
                             "first_step_4": float(s_held[f"first step, {GENERATIONS} gens"].mean()),
                             "all_steps_4": float(s_held[f"all steps, {GENERATIONS} gens"].mean())}
+    pull = {name: unconditional_pull(setting.models[name], 100, config.seed, config.steps)
+            for name in ("base", "full_ft")}
     record = {"command": "python benchmarks/detection_fashion.py", "machine": machine(args.device),
               "versions": versions(), "labels": str(labels_from.relative_to(HERE.parent)) if
               labels_from.is_relative_to(HERE.parent) else str(labels_from),
               "audit_settings": audit["settings"], "generations": GENERATIONS, "sampling_wall_time_s": wall,
               "positives": int(extracted.sum()), "trained_not_extracted": int(len(extracted) - extracted.sum()),
               "heldout": len(heldout), "detection": table, "by_copies": by_level, "triage": triaged,
+              "unconditional": pull,
               "scores": {"trained": {k: v.tolist() for k, v in s_train.items()},
                          "heldout": {k: v.tolist() for k, v in s_held.items()}, "extracted": extracted.tolist()}}
     atomic_write_json(HERE / "detection_fashion.json", record)
@@ -201,6 +231,13 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for level, r in by_level.items():
         print(f"| {level} | {r['products']} | {r['extracted']} | {r['first_step_4']:.3f} | {r['all_steps_4']:.3f} |")
+    print("\n| model | unconditional generations nearest a product of 1, 2, 4, 8, 16, 32 copies | within RMS 0.1 |")
+    print("|---|---|---|")
+    shares = ", ".join(f"{v['share_of_fine_tune_images']:.0%}" for v in pull["full_ft"]["by_copies"].values())
+    print(f"| (share of the fine-tune set's images) | {shares} | |")
+    for name, r in pull.items():
+        counts = ", ".join(str(v["nearest"]) for v in r["by_copies"].values())
+        print(f"| {name} | {counts} (of {r['generations']}) | {r['near_copies']} |")
     return 0
 
 
