@@ -105,7 +105,7 @@ def plot_triage(curves: dict[str, list[dict]], path: Path) -> None:
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="attack in random order")
     ax.set_xlabel("denoiser evaluations spent (share of the full attack)")
     ax.set_ylabel("extracted products found (share)")
-    ax.set_xlim(0, 1.05)
+    ax.set_xlim(0, max(1.0, *(r["evals_share"] for rows in curves.values() for r in rows)) * 1.02)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
