@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -51,7 +50,7 @@ from memaudit.latents import latent_cache_root, latents_for
 from memaudit.peft import GRANULARITIES, available_methods, get_method, method_class, save_adapter
 from memaudit.peft.lora import save_diffusers_lora
 from memaudit.target import load_target
-from memaudit.training import TrainConfig, latest_checkpoint, train_denoiser
+from memaudit.training import RunClock, TrainConfig, latest_checkpoint, train_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +195,11 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_file, identity)
     resumed_from = latest_checkpoint(work / "checkpoints")
-    wall_file = work / "wall.json"
-    earlier_wall = json.loads(wall_file.read_text())["wall_time_s"] if wall_file.is_file() else 0.0
+    clock = RunClock(work / "wall.json")
 
     n_train = sum(p.numel() for p in params)
     n_denoiser = method.denoiser_parameters
-    started = time.perf_counter()
-    result = _train(target, dataset, config, params, hooks, latents, work, progress, earlier_wall, started)
+    result = _train(target, dataset, config, params, hooks, latents, work, progress, clock)
     settings = {
         "kind": "memaudit.finetune", "schema_version": 1,
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -214,7 +211,7 @@ def finetune(base, train, out: str | Path, config: FinetuneConfig | None = None,
         "trainable_parameters": n_train, "unet_parameters": n_denoiser,
         "trainable_percent": 100.0 * n_train / n_denoiser,
         "method": method.summary() | {"units": [u.name for u in method.units()]},
-        "result": _result_summary(result, resumed_from, earlier_wall + time.perf_counter() - started),
+        "result": _result_summary(result, resumed_from, clock.total()),
         "latent_cache": latents.report if latents is not None else None,
     }
     _write_output(out, target, method, config, identity, result, settings)
@@ -254,15 +251,10 @@ def _check_same_run(work: Path, run_file: Path, identity: dict) -> None:
 
 
 def _train(target, dataset, config: FinetuneConfig, params: list, hooks: list, latents, work: Path,
-           progress: Progress | None, earlier_wall: float, started: float):
+           progress: Progress | None, clock: RunClock):
     """Train ``params`` (none: nothing trains) with checkpoints in ``work``, where the run's wall time so far is
-    written beside each checkpoint; returns the training result."""
-
-    def on_progress(step: int, total: int, logs: dict) -> None:
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            atomic_write_json(work / "wall.json", {"wall_time_s": earlier_wall + time.perf_counter() - started})
-        if progress is not None:
-            progress(step, total, logs)
+    written beside each checkpoint (``clock``); returns the training result."""
+    on_progress = clock.progress(config.checkpoint_every, progress)
 
     if params:
         result = train_denoiser(target, dataset, config.train_config(), params=params, hooks=hooks,

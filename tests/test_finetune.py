@@ -44,9 +44,11 @@ def test_interrupted_and_resumed_ends_at_the_uninterrupted_weights(tmp_path, tin
         finetune(tiny_dir_eps, tiny_dataset, out, cfg, device="cpu", progress=crash_at_5)
     assert not out.exists()  # nothing half-written: the result appears only when finished
     assert (partial_dir(out) / "checkpoints").is_dir()
+    recorded = json.loads((partial_dir(out) / "wall.json").read_text())["wall_time_s"]  # at the step-4 checkpoint
     seen = []
     resumed = finetune(tiny_dir_eps, tiny_dataset, out, cfg, device="cpu", progress=lambda s, t, logs: seen.append(s))
     assert resumed["result"]["resumed_from_step"] == 4 and seen == [5, 6]
+    assert resumed["result"]["wall_time_s"] > recorded > 0  # the wall time counts the run it resumed
     assert not partial_dir(out).exists()
     a, b = _unet(tmp_path / "whole"), _unet(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -37,7 +37,7 @@ from memaudit.demo.scorer import save_classifier
 from memaudit.demo.stages import TrainLog, model_spec
 from memaudit.models import ModelSpec, build_pipeline, count_parameters
 from memaudit.target import from_pipeline, load_target
-from memaudit.training import TrainConfig, VAEConfig, train_denoiser, train_vae
+from memaudit.training import RunClock, TrainConfig, VAEConfig, train_denoiser, train_vae
 from memaudit.training.checkpoints import resume_point
 
 logger = logging.getLogger("memaudit.demo.build")
@@ -219,18 +219,26 @@ def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarra
                        source="Fashion-MNIST training split")
     cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
                       seed=settings.seed, train_text_encoder=True, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
-    start = _resumed_step(checkpoints)
-    res = train_denoiser(target, data, cfg, progress=TrainLog("base", every=250), checkpoint_dir=checkpoints)
+    start, clock = _resumed_step(checkpoints), _clock(checkpoints)
+    res = train_denoiser(target, data, cfg, progress=clock.progress(CHECKPOINT_EVERY, TrainLog("base", every=250)),
+                         checkpoint_dir=checkpoints)
     target.save(base_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
             "text_encoder_params": count_parameters(target.text_encoder), "vocab": len(target.tokenizer),
-            "resumed_from_step": start, "step_time_s": _per_step(res.wall_time_s, cfg.steps - start)}
+            "resumed_from_step": start, "step_time_s": _per_step(res.wall_time_s, cfg.steps - start),
+            "train_time_s": clock.total()}
 
 
 def _resumed_step(checkpoints: Path) -> int:
     """The step a stage's training resumes from (0: it starts), so that its time per step counts the steps run."""
     _, state = resume_point(checkpoints)
     return int(state["step"]) if state else 0
+
+
+def _clock(checkpoints: Path) -> RunClock:
+    """The stage's training time over every run of it (a stopped build resumes): recorded in the work folder beside
+    its checkpoints, reported as ``train_time_s`` (``wall_time_s`` of the stage counts this run only)."""
+    return RunClock(checkpoints.parent / f"{checkpoints.name}-wall.json")
 
 
 def _per_step(wall_s: float, steps: int) -> float | None:
@@ -245,11 +253,13 @@ def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSett
     train = fashion.products_dataset("train", duplicated=True, path=products)
     cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
                       seed=settings.seed, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
-    start = _resumed_step(checkpoints)
-    res = train_denoiser(target, train, cfg, progress=TrainLog("full_ft"), checkpoint_dir=checkpoints)
+    start, clock = _resumed_step(checkpoints), _clock(checkpoints)
+    res = train_denoiser(target, train, cfg, progress=clock.progress(CHECKPOINT_EVERY, TrainLog("full_ft")),
+                         checkpoint_dir=checkpoints)
     target.save(ft_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "resumed_from_step": start,
-            "step_time_s": _per_step(res.wall_time_s, cfg.steps - start), "images_with_copies": len(train),
+            "step_time_s": _per_step(res.wall_time_s, cfg.steps - start), "train_time_s": clock.total(),
+            "images_with_copies": len(train),
             "epochs": cfg.steps * cfg.batch_size / len(train)}
 
 

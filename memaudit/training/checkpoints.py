@@ -14,19 +14,20 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from memaudit.core.errors import ConfigError
-from memaudit.core.io import atomic_directory, atomic_write_text
+from memaudit.core.io import atomic_directory, atomic_write_json, atomic_write_text
 from memaudit.training.hooks import TrainHook, TrainState
 
 # the logger keeps the name it had before the training package, so users' logs read the same
 logger = logging.getLogger("memaudit.train")
 
-__all__ = ["LATEST", "MANIFEST_FILE", "STATE_FILE", "STEP_DIR", "checkpoint_dirs", "checkpoint_problem",
+__all__ = ["LATEST", "MANIFEST_FILE", "STATE_FILE", "STEP_DIR", "RunClock", "checkpoint_dirs", "checkpoint_problem",
            "clear_checkpoints", "latest_checkpoint", "load_checkpoint", "resume_point", "save_checkpoint"]
 
 STATE_FILE = "training_state.pt"
@@ -135,6 +136,32 @@ def clear_checkpoints(checkpoint_dir: str | os.PathLike) -> None:
         logger.warning("resume=False: removing earlier checkpoint %s", old)
         shutil.rmtree(old, ignore_errors=True)
     (Path(checkpoint_dir) / LATEST).unlink(missing_ok=True)
+
+
+class RunClock:
+    """A training run's wall time across resumes: the time recorded in ``path`` by the runs it resumes (written
+    beside each checkpoint, so it counts up to the checkpoint resumed from, not the steps a crash lost) plus this
+    run's since the clock was made."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.earlier = json.loads(self.path.read_text())["wall_time_s"] if self.path.is_file() else 0.0
+        self.started = time.perf_counter()
+
+    def total(self) -> float:
+        return self.earlier + time.perf_counter() - self.started
+
+    def progress(self, every: int, then: Callable[[int, int, dict], None] | None = None):
+        """A training progress callback that records the total every ``every`` steps and at the last step (when the
+        loop checkpoints), then calls ``then``."""
+
+        def on_progress(step: int, total: int, logs: dict) -> None:
+            if every and (step % every == 0 or step == total):
+                atomic_write_json(self.path, {"wall_time_s": self.total()})
+            if then is not None:
+                then(step, total, logs)
+
+        return on_progress
 
 
 def _named_trainables(target, params: Sequence[torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:

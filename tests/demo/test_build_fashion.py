@@ -43,7 +43,10 @@ def test_build_runs_each_stage_once_and_resumes_a_stage_from_its_checkpoint(tmp_
     assert build_fashion(work, out, settings, source=source, check=False)["wall_time_s"] == record["wall_time_s"]
 
     shutil.rmtree(out / "full_ft")  # stopped after training, before the stage was saved: resumes at step 3
+    recorded = json.loads((work / "full_ft-checkpoints-wall.json").read_text())["wall_time_s"]
     again = build_fashion(work, out, settings, source=source, check=False)
     assert again["full_ft"]["resumed_from_step"] == 3 and again["full_ft"]["step_time_s"] is None
+    # the stage's training time counts the first run's (recorded at its last checkpoint) and this one's
+    assert again["full_ft"]["train_time_s"] > recorded > 0
     resumed = load_file(unet)
     assert all(np.array_equal(first[k].float().numpy(), resumed[k].float().numpy()) for k in first)
