@@ -49,7 +49,7 @@ def mitigate_search(
                                                           "inner steps / 5)")] = None,
     promote: Annotated[int | None, typer.Option(help="screen: train at most this many screening-front masks for "
                                                      "--inner-steps, spread along the front (default: all)")] = None,
-    proxy_fraction: Annotated[float, typer.Option(help="share of the training images the inner loop uses")] = 0.5,
+    proxy_fraction: Annotated[float, typer.Option(help="share of the distinct training images (each with all its copies) the inner loop uses")] = 0.5,
     objectives: Annotated[str, typer.Option(help="MEM,QUALITY: denoising|extraction|amd , kid|fid")] = "denoising,kid",
     quality_features: Annotated[str, typer.Option(help="feature space of the quality objective")] = "pixels",
     lr_choices: Annotated[str, typer.Option(help="comma-separated learning rates the search chooses from")] = "3e-4,1e-3,3e-3,1e-2",

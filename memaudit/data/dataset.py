@@ -262,24 +262,34 @@ class ImageCaptionDataset:
         return ImageCaptionDataset(**common, files=[self.files[i] for i in idx], resolution=self.resolution,
                                    channels=self.channels, digests=digests)
 
-    def split(self, seed: int = 0, val: float = 0.1, test: float = 0.1) -> dict[str, ImageCaptionDataset]:
+    def content_groups(self) -> np.ndarray:
+        """Per item, the index of its distinct image (same image key: a copy of the same bytes or pixels), numbered in
+        the order of first appearance; with no copies, ``arange(len(self))``."""
+        first: dict[str, int] = {}
+        return np.array([first.setdefault(key, len(first)) for key in self.image_keys()], dtype=np.int64)
+
+    def split(self, seed: int = 0, val: float = 0.1, test: float = 0.1,
+              by_content: bool = False) -> dict[str, ImageCaptionDataset]:
         """Split into disjoint ``"train"``, ``"val"`` and ``"test"`` parts that together cover every item.
 
         The parts get ``round(val * N)`` and ``round(test * N)`` items, drawn with
         ``numpy.random.default_rng(seed).permutation``; the rest is ``"train"``. Items keep their original order
-        within each part. The same seed always gives the same split.
+        within each part. The same seed always gives the same split. With ``by_content``, N counts distinct images
+        (:meth:`content_groups`) and every copy of an image goes to its image's part, so that no image is in two
+        parts; with no copies that is the same split.
         """
         if val < 0 or test < 0 or val + test >= 1:
             raise DataError(
                 f"Split fractions val={val} and test={test} are invalid; each must be >= 0 and their sum below 1."
             )
-        n = len(self)
+        groups = self.content_groups() if by_content else np.arange(len(self))
+        n = int(groups.max()) + 1 if len(groups) else 0
         n_val, n_test = round(float(val) * n), round(float(test) * n)
         perm = np.random.default_rng(seed).permutation(n)
-        test_idx = np.sort(perm[:n_test])
-        val_idx = np.sort(perm[n_test : n_test + n_val])
-        train_idx = np.sort(perm[n_test + n_val :])
-        return {"train": self.subset(train_idx), "val": self.subset(val_idx), "test": self.subset(test_idx)}
+        part = np.zeros(n, dtype=np.int64)  # 0 train, 1 val, 2 test
+        part[perm[:n_test]], part[perm[n_test : n_test + n_val]] = 2, 1
+        item_part = part[groups]
+        return {name: self.subset(np.flatnonzero(item_part == k)) for k, name in enumerate(("train", "val", "test"))}
 
 
 class _FileReader(torch.utils.data.Dataset):

@@ -453,3 +453,20 @@ def test_digests_travel_with_a_copy_of_the_dataset(tmp_path: Path) -> None:
     (tmp_path / "d" / "1.png").unlink()
     with pytest.raises(DataError, match="1.png"):
         ImageCaptionDataset(ds.captions, ds.names, files=ds.files, resolution=4, channels=3).image_keys()
+
+
+def test_a_split_by_content_keeps_copies_together_and_equals_the_plain_split_without_copies():
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 256, size=(10, 1, 8, 8), dtype=np.uint8)
+    unique = from_arrays(distinct, [f"item {i}" for i in range(10)], source="unique")
+    for seed in range(4):
+        plain, grouped = unique.split(seed, 0.2, 0.2), unique.split(seed, 0.2, 0.2, by_content=True)
+        assert all(plain[k].names == grouped[k].names for k in plain)
+    copies = [0, 0, 0, 1, 2, 2, 3, 4, 5, 5, 5, 5, 6, 7, 8, 9]
+    dup = from_arrays(distinct[copies], [f"copy {i}" for i in range(len(copies))], source="copies")
+    image_of = dict(zip(dup.names, copies))
+    parts = dup.split(1, 0.2, 0.2, by_content=True)
+    images = {k: {image_of[n] for n in part.names} for k, part in parts.items()}
+    assert [len(images[k]) for k in ("train", "val", "test")] == [6, 2, 2]  # of the 10 distinct images
+    assert not images["val"] & images["train"] and not images["test"] & images["train"]
+    assert sum(len(p) for p in parts.values()) == 16  # every copy in its image's part

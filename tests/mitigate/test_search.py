@@ -396,3 +396,24 @@ def test_extraction_and_amd_objectives_read_the_proxy_a_batch_at_a_time(tmp_path
     # the proxy latents come from the cache and equal the VAE's encoding of the proxy images, in the cache's encoding
     # batches (all 3 at once at 16 px), not the evaluator's reading batches
     assert torch.equal(ev.proxy_latents, target.encode_images(tiny_dataset.images[[0, 1, 2]])[0])
+
+
+def test_copies_of_an_image_stay_together_in_the_search_splits(tmp_path, tiny_dir_eps, tiny_dataset):
+    """A training set with copies (duplication drives memorization): no image is both in validation and trained on
+    in the inner loop, and the proxy holds every copy of each image it takes, so it keeps the set's duplication."""
+    from memaudit.data import from_arrays
+    from memaudit.mitigate.search import SearchConfig, run_mask_search
+
+    copies = [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 5, 6, 7, 7, 7]  # 8 distinct images, 16 items
+    data = from_arrays((tiny_dataset.images[copies] + 1) / 2, [tiny_dataset.captions[i] for i in copies], source="copies")
+    image_of = dict(zip(data.names, data.content_groups().tolist()))  # each item's distinct image
+    cfg = SearchConfig(method="difffit", population=2, generations=1, inner_steps=1, batch_size=2, val_fraction=0.25,
+                       lr_choices=(1e-3,), generations_per_prompt=2, sample_steps=2, device="cpu")
+    run_mask_search(str(tiny_dir_eps), data, tmp_path / "s", cfg, cache_dir=tmp_path / "cache")
+    doc = json.loads((tmp_path / "s" / "search.json").read_text())
+    val = {image_of[n] for n in doc["validation"]}
+    proxy = {image_of[n] for n in doc["proxy"]}
+    assert len(val) == 2 and not val & proxy  # 2 of the 8 distinct images, none trained on in the inner loop
+    assert len(proxy) == 3  # half of the other 6 distinct images, each with all its copies:
+    assert len(doc["proxy"]) == sum(copies.count(i) for i in sorted(set(copies)) if i in proxy)
+    assert len(doc["validation"]) == sum(copies.count(i) for i in sorted(set(copies)) if i in val)

@@ -58,8 +58,10 @@ class SearchConfig:
     lr_choices: tuple = setting('comma-separated learning rates the search chooses from', default=(3e-4, 1e-3, 3e-3, 1e-2))
     inner_steps: int = setting('fine-tuning steps per evaluation', default=200)
     batch_size: int = shared(TrainConfig, "batch_size", "images per fine-tuning step")
-    proxy_fraction: float = setting('share of the training images the inner loop uses', default=0.5)
-    val_fraction: float = setting("share of the training images held out for the quality objective", default=0.2)
+    proxy_fraction: float = setting('share of the distinct training images (each with all its copies) the inner loop uses',
+                                   default=0.5)
+    val_fraction: float = setting("share of the distinct training images (each with all its copies) held out for the "
+                                 "quality objective", default=0.2)
     memorization: str = setting("memorization objective: denoising (training-time strength on the proxy images), "
                               "extraction (extracted proxy images), amd (negated AMD of proxy generations)",
                               default="denoising")

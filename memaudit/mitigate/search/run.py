@@ -9,6 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import memaudit.target  # load_target is looked up at call time (tests wrap it to see what the search loads)
@@ -113,10 +114,15 @@ def _splits(train, target, out: Path, config: SearchConfig, convert_channels: bo
     check_clear(out, dataset_inputs(dataset, "the training images"))  # a captions file can name images anywhere
     if len(dataset) < 4:
         raise ConfigError(f"the training set {source} has {len(dataset)} images; the search needs at least 4.")
-    splits = dataset.split(seed=config.seed, val=config.val_fraction, test=0.0)
+    # copies of one image stay together: in validation or not (a validation image the inner loop trained on would
+    # score quality on a training image), and in the proxy with all their copies (so it keeps the set's duplication)
+    splits = dataset.split(seed=config.seed, val=config.val_fraction, test=0.0, by_content=True)
     rest, val = splits["train"], splits["val"]
-    n_proxy = max(1, round(config.proxy_fraction * len(rest)))
-    proxy = rest.subset(torch.randperm(len(rest), generator=torch.Generator().manual_seed(config.seed))[:n_proxy].sort().values)
+    groups = rest.content_groups()
+    n_groups = int(groups.max()) + 1
+    n_proxy = max(1, round(config.proxy_fraction * n_groups))
+    chosen = torch.randperm(n_groups, generator=torch.Generator().manual_seed(config.seed))[:n_proxy].numpy()
+    proxy = rest.subset(np.flatnonzero(np.isin(groups, chosen)))
     return dataset, source, proxy, val
 
 
