@@ -219,7 +219,8 @@ def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarra
                        source="Fashion-MNIST training split")
     cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
                       seed=settings.seed, train_text_encoder=True, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
-    start, clock = _resumed_step(checkpoints), _clock(checkpoints)
+    start = _resumed_step(checkpoints)
+    clock = _clock(checkpoints, start)
     res = train_denoiser(target, data, cfg, progress=clock.progress(CHECKPOINT_EVERY, TrainLog("base", every=250)),
                          checkpoint_dir=checkpoints)
     target.save(base_dir, dtype=torch.float16)
@@ -235,10 +236,14 @@ def _resumed_step(checkpoints: Path) -> int:
     return int(state["step"]) if state else 0
 
 
-def _clock(checkpoints: Path) -> RunClock:
+def _clock(checkpoints: Path, resumed_from: int) -> RunClock:
     """The stage's training time over every run of it (a stopped build resumes): recorded in the work folder beside
-    its checkpoints, reported as ``train_time_s`` (``wall_time_s`` of the stage counts this run only)."""
-    return RunClock(checkpoints.parent / f"{checkpoints.name}-wall.json")
+    its checkpoints, reported as ``train_time_s`` (``wall_time_s`` of the stage counts this run only). A stage that
+    starts over (no checkpoint to resume) counts from zero."""
+    path = checkpoints.parent / f"{checkpoints.name}-wall.json"
+    if resumed_from == 0:
+        path.unlink(missing_ok=True)  # the build's own record of a run whose checkpoints are gone
+    return RunClock(path)
 
 
 def _per_step(wall_s: float, steps: int) -> float | None:
@@ -253,7 +258,8 @@ def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSett
     train = fashion.products_dataset("train", duplicated=True, path=products)
     cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
                       seed=settings.seed, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
-    start, clock = _resumed_step(checkpoints), _clock(checkpoints)
+    start = _resumed_step(checkpoints)
+    clock = _clock(checkpoints, start)
     res = train_denoiser(target, train, cfg, progress=clock.progress(CHECKPOINT_EVERY, TrainLog("full_ft")),
                          checkpoint_dir=checkpoints)
     target.save(ft_dir, dtype=torch.float16)

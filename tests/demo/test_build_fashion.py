@@ -48,5 +48,12 @@ def test_build_runs_each_stage_once_and_resumes_a_stage_from_its_checkpoint(tmp_
     assert again["full_ft"]["resumed_from_step"] == 3 and again["full_ft"]["step_time_s"] is None
     # the stage's training time counts the first run's (recorded at its last checkpoint) and this one's
     assert again["full_ft"]["train_time_s"] > recorded > 0
+
+    # started over (its checkpoints gone), the stage counts from zero, not from the earlier runs' record
+    shutil.rmtree(out / "full_ft")
+    shutil.rmtree(work / "full_ft-checkpoints")
+    (work / "full_ft-checkpoints-wall.json").write_text('{"wall_time_s": 1000000.0}')
+    fresh = build_fashion(work, out, settings, source=source, check=False)
+    assert fresh["full_ft"]["resumed_from_step"] == 0 and fresh["full_ft"]["train_time_s"] < 1000
     resumed = load_file(unet)
     assert all(np.array_equal(first[k].float().numpy(), resumed[k].float().numpy()) for k in first)
