@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.setting == "fashion":
         settings = overridden(FashionSettings(), args.set)
-        if settings_problem(settings):
-            raise SystemExit(f"--set {settings_problem(settings)}.")
+        if problem := settings_problem(settings):
+            raise SystemExit(f"--set {problem}.")
         info = build_fashion(args.work or Path("zoo-build-fashion"), args.out or fashion.FASHION_DIR, settings,
                              source=args.source or fashion.SOURCE_DIR, device=args.device, check=not args.no_check)
     else:

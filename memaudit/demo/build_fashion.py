@@ -37,8 +37,7 @@ from memaudit.demo.scorer import save_classifier
 from memaudit.demo.stages import TrainLog, model_spec
 from memaudit.models import ModelSpec, build_pipeline, count_parameters
 from memaudit.target import from_pipeline, load_target
-from memaudit.training import RunClock, TrainConfig, VAEConfig, train_denoiser, train_vae
-from memaudit.training.checkpoints import resume_point
+from memaudit.training import RunClock, TrainConfig, VAEConfig, latest_checkpoint, train_denoiser, train_vae
 
 logger = logging.getLogger("memaudit.demo.build")
 #: what the number in a base caption is (:func:`base_captions`)
@@ -98,8 +97,8 @@ def build_fashion(work: Path, out: Path, settings: FashionSettings, source: Path
                   device: str = "cpu", check: bool = True) -> dict:
     """Build (or resume building) the fashion setting into ``out`` (``base/``, ``full_ft/``, ``products.npz``,
     ``scorer.safetensors``, ``build_info.json``), with scratch files in ``work``."""
-    if settings_problem(settings):
-        raise ValueError(settings_problem(settings))
+    if problem := settings_problem(settings):
+        raise ValueError(problem)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     info_path = work / "build_info.json"
@@ -219,36 +218,29 @@ def _base(base_dir: Path, vae_dir: Path, train_x: np.ndarray, train_y: np.ndarra
                        source="Fashion-MNIST training split")
     cfg = TrainConfig(steps=settings.base_steps, batch_size=settings.base_batch, learning_rate=settings.base_lr,
                       seed=settings.seed, train_text_encoder=True, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
-    start = _resumed_step(checkpoints)
-    clock = _clock(checkpoints, start)
-    res = train_denoiser(target, data, cfg, progress=clock.progress(CHECKPOINT_EVERY, TrainLog("base", every=250)),
-                         checkpoint_dir=checkpoints)
+    res, timing = _train_resumable(target, data, cfg, checkpoints, TrainLog("base", every=250))
     target.save(base_dir, dtype=torch.float16)
     return {"final_loss": float(np.mean(res.losses[-100:])), "unet_params": count_parameters(target.unet),
-            "text_encoder_params": count_parameters(target.text_encoder), "vocab": len(target.tokenizer),
-            "resumed_from_step": start, "step_time_s": _per_step(res.wall_time_s, cfg.steps - start),
-            "train_time_s": clock.total()}
+            "text_encoder_params": count_parameters(target.text_encoder), "vocab": len(target.tokenizer), **timing}
 
 
-def _resumed_step(checkpoints: Path) -> int:
-    """The step a stage's training resumes from (0: it starts), so that its time per step counts the steps run."""
-    _, state = resume_point(checkpoints)
-    return int(state["step"]) if state else 0
-
-
-def _clock(checkpoints: Path, resumed_from: int) -> RunClock:
-    """The stage's training time over every run of it (a stopped build resumes): recorded in the work folder beside
-    its checkpoints, reported as ``train_time_s`` (``wall_time_s`` of the stage counts this run only). A stage that
-    starts over (no checkpoint to resume) counts from zero."""
-    path = checkpoints.parent / f"{checkpoints.name}-wall.json"
-    if resumed_from == 0:
-        path.unlink(missing_ok=True)  # the build's own record of a run whose checkpoints are gone
-    return RunClock(path)
-
-
-def _per_step(wall_s: float, steps: int) -> float | None:
-    """Seconds per step run (None: the run had finished in its checkpoint, and this call only saved the model)."""
-    return wall_s / steps if steps > 0 else None
+def _train_resumable(target, data, cfg: TrainConfig, checkpoints: Path, log) -> tuple:
+    """Train with checkpoints in ``checkpoints``, resuming from the latest; the result and the stage's timing: the step
+    it resumed from, seconds per step run (None: the run had finished in its checkpoint, and this call only saves
+    the model) and ``train_time_s``, the training time over every run of the stage (recorded in the work folder
+    beside its checkpoints; the stage's ``wall_time_s`` counts this run only; a stage that starts over counts from
+    zero)."""
+    latest = latest_checkpoint(checkpoints)
+    start = int(latest.name.split("-")[1]) if latest else 0
+    wall = checkpoints.parent / f"{checkpoints.name}-wall.json"
+    if latest is None:
+        wall.unlink(missing_ok=True)  # the build's own record of a run whose checkpoints are gone
+    clock = RunClock(wall)
+    res = train_denoiser(target, data, cfg, progress=clock.progress(cfg.checkpoint_every, log),
+                         checkpoint_dir=checkpoints)
+    run = cfg.steps - start
+    return res, {"resumed_from_step": start, "step_time_s": res.wall_time_s / run if run > 0 else None,
+                 "train_time_s": clock.total()}
 
 
 def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSettings, device: str,
@@ -258,14 +250,9 @@ def _full_ft(ft_dir: Path, base_dir: Path, products: Path, settings: FashionSett
     train = fashion.products_dataset("train", duplicated=True, path=products)
     cfg = TrainConfig(steps=settings.ft_steps, batch_size=settings.ft_batch, learning_rate=settings.ft_lr,
                       seed=settings.seed, log_every=0, checkpoint_every=CHECKPOINT_EVERY)
-    start = _resumed_step(checkpoints)
-    clock = _clock(checkpoints, start)
-    res = train_denoiser(target, train, cfg, progress=clock.progress(CHECKPOINT_EVERY, TrainLog("full_ft")),
-                         checkpoint_dir=checkpoints)
+    res, timing = _train_resumable(target, train, cfg, checkpoints, TrainLog("full_ft"))
     target.save(ft_dir, dtype=torch.float16)
-    return {"final_loss": float(np.mean(res.losses[-100:])), "resumed_from_step": start,
-            "step_time_s": _per_step(res.wall_time_s, cfg.steps - start), "train_time_s": clock.total(),
-            "images_with_copies": len(train),
+    return {"final_loss": float(np.mean(res.losses[-100:])), **timing, "images_with_copies": len(train),
             "epochs": cfg.steps * cfg.batch_size / len(train)}
 
 
