@@ -21,6 +21,7 @@ from common import audit_row, machine, markdown_table
 
 from memaudit.core.io import atomic_write_json
 from memaudit.core.provenance import versions
+from memaudit.demo.settings import SETTINGS
 
 HERE = Path(__file__).resolve().parent
 TARGET_S = 180.0
@@ -48,6 +49,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="full_ft")
     ap.add_argument("--out", type=Path, default=HERE / "demo_time.json")
     args = ap.parse_args(argv)
+    for setting in args.settings.split(","):
+        if setting not in SETTINGS:
+            ap.error(f"--settings {setting}: not a bundled setting; use {', '.join(SETTINGS)}")
+        for model in args.models.split(","):
+            if model not in SETTINGS[setting].models:
+                ap.error(f"--models {model}: {setting} has {', '.join(SETTINGS[setting].models)}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="memaudit-demo-time-") as tmp:
         for setting in args.settings.split(","):
