@@ -123,7 +123,7 @@ def train_denoiser(
     stream = _index_stream(len(dataset), state)
     _enter_training(target, config, hooks, state)
 
-    running = None
+    running = _running_loss(losses)  # a resumed run shows the running loss an uninterrupted one would
     while state.step < config.steps:
         optimizer.zero_grad(set_to_none=True)
         step_loss = _accumulate_gradients(target, dataset, latents, stream, state, hooks, scaler, device)
@@ -135,7 +135,7 @@ def train_denoiser(
             _optimizer_step(optimizer, scaler, chosen, hooks, state)
             state.step += 1
             losses.append(step_loss)
-            running = step_loss if running is None else 0.98 * running + 0.02 * step_loss
+            running = _running_loss([step_loss], running)
             logs = {"loss": step_loss, "running_loss": running}
         _report_step(target, state, hooks, logs, progress, running)
         if checkpoint_dir is not None and _checkpoint_due(state):
@@ -176,6 +176,13 @@ def _dataset_latents(target, dataset, latents, cache_dir, cache_progress):
     if len(latents) != len(dataset):
         raise ConfigError(f"the latents passed hold {len(latents)} images but the training set has {len(dataset)}.")
     return latents
+
+
+def _running_loss(losses: Sequence[float], running: float | None = None) -> float | None:
+    """The exponential moving average (weight 0.02 per step) of ``losses`` continued from ``running``."""
+    for loss in losses:
+        running = loss if running is None else 0.98 * running + 0.02 * loss
+    return running
 
 
 def _start_or_resume(checkpoint_dir, resume: bool, state: TrainState, optimizer, scaler,

@@ -84,8 +84,9 @@ def test_same_seed_same_weights_other_seed_differs(fresh, tiny_dataset):
 
 
 def test_resume_matches_uninterrupted_run(fresh, tiny_dataset, tmp_path):
-    full_target = fresh()
-    full = train_unet(full_target, tiny_dataset, _cfg(steps=6, checkpoint_every=2), checkpoint_dir=tmp_path / "full")
+    full_target, full_logs, resumed_logs = fresh(), {}, {}
+    full = train_unet(full_target, tiny_dataset, _cfg(steps=6, checkpoint_every=2), checkpoint_dir=tmp_path / "full",
+                      progress=lambda step, total, logs: full_logs.update({step: logs["running_loss"]}))
     assert [p.name for p in checkpoint_dirs(tmp_path / "full")] == ["step-0000006"]  # keep_checkpoints=1
 
     ckpt = tmp_path / "split"
@@ -93,9 +94,11 @@ def test_resume_matches_uninterrupted_run(fresh, tiny_dataset, tmp_path):
     assert part.steps == 4
     assert latest_checkpoint(ckpt) == ckpt / "step-0000004"
     resumed_target = fresh()  # weights come from the checkpoint, not from this target
-    resumed = train_unet(resumed_target, tiny_dataset, _cfg(steps=6, checkpoint_every=2), checkpoint_dir=ckpt)
+    resumed = train_unet(resumed_target, tiny_dataset, _cfg(steps=6, checkpoint_every=2), checkpoint_dir=ckpt,
+                         progress=lambda step, total, logs: resumed_logs.update({step: logs["running_loss"]}))
     assert resumed.steps == 6
     assert resumed.losses == full.losses
+    assert resumed_logs == {5: full_logs[5], 6: full_logs[6]}  # the running loss goes on, not over
     assert _same(_weights(resumed_target.unet), _weights(full_target.unet))
     assert latest_checkpoint(ckpt) == ckpt / "step-0000006"
     # the checkpoint's pipeline folder is the trained model
