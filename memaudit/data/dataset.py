@@ -268,6 +268,16 @@ class ImageCaptionDataset:
         first: dict[str, int] = {}
         return np.array([first.setdefault(key, len(first)) for key in self.image_keys()], dtype=np.int64)
 
+    def distinct(self) -> tuple[ImageCaptionDataset, np.ndarray]:
+        """One item per distinct image (:meth:`content_groups`), the first of its copies, in order, and those items'
+        indices here; with no copies, this dataset itself and ``arange(len(self))``."""
+        groups = self.content_groups()
+        first = np.unique(groups, return_index=True)[1]
+        if len(first) == len(self):
+            return self, np.arange(len(self))
+        first = np.sort(first)
+        return self.subset(first), first
+
     def split(self, seed: int = 0, val: float = 0.1, test: float = 0.1,
               by_content: bool = False) -> dict[str, ImageCaptionDataset]:
         """Split into disjoint ``"train"``, ``"val"`` and ``"test"`` parts that together cover every item.

@@ -470,3 +470,15 @@ def test_a_split_by_content_keeps_copies_together_and_equals_the_plain_split_wit
     assert [len(images[k]) for k in ("train", "val", "test")] == [6, 2, 2]  # of the 10 distinct images
     assert not images["val"] & images["train"] and not images["test"] & images["train"]
     assert sum(len(p) for p in parts.values()) == 16  # every copy in its image's part
+
+
+def test_distinct_keeps_the_first_copy_of_each_image_in_order():
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 256, size=(4, 1, 8, 8), dtype=np.uint8)
+    copies = [2, 0, 2, 2, 1, 0, 3]
+    dup = from_arrays(distinct[copies], [f"copy {i}" for i in range(len(copies))], source="copies")
+    once, index = dup.distinct()
+    assert index.tolist() == [0, 1, 4, 6] and once.captions == ["copy 0", "copy 1", "copy 4", "copy 6"]
+    assert torch.equal(once.images, dup.images[[0, 1, 4, 6]])
+    unique = from_arrays(distinct, ["a", "b", "c", "d"], source="unique")
+    assert unique.distinct()[0] is unique and unique.distinct()[1].tolist() == [0, 1, 2, 3]

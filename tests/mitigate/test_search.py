@@ -417,3 +417,43 @@ def test_copies_of_an_image_stay_together_in_the_search_splits(tmp_path, tiny_di
     assert len(proxy) == 3  # half of the other 6 distinct images, each with all its copies:
     assert len(doc["proxy"]) == sum(copies.count(i) for i in sorted(set(copies)) if i in proxy)
     assert len(doc["validation"]) == sum(copies.count(i) for i in sorted(set(copies)) if i in val)
+
+
+def test_objectives_score_each_distinct_image_once(tmp_path, tiny_dir_eps, tiny_dataset, monkeypatch):
+    """On a proxy and a validation split with copies, the sampler is asked once per distinct image and the
+    references hold each distinct image once (a product seen 32 times is not sampled 32 times)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from memaudit.data import from_arrays
+    from memaudit.mitigate.search import MaskEvaluator, SearchConfig
+    from memaudit.target import load_target
+
+    monkeypatch.setenv("MEMAUDIT_CACHE_DIR", str(tmp_path))
+    pixels = (tiny_dataset.images + 1) / 2
+
+    def with_copies(items):
+        return from_arrays(pixels[items], [tiny_dataset.captions[i] for i in items], source="copies")
+
+    proxy, val = with_copies([0, 0, 0, 1, 2, 2]), with_copies([3, 3, 4, 5, 5, 5])
+    asked = []
+
+    def sample(captions, seed):
+        asked.append(list(captions))
+        return [SimpleNamespace(images=torch.cat([pixels[tiny_dataset.captions.index(c)][None] for c in captions]
+                                                 ).repeat_interleave(3, 0))]
+
+    cfg = SearchConfig(method="difffit", memorization="amd", generations_per_prompt=3, device="cpu")
+    target = load_target(tiny_dir_eps, device="cpu")
+    ev = MaskEvaluator(target, proxy, val, cfg)
+    monkeypatch.setattr(ev, "_sample", sample)
+    value, details = ev.memorization()
+    ev.quality()
+    assert asked == [[tiny_dataset.captions[i] for i in (0, 1, 2)], [tiny_dataset.captions[i] for i in (3, 4, 5)]]
+    assert abs(details["amd"]) < 1e-6  # every generation is its own proxy image
+    assert torch.equal(ev.val_features, ev.extractor(pixels[[3, 4, 5]]))
+    assert torch.equal(ev.proxy_features, ev.extractor(pixels[[0, 1, 2]]))
+    # the denoising objective's latents: one per distinct proxy image, from the cache of all the proxy's items
+    assert torch.equal(ev.proxy_latents, target.encode_images(tiny_dataset.images[[0, 1, 2]])[0])
+    assert len(ev.latents) == 6  # training still sees every copy

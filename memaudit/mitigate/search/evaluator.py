@@ -52,11 +52,20 @@ class MaskEvaluator:
     cache folder; :mod:`memaudit.latents`), filled at the first evaluation and found by every later one (and by later
     searches and fine-tunes on the same images); the validation and proxy images' features are computed a batch of
     ``batch_size`` images at a time.
+
+    Training sees every image of the proxy split with all its copies (the duplication a search on a duplicated set
+    must keep); the objectives score each distinct image once (:meth:`memaudit.data.ImageCaptionDataset.distinct`):
+    one prompt per distinct proxy image for memorization and one per distinct validation image for quality, as the
+    audit of a duplicated set asks each distinct training image once, so that a product seen 32 times is neither
+    sampled 32 times nor counted 32 times in the quality reference.
     """
 
     def __init__(self, target, proxy, val, config: SearchConfig, progress: Progress | None = None,
                  cache_dir: str | os.PathLike | None = None, batch_size: int = 64):
         self.target, self.proxy, self.val, self.config = target, proxy, val, config
+        # the images the objectives score: each distinct image once (the datasets themselves when they hold no copies)
+        self.scored_proxy, self._scored_proxy_index = proxy.distinct()
+        self.scored_val = val.distinct()[0]
         self.cache_dir, self.batch_size = cache_dir, batch_size
         self.progress = progress or (lambda *_: None)
         self.units, self.summary = method_units(target, config)
@@ -70,11 +79,11 @@ class MaskEvaluator:
 
     @cached_property
     def val_features(self):
-        return self._features(self.val)
+        return self._features(self.scored_val)
 
     @cached_property
     def proxy_features(self):
-        return self._features(self.proxy)
+        return self._features(self.scored_proxy)
 
     @cached_property
     def latents(self):
@@ -89,7 +98,8 @@ class MaskEvaluator:
 
     @cached_property
     def proxy_latents(self):
-        return self.latents.means()
+        """The scored proxy images' latents (posterior means)."""
+        return self.latents.means(self._scored_proxy_index)
 
     def fresh(self, method: str | None = None):
         """``method`` (default: the searched one) installed on the target's denoiser, in place; the caller takes it
@@ -148,27 +158,27 @@ class MaskEvaluator:
         cfg = self.config
         if cfg.memorization == "denoising":
             g = torch.Generator().manual_seed(cfg.seed)
-            reps = [training_strength(self.target, self.proxy_latents, self.proxy.captions, generator=g)
+            reps = [training_strength(self.target, self.proxy_latents, self.scored_proxy.captions, generator=g)
                     for _ in range(4)]
             value = float(torch.stack(reps).mean())
             return value, {"denoising_strength": value}
-        batches = self._sample(self.proxy.captions, cfg.seed + 2)
+        batches = self._sample(self.scored_proxy.captions, cfg.seed + 2)
         images = torch.cat([b.images for b in batches])
         if cfg.memorization == "amd":
             feats = self.extractor(images).numpy()
             value = float(amd_bruteforce(feats, self.proxy_features.numpy()).amd)
             return -value, {"amd": value}
         ext = cfg.extraction()
-        per = images.reshape(len(self.proxy), cfg.generations_per_prompt, *images.shape[1:])
+        per = images.reshape(len(self.scored_proxy), cfg.generations_per_prompt, *images.shape[1:])
         extracted = 0
         # each prompt's medoid is compared with its own image only: the proxy images are read a batch at a time
-        for index, x in self.proxy.batches(self.batch_size):
+        for index, x in self.scored_proxy.batches(self.batch_size):
             for k, i in enumerate(index.tolist()):
                 extracted += analyze_prompt(per[i], ext, (x[k : k + 1] + 1) / 2, 0).extracted
         return float(extracted), {"extracted": int(extracted)}
 
     def quality(self) -> float:
-        batches = self._sample(self.val.captions, self.config.seed + 3)
+        batches = self._sample(self.scored_val.captions, self.config.seed + 3)
         fake = self.extractor(torch.cat([b.images for b in batches]))
         if self.config.quality == "fid":
             return float(fid_from_features(self.val_features, fake))
