@@ -28,7 +28,7 @@ Markdown table.
 fine-tuned on the duplicated product set (each of the 180 products 1 to 32 times) with the bundled full fine-tune's
 steps (4,000), batch and seed, by freeze and full fine-tuning (the bundled models), bias, norm, attention tuning,
 DiffFit, SV-DIFF, LoRA and the MemControl mask (``memcontrol_mask_fashion.json``; searched on the duplicated set when
-absent; its inner fine-tune 200 steps, 5% of the full one's, as faces' 150 of 3,000). Every model is audited on the 180 distinct products, with the 200 held-out products as reference prompts
+absent and kept there, its front as ``memcontrol_pareto_fashion.png``; its inner fine-tune 200 steps, 5% of the full one's, as faces' 150 of 3,000). Every model is audited on the 180 distinct products, with the 200 held-out products as reference prompts
 and quality images (the fashion classifier's features), as ``benchmarks/duplication.py`` audits, whose models and
 audits (under ``--work``) are reused. ``--mitigations none`` leaves the baseline columns out. Writes
 ``table_fashion.json`` and ``worst_fashion.png``.
@@ -196,8 +196,12 @@ def reusable_audit(work: Path, model: Path, config, train, heldout, ts: TableSet
     return None
 
 
-def mask_document(path: Path, work: Path, plan: dict, device: str, train, ts: TableSetting) -> tuple[dict, str]:
-    """The MemControl mask: read from ``path``, or found by a search run now (resumable) under ``work``."""
+def mask_document(path: Path, work: Path, plan: dict, device: str, train, ts: TableSetting,
+                  keep: bool = False) -> tuple[dict, str]:
+    """The MemControl mask: read from ``path``, or found by a search run now (resumable) under ``work``; with
+    ``keep``, a mask found now is copied to ``path`` and the search's front beside it (committed, so that later runs
+    and machines without the search read it)."""
+    from memaudit.core.io import atomic_write_bytes
     from memaudit.mitigate.finetune import read_mask
     from memaudit.mitigate.search import SearchConfig, run_mask_search
 
@@ -207,7 +211,13 @@ def mask_document(path: Path, work: Path, plan: dict, device: str, train, ts: Ta
     cfg = SearchConfig(method="svdiff", granularity="block", memorization="amd", quality_features=ts.quality_features,
                        batch_size=ts.batch, seed=ts.seed, device=device, **plan["search"])
     run_mask_search(str(ts.base), train, work / "search", cfg)
-    return read_mask(work / "search" / "mask.json"), str(work / "search" / "mask.json")
+    found = work / "search" / "mask.json"
+    if keep:
+        atomic_write_bytes(path, found.read_bytes())
+        atomic_write_bytes(path.with_name(path.stem.replace("_mask", "_pareto") + ".png"),
+                           (work / "search" / "pareto.png").read_bytes())
+        return read_mask(path), str(path)
+    return read_mask(found), str(found)
 
 
 def main(argv=None) -> int:
@@ -243,7 +253,8 @@ def main(argv=None) -> int:
     if args.mitigation_stage == "training":
         work = work.with_name(work.name + "-training")
     train, audit_set, heldout = ts.finetune_set(), ts.audit_set(), ts.heldout()
-    mask_doc, mask_source = mask_document(args.mask or ts.default_mask, work, plan, args.device, train, ts)
+    mask_doc, mask_source = mask_document(args.mask or ts.default_mask, work, plan, args.device, train, ts,
+                                          keep=mode == "full" and args.mask is None)
     audit_settings = {**ts.audit, **plan["audit"], "seed": ts.seed, "device": args.device}
 
     rows, t_start = [], time.perf_counter()
