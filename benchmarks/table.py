@@ -28,8 +28,9 @@ Markdown table.
 fine-tuned on the duplicated product set (each of the 180 products 1 to 32 times) with the bundled full fine-tune's
 steps (4,000), batch and seed, by freeze and full fine-tuning (the bundled models), bias, norm, attention tuning,
 DiffFit, SV-DIFF, LoRA and the MemControl mask (``memcontrol_mask_fashion.json``; searched on the duplicated set when
-absent and kept there, its front as ``memcontrol_pareto_fashion.png``; its inner fine-tune 200 steps, 5% of the full one's, as faces' 150 of 3,000). Every model is audited on the 180 distinct products, with the 200 held-out products as reference prompts
-and quality images (the fashion classifier's features), as ``benchmarks/duplication.py`` audits, whose models and
+absent and kept there, its front as ``memcontrol_pareto_fashion.png``; its inner fine-tune 200 steps, 5% of the full
+one's, as faces' 150 of 3,000). Every model is audited on the 180 distinct products, with the 200 held-out products
+as reference prompts and quality images (the fashion classifier's features), as ``benchmarks/duplication.py`` audits, whose models and
 audits (under ``--work``) are reused. ``--mitigations none`` leaves the baseline columns out. Writes
 ``table_fashion.json`` and ``worst_fashion.png``.
 """
@@ -117,8 +118,8 @@ def table_setting(name: str) -> TableSetting:
         zoo = ZooSettings()
         return TableSetting(
             "faces", demo.BASE_MODEL, lambda: demo.faces_dataset("train"), lambda: demo.faces_dataset("train"),
-            lambda: demo.faces_dataset("heldout"), METHODS, FULL["steps"], FULL["search"]["inner_steps"], zoo.ft_batch, zoo.seed, DEMO_SETTINGS,
-            "demo", HERE / "memcontrol_mask.json", "face",
+            lambda: demo.faces_dataset("heldout"), METHODS, FULL["steps"], FULL["search"]["inner_steps"],
+            zoo.ft_batch, zoo.seed, DEMO_SETTINGS, "demo", HERE / "memcontrol_mask.json", "face",
             # where benchmarks/baselines.py and benchmarks/memcontrol.py leave models and audits
             reuse={"full_ft": ["full_ft"], "svdiff": ["memcontrol/svdiff_default"],
                    "memcontrol": ["memcontrol/svdiff_memcontrol"]},
@@ -130,8 +131,8 @@ def table_setting(name: str) -> TableSetting:
     frozen_record = {"trainable_percent": 0.0, "trainable_parameters": 0, "result": {"wall_time_s": 0.0, "steps": 0}}
     return TableSetting(
         "fashion", setting.models["base"], lambda: fashion.products_dataset("train", duplicated=True), setting.train,
-        lambda: fashion.products_dataset("heldout"), FASHION_METHODS, zoo.ft_steps, zoo.ft_steps // 20, zoo.ft_batch, zoo.seed,
-        setting.audit, "fashion", HERE / "memcontrol_mask_fashion.json", "product",
+        lambda: fashion.products_dataset("heldout"), FASHION_METHODS, zoo.ft_steps, zoo.ft_steps // 20,
+        zoo.ft_batch, zoo.seed, setting.audit, "fashion", HERE / "memcontrol_mask_fashion.json", "product",
         # benchmarks/duplication.py --methods trains each PEFT method with the same settings and audits it the same way
         reuse={m: [f"duplication/models/{m}"] for m in ("bias", "norm", "attention", "difffit", "svdiff", "lora")},
         reuse_audits=("duplication/audits",),
@@ -296,15 +297,19 @@ def main(argv=None) -> int:
         record = {"setting": ts.name, **record, "finetune_set": train.source, "audit_set": audit_set.source,
                   "heldout": heldout.source}
     atomic_write_json(work / "table.json", record)
-    suffix = ("" if ts.name == "faces" else f"_{ts.name}") + ("" if mode == "full" else f"_{mode}")
+    suffix = ("" if ts.name == "faces" else f"_{ts.name}") + suffix_of(mode)
     if mode != "smoke":
         atomic_write_json(HERE / f"table{suffix}.json", record)
-    grid = f"worst_{'faces' if ts.name == 'faces' else ts.name}{'' if mode == 'full' else '_' + mode}.png"
+    grid = work / f"worst_{ts.name}.png" if mode == "smoke" else HERE / f"worst_{ts.name}{suffix_of(mode)}.png"
     if "none" in args.mitigations:  # the grid shows the models without mitigation
-        worst_grid(record, HERE / grid if mode != "smoke" else work / grid.replace("_smoke", ""), device=args.device,
-                   train=audit_set, noun=ts.noun)
+        worst_grid(record, grid, device=args.device, train=audit_set, noun=ts.noun)
     print(markdown(record))
     return 0
+
+
+def suffix_of(mode: str) -> str:
+    """What an output file's name carries for the mode: nothing for the full mode, else ``_quick`` or ``_smoke``."""
+    return "" if mode == "full" else f"_{mode}"
 
 
 def mitigation_list(value: str) -> tuple[str, ...]:

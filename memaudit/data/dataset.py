@@ -271,11 +271,10 @@ class ImageCaptionDataset:
     def distinct(self) -> tuple[ImageCaptionDataset, np.ndarray]:
         """One item per distinct image (:meth:`content_groups`), the first of its copies, in order, and those items'
         indices here; with no copies, this dataset itself and ``arange(len(self))``."""
-        groups = self.content_groups()
-        first = np.unique(groups, return_index=True)[1]
+        # groups are numbered in the order of first appearance, so their first items come in order
+        first = np.unique(self.content_groups(), return_index=True)[1]
         if len(first) == len(self):
-            return self, np.arange(len(self))
-        first = np.sort(first)
+            return self, first
         return self.subset(first), first
 
     def split(self, seed: int = 0, val: float = 0.1, test: float = 0.1,
