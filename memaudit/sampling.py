@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from memaudit.core.errors import ConfigError
+from memaudit.detectors import Probe, get_detector
 from memaudit.families import Conditioning, sample
 from memaudit.families.base import nonfinite_prediction_error
 
@@ -54,6 +55,7 @@ class SampleBatch:
     guidance_norms: torch.Tensor  # [B, steps], ||eps_c - eps_u||_2 per image and step
     timesteps: torch.Tensor  # [steps]
     prompts: list[str] | None = None  # the prompts actually used, when a prompt transform changed them
+    detectors: dict | None = None  # detector name -> [B] scores (memaudit.detectors), when any were chosen
 
 
 class Sampler:
@@ -70,7 +72,7 @@ class Sampler:
                  progress: Callable[[int, int], None] | None = None,
                  embedding_hook: Callable[[Conditioning, torch.Tensor, torch.Tensor], Conditioning] | None = None,
                  prompt_transform: Callable[[str, int], str] | None = None,
-                 score_window: tuple[int, int | None] = (0, 1)):
+                 score_window: tuple[int, int | None] = (0, 1), detectors: Sequence[str] = ()):
         if steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {steps}).")
         if batch_size < 1:
@@ -85,6 +87,11 @@ class Sampler:
         #: the steps [start, stop) at which a model without an unconditional prediction (Flux dev) pays one extra
         #: denoiser call per image for the score: default the first step, the score that detects best
         self.score_window = score_window
+        #: the memorization detectors read during the pass (:mod:`memaudit.detectors`), by name
+        self.detectors = [get_detector(name) for name in detectors]
+        #: denoiser evaluations the detectors made beyond the pass, one per image and evaluation
+        self.detector_calls = 0
+        self._unsupported: set[str] = set()  # detectors warned about: they do not read this family
         self.unet_time_s = 0.0
         #: denoiser evaluations made only for the score, one per image and scored step
         self.extra_calls = 0
@@ -101,25 +108,75 @@ class Sampler:
         return cond if isinstance(cond, Conditioning) else Conditioning({"prompt_embeds": cond})
 
     @torch.no_grad()
-    def sample_batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images ``[B, C, H, W]`` in [0, 1], guidance norms ``[B, steps]`` and the timesteps, for one batch."""
+    def sample_batch(self, prompts: Sequence[str], seeds: Sequence[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Images ``[B, C, H, W]`` in [0, 1], guidance norms ``[B, steps]``, the timesteps and the chosen detectors'
+        ``[B]`` scores by name, for one batch."""
         target, n = self.target, len(prompts)
         family, pipe = target.family, target.pipe
         if family.black_box:  # images only: no denoiser to read, so no norms (NaN)
             images = family.generate(pipe, prompts, seeds, steps=self.steps, guidance=self.guidance,
                                      resolution=target.resolution)
-            return images, torch.full((n, self.steps), float("nan")), torch.full((self.steps,), float("nan"))
+            nan = torch.full((n,), float("nan"))
+            return (images, torch.full((n, self.steps), float("nan")), torch.full((self.steps,), float("nan")),
+                    {d.name: nan for d in self.detectors})
         cond = self._conditioning(list(prompts)).to(target.device)
         latents = self.initial_latents(seeds)
+        x0 = t0 = None
         if self.embedding_hook is not None:
             x0, t0 = family.first_step(pipe, latents, self.steps, target.resolution)
             cond = self.embedding_hook(cond, x0.to(target.device), t0)
+        detectors = self._detectors(prompts)
+        if any(d.extra_calls for d in detectors):
+            if x0 is None:
+                x0, t0 = family.first_step(pipe, latents, self.steps, target.resolution)
+            probe = Probe(x=x0.to(target.device), t=torch.as_tensor(t0), cond=cond, uncond=target.unconditional(n),
+                          schedule=family.sampling_timesteps(pipe, latents, self.steps), family=family, pipe=pipe,
+                          score=lambda x, t, c: target.predict_score(x, t, c, guidance=self.guidance))
+            for d in detectors:
+                if d.extra_calls:
+                    d.start(probe)
+                    self.detector_calls += d.extra_calls * n
         run = sample(family, pipe, cond, target.unconditional(n), seeds, steps=self.steps, guidance=self.guidance,
                      resolution=target.resolution, latents=latents, score_steps=self.score_step,
-                     check_finite=not self.checked_finite, model=self.model_name())
+                     check_finite=not self.checked_finite, model=self.model_name(), detectors=detectors,
+                     attention=self._attention(detectors))
         self.checked_finite = True
         self.extra_calls += run.extra_calls
-        return run.images, run.norms, run.timesteps
+        return run.images, run.norms, run.timesteps, run.detectors
+
+    def _detectors(self, prompts: Sequence[str]) -> list:
+        """The chosen detectors' instances for one batch: with the prompts' token counts and, on a family they read,
+        their attention layers (on another, such as SD3's joint attention for an attention detector, they score
+        NaN, logged once; the results say it does not read the family)."""
+        if not self.detectors:
+            return []
+        target, n = self.target, len(prompts)
+        family, denoiser = target.family, target.denoiser
+        tokens = None
+        if any(cls.attention_steps for cls in self.detectors):
+            tokens = target.tokenize(list(prompts))["attention_mask"].sum(1)
+        out = []
+        for cls in self.detectors:
+            layers = []
+            if cls.families is None or family.name in cls.families:
+                layers = cls.attention_layers(family, denoiser)
+            elif cls.name not in self._unsupported:
+                self._unsupported.add(cls.name)
+                logger.info("detector %s does not read %s (it reads %s): its scores are NaN", cls.name,
+                               family.title, ", ".join(cls.families))
+            out.append(cls(n, tokens=tokens, layers=layers))
+        return out
+
+    def _attention(self, detectors: list) -> dict:
+        """Cross-attention layer -> the steps some detector reads it at."""
+        wanted: dict[str, set[int]] = {}
+        last = self.steps - 1
+        for d in detectors:
+            steps = {0 if which == "first" else last for which in d.attention_steps}
+            for name in d.layers:
+                wanted.setdefault(name, set()).update(steps)
+        return {name: steps.__contains__ for name, steps in wanted.items()}
 
     def model_name(self) -> str:
         """The audited model as messages name it: its folder, and its LoRA adapters if any."""
@@ -176,11 +233,12 @@ class Sampler:
         total, done = len(prompts) * generations, 0
         for chunk, seeds, used in self._chunks(prompts, generations):
             t0 = time.perf_counter()
-            images, norms, timesteps = self.sample_batch(used, seeds)
+            images, norms, timesteps, scores = self.sample_batch(used, seeds)
             self.unet_time_s += time.perf_counter() - t0
             done += len(chunk)
             if self.progress is not None:
                 self.progress(done, total)
             yield SampleBatch(prompt_index=torch.tensor([i for i, _ in chunk]), generation=torch.tensor([j for _, j in chunk]),
                               seeds=seeds, images=images, guidance_norms=norms, timesteps=timesteps,
-                              prompts=used if self.prompt_transform is not None else None)
+                              prompts=used if self.prompt_transform is not None else None,
+                              detectors=scores if self.detectors else None)

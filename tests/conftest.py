@@ -97,7 +97,8 @@ def copying_sampler(monkeypatch):
             g = torch.Generator().manual_seed(int(seeds[0]) % 2**31)
             images = torch.stack([by_caption[p] for p in prompts])
             images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
-            return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
+            norms = torch.rand(len(prompts), self.steps, generator=g)
+            return images, norms, torch.arange(self.steps), {d.name: norms[:, 0] for d in self.detectors}
 
         monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
 

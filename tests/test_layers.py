@@ -29,7 +29,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("families", ("memaudit.families",)),
     ("models", ("memaudit.target", "memaudit.data", "memaudit.models", "memaudit.testing",
                 "memaudit.tiny_families")),
-    ("sampling and features", ("memaudit.sampling", "memaudit.latents", "memaudit.features", "memaudit.index")),
+    ("sampling and features", ("memaudit.detectors", "memaudit.sampling", "memaudit.latents", "memaudit.features",
+                               "memaudit.index")),
     ("scores", ("memaudit.attacks", "memaudit.metrics")),
     ("tuning", ("memaudit.peft", "memaudit.training", "memaudit.baselines")),
     ("report", ("memaudit.report",)),
@@ -50,7 +51,7 @@ LAZY: dict[tuple[str, str], str] = {
     # `memaudit --help` and a mistyped option answer at once
     **{("memaudit.cli.audit", m): "measured import cost (torch, diffusers): the CLI stays fast"
        for m in ("memaudit.models", "memaudit.target", "memaudit.audit", "memaudit.report", "memaudit.demo.run",
-                 "memaudit.demo.settings")},
+                 "memaudit.demo.settings", "memaudit.detectors", "memaudit.families")},
     ("memaudit.cli.finetune", "memaudit.finetune"): "measured import cost (torch, diffusers): the CLI stays fast",
     ("memaudit.cli.finetune", "memaudit.training"): "measured import cost (torch): the CLI stays fast",
     **{("memaudit.cli.mitigate", m): "measured import cost (torch, diffusers): the CLI stays fast"

@@ -13,8 +13,9 @@ import torch
 
 from memaudit.attacks.denoising import image_scores, prompt_scores
 from memaudit.attacks.extraction import PromptVerdict
-from memaudit.audit.config import AuditConfig, reference_seed, score_window
+from memaudit.audit.config import AuditConfig, detector_key, reference_seed, score_window
 from memaudit.audit.inputs import AuditInputs
+from memaudit.detectors import get_detector
 from memaudit.metrics.amd import AMDResult
 from memaudit.metrics.detection import calibrate_threshold, summarize
 from memaudit.sampling import IMAGE_SEED_FORMULA
@@ -56,10 +57,12 @@ class Tally:
     grids: dict[int, tuple[str, int] | None]  # flagged prompt -> (file, columns), None: withheld
     scores: np.ndarray
     ref_scores: np.ndarray | None
+    detectors: dict[str, dict]  # name -> scores per image and prompt, threshold, detection (:func:`_detectors`)
     scored: bool
     threshold: float | None
     flagged_by_threshold: int | None
     detection: dict | None
+    detector_calls: int = 0  # denoiser evaluations the detectors made beyond the sampling pass
 
 
 def stacked(recs: list[dict], name: str) -> np.ndarray:
@@ -106,8 +109,12 @@ def tally_units(sampled: Sampled, inputs: AuditInputs, config: AuditConfig) -> T
     scored = not inputs.target.family.black_box  # a black box has no denoiser memaudit can read: no scores
     ref_scores, threshold, flagged_by_threshold, detection = _detection(scores, scored, sampled, inputs, config,
                                                                         window)
-    return Tally(sampling_time, extra_calls, amd_res, p_all, window, image_rows, grids, scores, ref_scores, scored,
-                 threshold, flagged_by_threshold, detection)
+    detectors = _detectors(sampled, inputs, config, scored)
+    for k, row in enumerate(image_rows):
+        row["detectors"] = {name: _number(d["images"][k]) for name, d in detectors.items()}
+    return Tally(sampling_time, extra_calls, amd_res, p_all, window, image_rows, grids, scores, ref_scores, detectors,
+                 scored, threshold, flagged_by_threshold, detection,
+                 detector_calls=sum(r["detector_calls"] for r in records + ref_records))
 
 
 def _image_rows(records: list[dict], amd_res: AMDResult, per_image: np.ndarray, p_all: np.ndarray, g_all: np.ndarray,
@@ -133,13 +140,23 @@ def _detection(scores: np.ndarray, scored: bool, sampled: Sampled, inputs: Audit
                window: tuple) -> tuple[np.ndarray | None, float | None, int | None, dict | None]:
     """The reference prompts' denoising scores, the threshold calibrated on them, how many audited prompts it
     flags, and how well the score detects the extracted prompts (ROC)."""
-    reference, ref_records = inputs.reference, sampled.ref_records
-    ref_scores = threshold = flagged_by_threshold = None
-    if reference and scored:
-        ref_scores = prompt_scores(torch.from_numpy(stacked(ref_records, "norms")),
-                                   torch.from_numpy(stacked(ref_records, "prompt_index")), len(reference),
-                                   window=window, generation=torch.from_numpy(stacked(ref_records, "generation")),
+    ref_scores = None
+    if inputs.reference and scored:
+        ref_scores = prompt_scores(torch.from_numpy(stacked(sampled.ref_records, "norms")),
+                                   torch.from_numpy(stacked(sampled.ref_records, "prompt_index")), len(inputs.reference),
+                                   window=window, generation=torch.from_numpy(stacked(sampled.ref_records, "generation")),
                                    max_generations=config.denoising_generations)
+    return (ref_scores, *_judged(scores, ref_scores, scored, sampled, inputs, config))
+
+
+def _judged(scores: np.ndarray, ref_scores: np.ndarray | None, scored: bool, sampled: Sampled, inputs: AuditInputs,
+            config: AuditConfig) -> tuple[float | None, int | None, dict | None]:
+    """For one score of the audited prompts: the threshold calibrated on the reference prompts' scores at
+    ``--fpr``, how many audited prompts it flags, and how well it detects the extracted prompts (ROC, the reference
+    prompts as non-memorized)."""
+    reference = inputs.reference
+    threshold = flagged_by_threshold = None
+    if reference and scored:
         threshold = float(calibrate_threshold(ref_scores, fpr=config.fpr))
         flagged_by_threshold = int((scores > threshold).sum())
     labels = np.array([int(sampled.verdicts[i].extracted) for i in range(len(inputs.prompts))])
@@ -154,7 +171,33 @@ def _detection(scores: np.ndarray, scored: bool, sampled: Sampled, inputs: Audit
         detection = {"auc": s.auc, "tpr_at_1pct": s.tpr_at_1pct, "tpr_at_01pct": s.tpr_at_01pct, "n_pos": s.n_pos,
                      "n_neg": s.n_neg, "fpr": list(map(float, s.fpr)), "tpr": list(map(float, s.tpr)),
                      "label_source": label_source}
-    return ref_scores, threshold, flagged_by_threshold, detection
+    return threshold, flagged_by_threshold, detection
+
+
+def _detectors(sampled: Sampled, inputs: AuditInputs, config: AuditConfig, scored: bool) -> dict[str, dict]:
+    """Every chosen detector's scores (per image, per audited and reference prompt: the mean over the first
+    ``denoising_generations`` generations) and its threshold and detection, by name."""
+    out = {}
+    n_prompts, n_ref = len(inputs.prompts), len(inputs.reference)
+
+    def per_prompt(records: list[dict], per_image: np.ndarray, n: int) -> np.ndarray:
+        return prompt_scores(torch.from_numpy(per_image[:, None]), torch.from_numpy(stacked(records, "prompt_index")),
+                             n, generation=torch.from_numpy(stacked(records, "generation")),
+                             max_generations=config.denoising_generations)
+
+    for name in config.detectors:
+        cls = get_detector(name)
+        images = stacked(sampled.records, detector_key(name)).astype(np.float64)
+        prompts = per_prompt(sampled.records, images, n_prompts)
+        ref = per_prompt(sampled.ref_records, stacked(sampled.ref_records, detector_key(name)).astype(np.float64),
+                         n_ref) if n_ref else None
+        reads = cls.families is None or inputs.target.family.name in cls.families
+        threshold, flagged, detection = _judged(prompts, ref, scored and reads, sampled, inputs, config)
+        out[name] = {"images": images, "prompts": prompts, "reference": ref, "threshold": threshold,
+                     "flagged": flagged, "detection": detection, "summary": cls.summary, "source": cls.source,
+                     "extra_calls_per_image": cls.extra_calls,
+                     "reads_family": reads}
+    return out
 
 
 def _alignment(tally: Tally, sampled: Sampled, inputs: AuditInputs, config: AuditConfig) -> dict | None:
@@ -198,6 +241,7 @@ def prompt_rows(tally: Tally, sampled: Sampled, inputs: AuditInputs, config: Aud
             "grid": grids[i][0] if grids.get(i) else None, "grid_columns": grids[i][1] if grids.get(i) else None,
             "grid_withheld": i in grids and grids[i] is None, "train_image": train_rel,
             "train_roundtrip": roundtrip_rel,
+            "detectors": {name: _number(d["prompts"][i]) for name, d in tally.detectors.items()},
         })
     return rows, len(extracted_images)
 
@@ -235,6 +279,12 @@ def assemble_results(model, inputs: AuditInputs, config: AuditConfig, sampled: S
             "denoising_mean": float(np.nanmean(scores)), "denoising_threshold": threshold,
             "denoising_threshold_fpr": config.fpr if threshold is not None else None,
             "denoising_flagged": tally.flagged_by_threshold, "detection": tally.detection,
+            "detectors": {name: {k: d[k] for k in ("summary", "source", "extra_calls_per_image", "reads_family",
+                                                   "threshold", "flagged", "detection")}
+                          | {"threshold_fpr": config.fpr if d["threshold"] is not None else None,
+                             "mean": _number(np.nanmean(d["prompts"])) if np.isfinite(d["prompts"]).any() else None}
+                          for name, d in tally.detectors.items()},
+            "detector_calls": tally.detector_calls,
             "denoising_note": denoising_note(target, tally.extra_calls, window),
             "quality": quality, "alignment": alignment, "mitigation": sampled.mitigation,
             "wall_time_s": wall_time_s, "sampling_time_s": tally.sampling_time,
@@ -244,10 +294,17 @@ def assemble_results(model, inputs: AuditInputs, config: AuditConfig, sampled: S
         },
         "prompts": rows,
         "images": tally.image_rows,
-        "reference_prompts": [{"prompt": p, "denoising_score": float(v)} for p, v in
-                              zip(reference, tally.ref_scores if reference and tally.scored
-                                  else [float("nan")] * len(reference))],
+        "reference_prompts": [{"prompt": p, "denoising_score": float(v),
+                               "detectors": {name: _number(d["reference"][k]) for name, d in tally.detectors.items()}}
+                              for k, (p, v) in enumerate(zip(reference, tally.ref_scores if reference and tally.scored
+                                                             else [float("nan")] * len(reference)))],
     }
+
+
+def _number(value) -> float | None:
+    """A score as results.json holds it: a float, None when there is none (NaN)."""
+    value = float(value)
+    return None if np.isnan(value) else value
 
 
 def _optimization_summary(hook) -> dict:

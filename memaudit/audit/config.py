@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 from memaudit.attacks.extraction import ExtractionConfig
 from memaudit.core.errors import ConfigError
 from memaudit.core.settings import setting, shared
+from memaudit.detectors import resolve_names
 
-__all__ = ["MAX_GENERATIONS", "NOT_IN_IDENTITY", "AuditConfig", "Progress", "identity_settings", "reference_seed",
-           "score_window"]
+__all__ = ["MAX_GENERATIONS", "NOT_IN_IDENTITY", "AuditConfig", "Progress", "detector_key", "identity_settings",
+           "reference_seed", "score_window"]
 
 
 Progress = Callable[[str, int, int], None]
@@ -43,6 +44,8 @@ class AuditConfig:
     denoising_window: tuple = setting("steps [start, stop) the denoising score averages over (stop None: all)", default=(0, None))
     denoising_generations: int | None = setting("generations per prompt the denoising score averages over (None: all)", default=None)
     fpr: float = setting('false-positive rate of the calibrated denoising threshold', default=0.01)
+    detectors: list | str | None = setting("memorization detectors read during sampling: NAME,NAME,..., all, or "
+                                           "default (the free ones; `memaudit detectors` lists them)", default=None)
     max_grid: int = setting("generations shown per flagged prompt in the report", default=16)
     redact: bool = setting("leave every training-image pixel out of the outputs", default=False)
     cache_dir: str | None = setting('where the training-feature index is cached for later audits; never inside --out', default=None)
@@ -67,6 +70,7 @@ class AuditConfig:
 
     def __post_init__(self):
         self.denoising_window = tuple(self.denoising_window)
+        self.detectors = resolve_names(self.detectors)  # the names, so a journal records exactly which ran
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ConfigError(f"--workers {self.workers} must be at least 1 (1 runs the audit in this process).")
         if self.ray_address is not None and self.workers == 1:
@@ -122,6 +126,11 @@ NOT_IN_IDENTITY = ("workers", "ray_address", "cache_dir", "device", "loras")
 def identity_settings(config: AuditConfig) -> dict:
     """The settings that change a result (not :data:`NOT_IN_IDENTITY`), as they read back from run.json."""
     return {k: v for k, v in json.loads(json.dumps(config.to_dict(), default=str)).items() if k not in NOT_IN_IDENTITY}
+
+
+def detector_key(name: str) -> str:
+    """The journal array holding detector ``name``'s per-image scores."""
+    return f"detector.{name}"
 
 
 def reference_seed(config: AuditConfig) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from memaudit.attacks.extraction import PromptVerdict
-from memaudit.audit.config import AuditConfig, Progress
+from memaudit.audit.config import AuditConfig, Progress, detector_key
 from memaudit.audit.journal import AuditJournal
 from memaudit.metrics.amd import AMDAccumulator
 
@@ -111,8 +111,11 @@ class UnitDriver:
         for name in ("alignment", "q_features"):
             if name in batches[0]:
                 arrays[name] = np.concatenate([b[name] for b in batches])
+        for name in config.detectors:
+            arrays[detector_key(name)] = np.concatenate([b["detectors"][name] for b in batches])
         meta = {"kind": kind, "start": int(output["start"]), "stop": int(output["stop"]),
                 "extra_calls": int(output["extra_calls"]), "unet_time_s": float(output["unet_time_s"]),
+                "detector_calls": int(output["detector_calls"]),
                 "prompts_used": [p for b in batches for p in b["prompts_used"]] if "prompts_used" in batches[0] else None}
         if "mitigation" in output:
             arrays["mitigation_before"] = np.array(output["mitigation"]["before"])

@@ -70,7 +70,8 @@ class AuditWorker:
         self.target, self.config = target, config
         self.extractor, self.q_extractor, self.scorer = extractor, q_extractor, scorer
         self.sampler = Sampler(target, steps=config.steps, guidance=config.guidance, batch_size=config.batch_size,
-                               seed=config.seed, score_window=score_window(config, target))
+                               seed=config.seed, score_window=score_window(config, target),
+                               detectors=config.detectors)
         if config.mitigation == "rwa":
             self.sampler.prompt_transform = RWAPrompts(target.tokenizer, k=config.rwa_words)
 
@@ -122,7 +123,7 @@ class AuditWorker:
         sampler.embedding_hook = hook
         ext_cfg = config.extraction(edge_threshold)
         jobs = [(start + p, j) for p in range(len(prompts)) for j in range(generations)]
-        extra_before, unet_time = sampler.extra_calls, 0.0
+        extra_before, detector_before, unet_time = sampler.extra_calls, sampler.detector_calls, 0.0
         batches, per_prompt, shown = [], {}, {}
         buffer = _PromptBuffer(generations)
         for first in range(0, len(jobs), config.batch_size):
@@ -132,7 +133,7 @@ class AuditWorker:
             used = asked if sampler.prompt_transform is None else [sampler.prompt_transform(p, s)
                                                                    for p, s in zip(asked, seeds)]
             t0 = time.perf_counter()
-            images, norms, _ = sampler.sample_batch(used, seeds)
+            images, norms, _, scores = sampler.sample_batch(used, seeds)
             unet_time += time.perf_counter() - t0
             batch = {"prompt_index": np.array([i for i, _ in chunk], dtype=np.int64),
                      "generation": np.array([j for _, j in chunk], dtype=np.int64),
@@ -140,6 +141,8 @@ class AuditWorker:
                      "features": as_feature_array(self.extractor(images), "generated features")}
             if sampler.prompt_transform is not None:
                 batch["prompts_used"] = list(used)
+            if scores:
+                batch["detectors"] = {name: v.numpy().astype(np.float64) for name, v in scores.items()}
             if self.scorer is not None:
                 batch["alignment"] = np.asarray(self.scorer(images, asked), dtype=np.float64)
             if not audited and self.q_extractor is not None:
@@ -162,7 +165,8 @@ class AuditWorker:
             if progress is not None:
                 progress(first + len(chunk))
         out = {"kind": kind, "start": start, "stop": start + len(prompts), "batches": batches, "prompts": per_prompt,
-               "extra_calls": sampler.extra_calls - extra_before, "unet_time_s": unet_time}
+               "extra_calls": sampler.extra_calls - extra_before, "unet_time_s": unet_time,
+               "detector_calls": sampler.detector_calls - detector_before}
         if hook is not None:
             out["mitigation"] = {"before": torch.cat(hook.before).numpy(), "after": torch.cat(hook.after).numpy(),
                                  "steps": [int(s) for s in hook.steps]}

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from memaudit import __version__
-from memaudit.cli.audit import audit, demo, info, report
+from memaudit.cli.audit import audit, demo, detectors, info, report
 from memaudit.cli.finetune import finetune
 from memaudit.cli.mitigate import mitigate_app
 from memaudit.cli.progress import interrupt_message
@@ -56,6 +56,7 @@ app.command()(audit)
 app.command()(finetune)
 app.command()(report)
 app.command()(demo)
+app.command()(detectors)
 app.add_typer(mitigate_app, name="mitigate")
 
 

@@ -12,6 +12,7 @@ import typer
 
 from memaudit.cli.options import (
     ConvertChannels,
+    Detectors,
     Device,
     Dtype,
     FeatureCacheDir,
@@ -29,7 +30,7 @@ from memaudit.cli.options import (
 )
 from memaudit.cli.progress import make_console, print_summary, quiet_loading, run_with_progress
 
-__all__ = ["audit", "demo", "info", "report"]
+__all__ = ["audit", "demo", "detectors", "info", "report"]
 
 
 def info(
@@ -88,7 +89,8 @@ def audit(
     min_clique: Annotated[int, typer.Option(help="flag a prompt when its largest clique has this many members")] = 10,
     delta: Annotated[float, typer.Option(help="extracted when the medoid is this close to a training image")] = 0.15,
     calibrate_edge: Annotated[bool, typer.Option(help="set the edge threshold from the reference prompts")] = False,
-    fpr: Annotated[float, typer.Option(help="false-positive rate of the calibrated denoising threshold")] = 0.01,
+    fpr: Annotated[float, typer.Option(help="false-positive rate of the calibrated thresholds")] = 0.01,
+    detectors: Detectors = "default",
     convert_channels: ConvertChannels = False,
     dtype: Dtype = "float32",
     lora: Lora = [],  # noqa: B006
@@ -118,7 +120,7 @@ def audit(
                          mitigation=mitigation, rwa_words=rwa_words, mitigation_target=mitigation_target,
                          quality_features=quality_features, alignment=alignment, loras=parse_loras(lora, lora_scale),
                          cache_dir=str(cache_dir) if cache_dir is not None else None, workers=workers,
-                         ray_address=ray_address)
+                         ray_address=ray_address, detectors=detectors)
     quiet_loading()
     results = run_with_progress(run_audit, kept=lambda: journal_kept(out), model=model, train=train, out=out,
                                 prompts=prompts, reference_prompts=reference_prompts, config=config,
@@ -156,6 +158,7 @@ def demo(
     device: Device = "auto",
     redact: Redact = False,
     threads: Threads = None,
+    detectors: Detectors = "default",
 ) -> None:
     """Audit a bundled fine-tuned model (default: the one fine-tuned on 80 faces; a few minutes on two CPU cores)."""
     if list_settings:
@@ -170,5 +173,19 @@ def demo(
 
     quiet_loading()
     results = run_with_progress(run_demo, out=out, setting=setting, model=model, seed=seed, device=device,
-                                redact=redact)
+                                redact=redact, detectors=detectors)
     print_summary(results, out)
+
+
+def detectors() -> None:
+    """List the memorization detectors, one per line: name, extra denoiser evaluations per image beyond sampling
+    (free ones run by default), the families it reads, what it measures and its paper."""
+    # heavy import (torch): see memaudit.cli.app
+    from memaudit.detectors import available, get_detector
+    from memaudit.families import FAMILIES
+
+    for name in available():
+        cls = get_detector(name)
+        cost = "free (default)" if cls.free() else f"+{cls.extra_calls} evaluations per image"
+        families = ",".join(cls.families or FAMILIES)
+        typer.echo(f"{name}\t{cost}\t{families}\t{cls.summary}\t{cls.source}")

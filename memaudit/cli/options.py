@@ -38,6 +38,9 @@ __all__ = [
 
 ConvertChannels = Annotated[bool, typer.Option(help="convert training images to the model's channels")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda")]
+Detectors = Annotated[str, typer.Option(
+    "--detectors", help="memorization detectors read during sampling: NAME,NAME,..., all, or default (the free ones; "
+                        "`memaudit detectors` lists them)")]
 Dtype = Annotated[str, typer.Option(help="float32, float16 or bfloat16")]
 FeatureCacheDir = Annotated[Path | None, typer.Option(
     "--cache-dir", envvar="MEMAUDIT_CACHE_DIR", show_default="~/.cache/memaudit",

@@ -21,6 +21,7 @@ from memaudit.core.errors import ConfigError
 #: entry point groups
 FEATURE_EXTRACTORS = "memaudit.feature_extractors"
 ALIGNMENT_SCORERS = "memaudit.alignment_scorers"
+DETECTORS = "memaudit.detectors"
 
 
 def names(group: str) -> list[str]:

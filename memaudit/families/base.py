@@ -270,6 +270,28 @@ class Family:
         x = latents * getattr(sched, "init_noise_sigma", 1.0)
         return sched.scale_model_input(x, t), t
 
+    def sampling_timesteps(self, pipe, latents: torch.Tensor, steps: int) -> torch.Tensor:
+        """The pipeline's timesteps for ``steps`` steps, first to last (scheduler units). *family* overrides it where
+        the pipeline sets them otherwise (a shift that depends on the image size)."""
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sched.set_timesteps(steps)
+        return sched.timesteps
+
+    def cross_attention_layers(self, denoiser: torch.nn.Module) -> list[str]:
+        """The denoiser's cross-attention modules (diffusers ``Attention`` with ``is_cross_attention``: image queries,
+        text keys) in the order a forward pass runs them (a UNet's down blocks, middle block, up blocks). Empty for a
+        denoiser whose text attention is joint (SD3's and Flux's MM-DiT blocks attend over text and image tokens in
+        one softmax, so no attention distribution over the text tokens alone exists)."""
+        names = [name for name, m in denoiser.named_modules()
+                 if type(m).__name__ == "Attention" and getattr(m, "is_cross_attention", False)]
+        stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+        return sorted(names, key=lambda name: stage.get(name.split(".")[0], 0))  # stable: block order kept
+
+    def unpacked(self, pipe, x: torch.Tensor, resolution: int) -> torch.Tensor:
+        """A denoiser input or output as the hook sees it, as latents ``[B, C, H, W]`` (*family*: Flux packs
+        them)."""
+        return x
+
     # -- the hook's view of a denoiser call ------------------------------------------------------------------------
     def call_parts(self, pipe, args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """*family*: from one denoiser call inside the pipeline: its latent input, timestep (scheduler units, ``[B]``)

@@ -198,6 +198,10 @@ class Flux(FlowMatchingFamily):
         timesteps, _ = retrieve_timesteps(sched, steps, "cpu", sigmas=sigmas, mu=mu)
         return timesteps
 
+    def unpacked(self, pipe, x, resolution):
+        _, h, w = self.latent_shape(pipe, resolution)
+        return unpack_2x2(x, h, w)
+
     def first_step(self, pipe, latents, steps, resolution):
         """``latents`` (packed, as :meth:`initial_latents` gives them) unpacked, and the first of
         :meth:`sampling_timesteps`."""

@@ -18,7 +18,7 @@ from memaudit import __version__
 from memaudit.core.errors import DataError
 from memaudit.report.cards import flagged_cards
 from memaudit.report.images import Images
-from memaudit.report.plots import histogram_svg, roc_png
+from memaudit.report.plots import histogram_svg, roc_png, rocs_png
 from memaudit.report.prose import adapter_line, detection_note, reference_count, verdict
 from memaudit.report.schema import RESULTS_NAME
 from memaudit.report.text import as_int, compact, esc, finite_float, finite_floats, fmt, fmt_seconds
@@ -261,6 +261,45 @@ def _roc(results: dict) -> list[str]:
     return out
 
 
+def _detectors(results: dict) -> list[str]:
+    """Every detector of the audit: its cost, calibrated threshold, flagged prompts and detection against the
+    extraction verdicts, in one table, and their ROC curves overlaid when both classes occurred."""
+    s = results.get("summary") or {}
+    dets = s.get("detectors")
+    if not isinstance(dets, dict) or not dets:
+        return []
+    n_prompts = s.get("n_prompts")
+    out = ["<h2>Detectors</h2>", "<table>",
+           "<tr><th>detector</th><th>extra evaluations / image</th><th>threshold</th><th>prompts over it</th>"
+           "<th>AUC</th><th>TPR at 1% FPR</th><th>TPR at 0.1% FPR</th><th>what it measures</th></tr>"]
+    curves = []
+    for name, d in dets.items():
+        if not isinstance(d, dict):
+            continue
+        det = d.get("detection") if isinstance(d.get("detection"), dict) else {}
+        what = fmt(d.get("summary")) + (f" ({fmt(d.get('source'))})" if d.get("source") else "")
+        if d.get("reads_family") is False:
+            what = "does not read this model's family; " + what
+        out.append(f'<tr><td>{esc(name)}</td><td class="n">{esc(fmt(d.get("extra_calls_per_image")))}</td>'
+                   f'<td class="n">{esc(fmt(d.get("threshold")))}</td>'
+                   f'<td class="n">{esc(fmt(d.get("flagged")))} {esc(_pct(d.get("flagged"), n_prompts))}</td>'
+                   f'<td class="n">{esc(fmt(det.get("auc")))}</td><td class="n">{esc(fmt(det.get("tpr_at_1pct")))}</td>'
+                   f'<td class="n">{esc(fmt(det.get("tpr_at_01pct")))}</td><td>{esc(what)}</td></tr>')
+        if isinstance(det.get("fpr"), list) and isinstance(det.get("tpr"), list) and det["fpr"]:
+            curves.append((f"{name} (AUC {fmt(det.get('auc'))})", det["fpr"], det["tpr"]))
+    out.append("</table>")
+    out.append('<p class="explain">Every score is oriented the same way: higher means more likely memorized. A '
+               "threshold is calibrated on the reference prompts at the audit's false-positive rate; AUC and TPR "
+               "judge each score against the extraction attack's verdicts (the reference prompts counted as not "
+               "memorized), when both classes occur.</p>")
+    if curves:
+        try:
+            out.append(_plot(rocs_png(curves), "ROC curves of every detector, linear and log-log"))
+        except (DataError, TypeError, ValueError) as exc:
+            out.append(f'<p class="note">{esc(f"(ROC curves not drawn: {exc})")}</p>')
+    return out
+
+
 def _table(results: dict, max_rows: int) -> list[str]:
     prompts = [p for p in results.get("prompts") or [] if isinstance(p, dict)]
     prompts.sort(key=lambda p: p.get("index") if isinstance(p.get("index"), int) else 0)
@@ -310,6 +349,7 @@ def render_html(results: dict, folder: str | os.PathLike, redact: bool = False, 
         *flagged_cards(results, images, redact, max(0, int(max_prompts))),
         *_histograms(results),
         *_roc(results),
+        *_detectors(results),
         *_table(results, max(0, int(max_table_rows))),
         *_settings(results),
         f'<footer><p class="note">Built by memaudit {esc(__version__)} from {esc(RESULTS_NAME)} and the image '

@@ -178,28 +178,39 @@ def _svg_legend(legend: list[tuple[str, str, bool]], x1: float, y1: float) -> li
 
 def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> bytes:
     """An ROC curve in two panels, linear and log-log (where low-FPR behaviour is visible); PNG bytes."""
-    fpr_l, tpr_l = list(fpr), list(tpr)
-    if len(fpr_l) != len(tpr_l):
-        raise DataError(f"ROC curve: fpr has {len(fpr_l)} points but tpr has {len(tpr_l)}")
-    pairs = [(float(x), float(y)) for x, y in zip(fpr_l, tpr_l)
-             if x is not None and y is not None and math.isfinite(float(x)) and math.isfinite(float(y))]
-    xs = [p[0] for p in pairs]
-    ys = [p[1] for p in pairs]
+    return rocs_png([(f"AUC {fmt(auc)}" if auc is not None else "ROC", fpr, tpr)])
+
+
+#: the colours of overlaid curves, in order
+CURVE_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
+def rocs_png(curves: Sequence[tuple[str, Sequence[float], Sequence[float]]]) -> bytes:
+    """ROC curves ``(label, fpr, tpr)`` overlaid in two panels, linear and log-log; PNG bytes."""
+    points = []
+    for label, fpr, tpr in curves:
+        fpr_l, tpr_l = list(fpr), list(tpr)
+        if len(fpr_l) != len(tpr_l):
+            raise DataError(f"ROC curve {label}: fpr has {len(fpr_l)} points but tpr has {len(tpr_l)}")
+        points.append((label, [(float(x), float(y)) for x, y in zip(fpr_l, tpr_l)
+                               if x is not None and y is not None and math.isfinite(float(x))
+                               and math.isfinite(float(y))]))
     fig = new_figure(9.0, 4.0)
     lin, log = fig.subplots(1, 2)
-    label = f"AUC {fmt(auc)}" if auc is not None else "ROC"
     lin.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
-    lin.plot(xs, ys, color="#4c72b0", linewidth=1.5, label=label)
+    positives = [[(x, y) for x, y in pairs if x > 0 and y > 0] for _, pairs in points]
+    lo = min([x for positive in positives for x, _ in positive] + [1e-3]) / 2
+    log.plot([lo, 1], [lo, 1], color="gray", linestyle=":", linewidth=1)
+    for k, ((label, pairs), positive) in enumerate(zip(points, positives)):
+        color = CURVE_COLORS[k % len(CURVE_COLORS)]
+        lin.plot([p[0] for p in pairs], [p[1] for p in pairs], color=color, linewidth=1.5, label=label)
+        if positive:
+            log.plot([x for x, _ in positive], [y for _, y in positive], color=color, linewidth=1.5, label=label)
+    if not any(positives):
+        log.text(0.5, 0.5, "no positive points", ha="center", va="center", transform=log.transAxes, color="gray")
     lin.set_xlim(0, 1)
     lin.set_ylim(0, 1.01)
     lin.set_title("ROC (linear)", fontsize=10)
-    positive = [(x, y) for x, y in pairs if x > 0 and y > 0]
-    lo = min([x for x, _ in positive] + [1e-3]) / 2
-    log.plot([lo, 1], [lo, 1], color="gray", linestyle=":", linewidth=1)
-    if positive:
-        log.plot([x for x, _ in positive], [y for _, y in positive], color="#4c72b0", linewidth=1.5, label=label)
-    else:
-        log.text(0.5, 0.5, "no positive points", ha="center", va="center", transform=log.transAxes, color="gray")
     log.set_xscale("log")
     log.set_yscale("log")
     log.set_xlim(lo, 1)
@@ -208,9 +219,9 @@ def roc_png(fpr: Sequence[float], tpr: Sequence[float], auc: float | None) -> by
         if x >= lo:
             log.axvline(x, color="#c44e52", linestyle="--", linewidth=0.8, alpha=0.6)
     log.set_title("ROC (log-log)", fontsize=10)
-    for ax in (lin, log):
+    for ax, has in ((lin, any(pairs for _, pairs in points)), (log, any(positives))):
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
-        if pairs:
+        if has:
             ax.legend(loc="lower right", fontsize=8)
     return figure_png(fig)

@@ -37,7 +37,8 @@ def _fake_sampler(monkeypatch, train, kind: str):
             images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
         else:
             images = torch.rand(len(prompts), 3, 16, 16, generator=g)
-        return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
+        norms = torch.rand(len(prompts), self.steps, generator=g)
+        return images, norms, torch.arange(self.steps), {d.name: norms[:, 0] for d in self.detectors}
 
     monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
 
@@ -165,7 +166,8 @@ def _planting_sampler(monkeypatch, heldout, kind: str):
             images = (images + 1e-3 * torch.randn(images.shape, generator=g)).clamp(0, 1)
         else:
             images = noise
-        return images, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
+        norms = torch.rand(len(prompts), self.steps, generator=g)
+        return images, norms, torch.arange(self.steps), {d.name: norms[:, 0] for d in self.detectors}
 
     monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
 

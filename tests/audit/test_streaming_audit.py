@@ -214,7 +214,8 @@ def _sampler_copying(monkeypatch, images01: torch.Tensor, plant: dict[str, int])
         noise = torch.rand(len(prompts), 3, 16, 16, generator=g)
         out = torch.stack([images01[plant[p]] if p in plant else noise[k] for k, p in enumerate(prompts)])
         out = (out + 1e-3 * torch.randn(out.shape, generator=g)).clamp(0, 1)
-        return out, torch.rand(len(prompts), self.steps, generator=g), torch.arange(self.steps)
+        norms = torch.rand(len(prompts), self.steps, generator=g)
+        return out, norms, torch.arange(self.steps), {d.name: norms[:, 0] for d in self.detectors}
 
     monkeypatch.setattr(Sampler, "sample_batch", sample_batch)
 

@@ -62,11 +62,11 @@ def test_checked_once_per_sampler():
     """The check costs one device sync: only a sampler's first batch is checked."""
     target, out_layer = _broken_target("sd", "")
     sampler = Sampler(target, steps=STEPS, guidance=4.0, batch_size=2, seed=0)
-    images, norms, _ = sampler.sample_batch(["a photo", "a cat"], [1, 2])
+    images, norms, _, _ = sampler.sample_batch(["a photo", "a cat"], [1, 2])
     assert sampler.checked_finite and torch.isfinite(images).all() and torch.isfinite(norms).all()
     with torch.no_grad():
         out_layer.weight.fill_(float("nan"))
-    images, _, _ = sampler.sample_batch(["a photo", "a cat"], [1, 2])  # not checked again: the NaN goes through
+    images, _, _, _ = sampler.sample_batch(["a photo", "a cat"], [1, 2])  # not checked again: the NaN goes through
     assert torch.isnan(images).all()
     with pytest.raises(TargetError, match="^the model predicts NaN"):  # a new sampler checks again
         Sampler(target, steps=STEPS, guidance=4.0, batch_size=2).sample_batch(["a photo"], [1])
