@@ -43,9 +43,9 @@ class AuditConfig:
     edge_quantile: float = setting("quantile of reference within-prompt distances used as edge threshold", default=0.001)
     denoising_window: tuple = setting("steps [start, stop) the denoising score averages over (stop None: all)", default=(0, None))
     denoising_generations: int | None = setting("generations per prompt the denoising score averages over (None: all)", default=None)
-    fpr: float = setting('false-positive rate of the calibrated denoising threshold', default=0.01)
+    fpr: float = setting('false-positive rate of the calibrated thresholds', default=0.01)
     detectors: list | str | None = setting("memorization detectors read during sampling: NAME,NAME,..., all, or "
-                                           "default (the free ones; `memaudit detectors` lists them)", default=None)
+                                           "default (the free ones; `memaudit detectors` lists them)", default="default")
     max_grid: int = setting("generations shown per flagged prompt in the report", default=16)
     redact: bool = setting("leave every training-image pixel out of the outputs", default=False)
     cache_dir: str | None = setting('where the training-feature index is cached for later audits; never inside --out', default=None)

@@ -278,11 +278,13 @@ def _detectors(results: dict) -> list[str]:
             continue
         det = d.get("detection") if isinstance(d.get("detection"), dict) else {}
         what = fmt(d.get("summary")) + (f" ({fmt(d.get('source'))})" if d.get("source") else "")
+        share = _pct(d.get("flagged"), n_prompts)
+        flagged = fmt(d.get("flagged")) + (f" ({share})" if share else "")
         if d.get("reads_family") is False:
             what = "does not read this model's family; " + what
         out.append(f'<tr><td>{esc(name)}</td><td class="n">{esc(fmt(d.get("extra_calls_per_image")))}</td>'
                    f'<td class="n">{esc(fmt(d.get("threshold")))}</td>'
-                   f'<td class="n">{esc(fmt(d.get("flagged")))} {esc(_pct(d.get("flagged"), n_prompts))}</td>'
+                   f'<td class="n">{esc(flagged)}</td>'
                    f'<td class="n">{esc(fmt(det.get("auc")))}</td><td class="n">{esc(fmt(det.get("tpr_at_1pct")))}</td>'
                    f'<td class="n">{esc(fmt(det.get("tpr_at_01pct")))}</td><td>{esc(what)}</td></tr>')
         if isinstance(det.get("fpr"), list) and isinstance(det.get("tpr"), list) and det["fpr"]:
