@@ -66,7 +66,7 @@ class Anisotropy(Detector):
             self.norm = view.delta.flatten(1).norm(dim=1)
 
     def scores(self) -> torch.Tensor:
-        return (GAMMA_NORM * self.norm.float() + GAMMA_ALIGNMENT * self.align.float()).cpu()
+        return GAMMA_NORM * self.norm.float().cpu() + GAMMA_ALIGNMENT * self.align.float().cpu()
 
 
 class AnisotropyFirst(Detector):

@@ -56,7 +56,7 @@ class MemAttn(Detector):
         attention = self.attention(view)
         if view.step == 0 and attention:
             (probs,) = attention.values()
-            self.score = attention_entropy(probs).cpu()
+            self.score = attention_entropy(probs)
 
     def scores(self) -> torch.Tensor:
-        return self.score
+        return self.score.cpu()

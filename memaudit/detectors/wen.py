@@ -33,10 +33,10 @@ class WenFirst(Detector):
 
     def step(self, view: StepView) -> None:
         if view.step == 0:
-            self.norms = view.delta.flatten(1).norm(dim=1).float().cpu()
+            self.norms = view.delta.flatten(1).norm(dim=1).float()
 
     def scores(self) -> torch.Tensor:
-        return self.norms
+        return self.norms.cpu()
 
 
 class WenAll(Detector):
@@ -46,11 +46,13 @@ class WenAll(Detector):
 
     def __init__(self, n: int, tokens: torch.Tensor | None = None, layers: Sequence[str] = ()):
         super().__init__(n, tokens, layers)
-        self.total, self.count = torch.zeros(n, dtype=torch.float64), 0
+        self.total: torch.Tensor | None = None  # on the denoiser's device: no sync per step
+        self.count = 0
 
     def step(self, view: StepView) -> None:
-        self.total += view.delta.flatten(1).norm(dim=1).double().cpu()
+        norms = view.delta.flatten(1).norm(dim=1).double()
+        self.total = norms if self.total is None else self.total + norms
         self.count += 1
 
     def scores(self) -> torch.Tensor:
-        return (self.total / self.count).float() if self.count else self.nan()
+        return (self.total / self.count).float().cpu() if self.count else self.nan()
