@@ -29,6 +29,18 @@ def audit_row(results: dict, finetune: dict | None = None) -> dict:
     return row
 
 
+#: audit settings that add scores without changing any other number of the audit (its images, verdicts, AMD,
+#: quality): an audit recorded before them, or with others, still stands for a table's row
+ADDS_SCORES_ONLY = ("detectors",)
+
+
+def same_audit_settings(recorded: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> bool:
+    """Whether an audit recorded with settings ``recorded`` (its results.json's) gives the numbers an audit with
+    ``wanted`` (``AuditConfig.to_dict()`` through JSON) would, leaving out ``ignore`` and :data:`ADDS_SCORES_ONLY`."""
+    skip = set(ignore) | set(ADDS_SCORES_ONLY)
+    return all(recorded.get(k) == v for k, v in wanted.items() if k not in skip)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import audit_row, machine, markdown_table
+from common import audit_row, machine, markdown_table, same_audit_settings
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks.duplication")
@@ -47,7 +47,7 @@ def audited(model: Path, out: Path, config, train, heldout) -> dict:
         res = json.loads(results.read_text())
         wanted = json.loads(json.dumps(config.to_dict()))
         same_model = identity.is_file() and json.loads(identity.read_text()).get("digest") == digest
-        if same_model and all(res["settings"].get(k) == v for k, v in wanted.items() if k not in ("device", "workers")):
+        if same_model and same_audit_settings(res["settings"], wanted, ignore=("device", "workers")):
             return res
         raise SystemExit(f"{out} holds an audit of other settings or of another model (or an unrecorded one); "
                          "move it away or pass another --work.")

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import audit_row, machine, markdown_table
+from common import audit_row, machine, markdown_table, same_audit_settings
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks.table")
@@ -189,7 +189,7 @@ def reusable_audit(work: Path, model: Path, config, train, heldout, ts: TableSet
         for results in sorted((work.parent / folder).glob("*/results.json")):
             res = json.loads(results.read_text())
             same = (Path(res.get("model", "")).resolve() == model.resolve()
-                    and all(res["settings"].get(k) == v for k, v in wanted.items())
+                    and same_audit_settings(res["settings"], wanted)
                     and res.get("train") == train.source and res.get("heldout") == heldout.source
                     and len(res["prompts"]) == len(train.captions))
             if same:
