@@ -126,18 +126,18 @@ class Sampler:
         if self.embedding_hook is not None:
             x0, t0 = family.first_step(pipe, latents, self.steps, target.resolution)
             cond = self.embedding_hook(cond, x0.to(target.device), t0)
-        detectors = self._detectors(prompts)
+        detectors, uncond = self._detectors(prompts), target.unconditional(n)
         if any(d.extra_calls for d in detectors):
             if x0 is None:
                 x0, t0 = family.first_step(pipe, latents, self.steps, target.resolution)
-            probe = Probe(x=x0.to(target.device), t=torch.as_tensor(t0), cond=cond, uncond=target.unconditional(n),
+            probe = Probe(x=x0.to(target.device), t=torch.as_tensor(t0), cond=cond, uncond=uncond,
                           schedule=family.sampling_timesteps(pipe, latents, self.steps), family=family, pipe=pipe,
                           score=lambda x, t, c: target.predict_score(x, t, c, guidance=self.guidance))
             for d in detectors:
                 if d.extra_calls:
                     d.start(probe)
                     self.detector_calls += d.extra_calls * n
-        run = sample(family, pipe, cond, target.unconditional(n), seeds, steps=self.steps, guidance=self.guidance,
+        run = sample(family, pipe, cond, uncond, seeds, steps=self.steps, guidance=self.guidance,
                      resolution=target.resolution, latents=latents, score_steps=self.score_step,
                      check_finite=not self.checked_finite, model=self.model_name(), detectors=detectors,
                      attention=self._attention(detectors))

@@ -63,7 +63,7 @@ class Anisotropy(Detector):
 
     def step(self, view: StepView) -> None:
         if view.step == 0:
-            self.norm = view.delta.flatten(1).norm(dim=1)
+            self.norm = view.norm
 
     def scores(self) -> torch.Tensor:
         return GAMMA_NORM * self.norm.float().cpu() + GAMMA_ALIGNMENT * self.align.float().cpu()
@@ -81,8 +81,7 @@ class AnisotropyFirst(Detector):
 
     def step(self, view: StepView) -> None:
         if view.step == 0:
-            norm = view.delta.flatten(1).norm(dim=1)
-            self.score = GAMMA_NORM * norm + GAMMA_ALIGNMENT * alignment(view.cond, view.uncond)
+            self.score = GAMMA_NORM * view.norm + GAMMA_ALIGNMENT * alignment(view.cond, view.uncond)
 
     def scores(self) -> torch.Tensor:
         return self.score.float().cpu()

@@ -33,7 +33,7 @@ class WenFirst(Detector):
 
     def step(self, view: StepView) -> None:
         if view.step == 0:
-            self.norms = view.delta.flatten(1).norm(dim=1).float()
+            self.norms = view.norm
 
     def scores(self) -> torch.Tensor:
         return self.norms.cpu()
@@ -50,7 +50,7 @@ class WenAll(Detector):
         self.count = 0
 
     def step(self, view: StepView) -> None:
-        norms = view.delta.flatten(1).norm(dim=1).double()
+        norms = view.norm.double()
         self.total = norms if self.total is None else self.total + norms
         self.count += 1
 

@@ -32,14 +32,11 @@ class StepView:
     t: torch.Tensor  # [B] scheduler units
     cond: torch.Tensor  # prediction for the prompt
     uncond: torch.Tensor  # prediction for the empty prompt
+    delta: torch.Tensor  # the guidance direction cond - uncond (not scaled by the guidance weight)
+    norm: torch.Tensor  # [B] ||delta|| over the whole latent: the step's guidance norm, as the recorder keeps it
     #: cross-attention layer name -> ``[B, queries, text tokens]`` attention probabilities of the conditional branch,
     #: averaged over heads: the layers asked for, at the steps asked for (else empty)
     attention: dict = field(default_factory=dict)
-
-    @property
-    def delta(self) -> torch.Tensor:
-        """The guidance direction ``cond - uncond`` (not scaled by the guidance weight)."""
-        return self.cond - self.uncond
 
 
 @dataclass
@@ -120,8 +117,7 @@ class _Recorder:
         self.timesteps.append(t[0].detach().float().cpu())
         if x.shape[0] == 2 * n:
             eps = self.family.score_output(self.pipe, out, x.float(), t.expand(2 * n) if t.numel() == 1 else t)
-            self.norms.append((eps[n:] - eps[:n]).flatten(1).norm(dim=1).float())
-            self._detect(step, t, eps[n:], eps[:n])
+            self._record(step, t, eps[n:], eps[:n])
         elif x.shape[0] == n and self.score_steps(step):
             self.busy = True
             try:
@@ -132,20 +128,24 @@ class _Recorder:
             tt = t.expand(n) if t.numel() == 1 else t
             eps_c = self.family.score_output(self.pipe, out, x.float(), tt)
             eps_u = self.family.score_output(self.pipe, out_u, x.float(), tt)
-            self.norms.append((eps_c - eps_u).flatten(1).norm(dim=1).float())
-            self._detect(step, t, eps_c, eps_u)
+            self._record(step, t, eps_c, eps_u)
         else:
             self.norms.append(torch.full((n,), float("nan"), device=x.device))
         return None
 
-    def _detect(self, step: int, t: torch.Tensor, eps_c: torch.Tensor, eps_u: torch.Tensor) -> None:
-        """Show the chosen detectors this step's predictions (their own denoiser calls are not recorded)."""
+    def _record(self, step: int, t: torch.Tensor, eps_c: torch.Tensor, eps_u: torch.Tensor) -> None:
+        """Keep this step's guidance norm and show the chosen detectors its predictions (the difference and its norm
+        computed once for all; the detectors' own denoiser calls are not recorded)."""
+        delta = eps_c - eps_u
+        norm = delta.flatten(1).norm(dim=1).float()
+        self.norms.append(norm)
         if not self.detectors:
             return
         unpack = self.family.unpacked
         t = t.expand(self.n) if t.numel() == 1 else t[-self.n:]  # [uncond; cond] timesteps are equal
-        view = StepView(step=step, steps=self.steps, t=t, attention=self.maps,
-                        cond=unpack(self.pipe, eps_c, self.resolution), uncond=unpack(self.pipe, eps_u, self.resolution))
+        view = StepView(step=step, steps=self.steps, t=t, attention=self.maps, norm=norm,
+                        cond=unpack(self.pipe, eps_c, self.resolution), uncond=unpack(self.pipe, eps_u, self.resolution),
+                        delta=unpack(self.pipe, delta, self.resolution))
         self.maps = {}
         self.busy = True
         try:
