@@ -164,7 +164,8 @@ def evaluate(setting: str, zoo: Path, device: str) -> tuple[dict, dict]:
             for neg, (train_keep, label) in {"held-out": (pos, extracted[pos]),
                                               "not extracted": (np.ones_like(pos), extracted)}.items():
                 s = summarize(np.concatenate([tr[train_keep], he]), np.concatenate([label, np.zeros(len(he), int)]))
-                table[f"{name} | {gens} gen | {neg}"] = s.to_dict()
+                # the ROC's points are left out of the record: the scores below give them again
+                table[f"{name} | {gens} gen | {neg}"] = {k: v for k, v in s.to_dict().items() if k not in ("fpr", "tpr")}
                 if gens == GENERATIONS and neg == "held-out":
                     curves[f"{setting}: {name}"] = DetectionSummary(**s.to_dict())
     attack_calls = data["audit_generations"] * config.steps
